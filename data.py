@@ -1,0 +1,314 @@
+"""
+Records and images -> model batches.
+
+The Processor reproduces transformers' Idefics3Processor with its PIL image processor, reading the
+files a SmolVLM repo ships: resize so the long side is `size`, resize again to multiples of the
+tile size, cut tiles row-major plus a global image last, rescale and normalise, pad across the
+batch; and in the text, each <image> becomes its tiles' <fake_token_around_image><row_r_col_c>
+<image>*image_seq_len blocks.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_IMAGE_SIDE = 4096  # transformers' absolute cap after the first resize
+SPECIAL = {"image": "<image>", "fake": "<fake_token_around_image>", "global": "<global-img>",
+           "eou": "<end_of_utterance>"}
+
+
+def _read_json(path):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(t):  # special tokens are stored as "..." or {"content": "..."}
+    return t["content"] if isinstance(t, dict) else t
+
+
+def load_image(image, source=None):
+    """A path or a PIL image -> a PIL image, with an error that names the file."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source or image}: cannot read image {image!r} ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# image processor (the PIL path of transformers' Idefics3ImageProcessor)
+
+
+def _fit_longest_edge(h, w, longest):
+    """Long side -> longest (upscaling too), short side keeps the aspect, rounded up to even."""
+    aspect = w / h
+    if w >= h:
+        w, h = longest, int(longest / aspect)
+        h += h % 2
+    else:
+        h, w = longest, int(longest * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > MAX_IMAGE_SIDE:
+        w, h = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE / aspect)
+    elif h > w and h > MAX_IMAGE_SIDE:
+        h, w = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE * aspect)
+    return max(h, 1), max(w, 1)
+
+
+def _fit_tile_multiple(h, w, m):
+    """Both sides up to multiples of the tile size m, the long side first, keeping the aspect."""
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / m) * m
+        h = math.ceil(int(w / aspect) / m) * m
+    else:
+        h = math.ceil(h / m) * m
+        w = math.ceil(int(h * aspect) / m) * m
+    return h, w
+
+
+def to_rgb(im):  # transparency is composited onto white, as transformers does
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
+class ImageProcessor:
+    def __init__(self, cfg: dict):
+        self.split = cfg.get("do_image_splitting", True)
+        self.longest = cfg.get("size", {}).get("longest_edge", 4 * 364)
+        self.tile = cfg.get("max_image_size", {}).get("longest_edge", 364)
+        self.resample = Image.Resampling(cfg.get("resample", Image.Resampling.LANCZOS))
+        self.do_resize = cfg.get("do_resize", True)
+        self.scale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+        self.mean = np.array(cfg.get("image_mean", [0.5] * 3), dtype=np.float32)
+        self.std = np.array(cfg.get("image_std", [0.5] * 3), dtype=np.float32)
+        self.normalize = cfg.get("do_normalize", True)
+        self.cfg = cfg
+
+    def _resize(self, im, h, w):
+        return im.resize((w, h), resample=self.resample)
+
+    def tiles(self, im):
+        """One PIL image -> (list of RGB tiles, rows, cols); the global image is the last tile."""
+        im = to_rgb(im)
+        if self.do_resize:
+            im = self._resize(im, *_fit_longest_edge(im.height, im.width, self.longest))
+        m = self.tile
+        if not self.split:
+            return [self._resize(im, m, m)], 0, 0
+        im = self._resize(im, *_fit_tile_multiple(im.height, im.width, m))
+        if im.height <= m and im.width <= m:
+            return [im], 0, 0
+        rows, cols = (im.height - m) // m + 1, (im.width - m) // m + 1
+        crops = [im.crop((c * m, r * m, c * m + m, r * m + m)) for r in range(rows) for c in range(cols)]
+        return crops + [self._resize(im, m, m)], rows, cols
+
+    def to_array(self, im):  # RGB PIL -> (3, H, W) float32, same arithmetic as transformers
+        x = (np.asarray(im).astype(np.float64) * self.scale).astype(np.float32)
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return x.transpose(2, 0, 1)
+
+    def __call__(self, images):
+        """images: list (per sample) of lists of PIL images -> pixel_values (B, N, 3, H, W),
+        pixel_attention_mask (B, N, H, W), and rows/cols per image for the prompt."""
+        arrays, rows, cols = [], [], []
+        for sample in images:
+            arrays.append([]), rows.append([]), cols.append([])
+            for im in sample:
+                tiles, r, c = self.tiles(im)
+                arrays[-1] += [self.to_array(t) for t in tiles]
+                rows[-1].append(r), cols[-1].append(c)
+        n = max(len(a) for a in arrays)
+        H = max(x.shape[1] for a in arrays for x in a)
+        W = max(x.shape[2] for a in arrays for x in a)
+        pixels = np.zeros((len(arrays), n, 3, H, W), dtype=np.float32)  # zero images are padding
+        mask = np.zeros((len(arrays), n, H, W), dtype=np.int64)
+        for i, a in enumerate(arrays):
+            for j, x in enumerate(a):
+                pixels[i, j, :, :x.shape[1], :x.shape[2]] = x
+                mask[i, j, :x.shape[1], :x.shape[2]] = 1
+        return torch.from_numpy(pixels), torch.from_numpy(mask), rows, cols
+
+
+# -----------------------------------------------------------------------------
+# the processor: tokenizer + chat template + image processor
+
+
+class Processor:
+    def __init__(self, tokenizer, image_processor, image_seq_len, chat_template=None, tokenizer_config=None):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_seq_len, self.chat_template = image_seq_len, chat_template
+        self.tokenizer_config = tc = tokenizer_config or {}
+        self.padding_side = tc.get("padding_side", "right")
+        self.pad_token = _token_text(tc["pad_token"]) if tc.get("pad_token") else None
+        self.eos_token = _token_text(tc["eos_token"]) if tc.get("eos_token") else None
+        for name, token in SPECIAL.items():
+            if tokenizer.token_to_id(token) is None:
+                raise ValueError(f"tokenizer has no {token} token, which the SmolVLM prompt format needs")
+        self.image_token_id = tokenizer.token_to_id(SPECIAL["image"])
+
+    @property
+    def eos_token_id(self):
+        return self.tokenizer.token_to_id(self.eos_token or SPECIAL["eou"])
+
+    @property
+    def pad_token_id(self):
+        return self.tokenizer.token_to_id(self.pad_token) if self.pad_token else None
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Reads tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), the image processor
+        from preprocessor_config.json or nested in processor_config.json (transformers 5), image_seq_len
+        from processor_config.json, and chat_template.json or chat_template.jinja."""
+        from tokenizers import Tokenizer
+        f = lambda name: os.path.join(path, name)
+        if not os.path.exists(f("tokenizer.json")):
+            raise FileNotFoundError(f"{f('tokenizer.json')}: not found (the processor needs the tokenizer file)")
+        tokenizer = Tokenizer.from_file(f("tokenizer.json"))
+        tc = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if os.path.exists(f(name)):
+                tc.update({k: v for k, v in _read_json(f(name)).items() if v is not None})
+        pc = _read_json(f("processor_config.json")) if os.path.exists(f("processor_config.json")) else {}
+        if "image_processor" in pc:
+            image_cfg = pc["image_processor"]
+        elif os.path.exists(f("preprocessor_config.json")):
+            image_cfg = _read_json(f("preprocessor_config.json"))
+        else:
+            raise FileNotFoundError(f"{path}: no preprocessor_config.json, nor an image_processor entry "
+                                    "in processor_config.json")
+        template = pc.get("chat_template") or tc.get("chat_template")
+        if os.path.exists(f("chat_template.jinja")):
+            template = open(f("chat_template.jinja")).read()
+        elif os.path.exists(f("chat_template.json")):
+            template = _read_json(f("chat_template.json"))["chat_template"]
+        return cls(tokenizer, ImageProcessor(image_cfg), pc.get("image_seq_len", 64), template, tc)
+
+    def save_pretrained(self, path):
+        """The transformers-5 layout: tokenizer files, processor_config.json, chat_template.jinja."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        tc = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "processor_class": "Idefics3Processor",
+              "padding_side": self.padding_side,
+              "pad_token": self.pad_token, "eos_token": self.eos_token, "model_max_length": 131072,
+              "extra_special_tokens": [SPECIAL["fake"], SPECIAL["image"], SPECIAL["eou"]]}
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
+            json.dump(tc, fh, indent=2)
+        image_cfg = {**self.image_processor.cfg, "image_processor_type": "Idefics3ImageProcessor"}
+        with open(os.path.join(path, "processor_config.json"), "w") as fh:
+            json.dump({"processor_class": "Idefics3Processor", "image_seq_len": self.image_seq_len,
+                       "image_processor": image_cfg}, fh, indent=2)
+        if self.chat_template:
+            with open(os.path.join(path, "chat_template.jinja"), "w") as fh:
+                fh.write(self.chat_template)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Render the checkpoint's own jinja template, in the environment transformers uses."""
+        if not self.chat_template:
+            raise ValueError("this processor has no chat template (chat_template.json / .jinja)")
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            eos_token=self.eos_token, pad_token=self.pad_token, **{"bos_token": self.tokenizer_config.get("bos_token")})
+
+    def image_prompt(self, rows, cols):
+        """The text one <image> placeholder expands to."""
+        img = SPECIAL["image"] * self.image_seq_len
+        glob = f"{SPECIAL['fake']}{SPECIAL['global']}{img}{SPECIAL['fake']}"
+        if rows == 0 and cols == 0:
+            return glob
+        grid = "".join("".join(f"{SPECIAL['fake']}<row_{r + 1}_col_{c + 1}>{img}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return grid + "\n" + glob
+
+    def __call__(self, text, images=None, padding_side=None):
+        """text: str or list of str with <image> placeholders; images: list (per sample) of lists of
+        PIL images or paths. Returns input_ids, attention_mask and, with images, pixel_values
+        (B, N_img, 3, H, W) and pixel_attention_mask (B, N_img, H, W)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        out = {}
+        if images is not None:
+            if isinstance(images, Image.Image) or isinstance(images, (str, os.PathLike)):
+                images = [[images]]
+            if len(images) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(images)} image lists: give one list per text")
+            images = [[load_image(im) for im in sample] for sample in images]
+            for i, (t, sample) in enumerate(zip(texts, images)):
+                if t.count(SPECIAL["image"]) != len(sample):
+                    raise ValueError(f"text {i} has {t.count(SPECIAL['image'])} <image> placeholders "
+                                     f"but {len(sample)} images were given for it")
+            if any(images):
+                pixels, pmask, rows, cols = self.image_processor([s for s in images])
+                out.update(pixel_values=pixels, pixel_attention_mask=pmask)
+                for i, t in enumerate(texts):
+                    parts = t.split(SPECIAL["image"])
+                    texts[i] = parts[0] + "".join(self.image_prompt(r, c) + p
+                                                  for r, c, p in zip(rows[i], cols[i], parts[1:]))
+        elif any(SPECIAL["image"] in t for t in texts):
+            raise ValueError("the text has <image> placeholders but no images were given")
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        out.update(self.pad(ids, padding_side or self.padding_side))
+        return out
+
+    def pad(self, ids, side="right"):
+        """Lists of ids -> input_ids (B, T) and attention_mask, padded on `side` with the pad token."""
+        T = max(len(x) for x in ids)
+        if any(len(x) != T for x in ids) and self.pad_token_id is None:
+            raise ValueError("texts of different lengths need a pad_token in tokenizer_config.json")
+        input_ids = torch.full((len(ids), T), self.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, x in enumerate(ids):
+            sl = slice(T - len(x), T) if side == "left" else slice(0, len(x))
+            input_ids[i, sl], mask[i, sl] = torch.tensor(x, dtype=torch.long), 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+# -----------------------------------------------------------------------------
+# a tokenizer for from-scratch models, with the SmolVLM special tokens
+
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def train_tokenizer(texts, vocab_size=1000):
+    """Byte-level BPE trained on texts, with SmolVLM's special tokens (<|endoftext|> 0, <|im_start|> 1,
+    <|im_end|> 2, then the image and turn tokens after the learned vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tok.add_special_tokens([SPECIAL["global"], *grid, SPECIAL["fake"], SPECIAL["image"], SPECIAL["eou"]])
+    return tok

@@ -1,0 +1,504 @@
+"""
+The SmolVLM / Idefics3 vision-language model in plain PyTorch, and its checkpoint I/O.
+
+    image tiles -> SigLIP vision tower -> pixel shuffle + linear (connector) -> features
+    text ids    -> embeddings, with the features written over the <image> positions
+                -> Llama decoder -> lm_head -> logits
+
+Loads the open SmolVLM weights (HF safetensors, explicit key mapping) with logits that match
+HF transformers, saves checkpoints transformers loads back, generates with a KV cache, and can
+return per-layer attention masses over key groups (through kernels.attention_mass) from the same
+forward pass that computes the logits.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    patch_size: int = 16
+    image_size: int = 512
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49280
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    scale_factor: int = 4
+    image_token_id: int = 49190
+    tie_word_embeddings: bool = False
+    model_type: str = "idefics3"  # or "smolvlm": same network, different HF class names
+
+    @property
+    def image_seq_len(self):  # <image> tokens per tile
+        return (self.vision.image_size // self.vision.patch_size) ** 2 // self.scale_factor**2
+
+    @classmethod
+    def from_hf(cls, d: dict, source="config.json"):
+        if d.get("model_type") not in ("idefics3", "smolvlm"):
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not 'idefics3' or 'smolvlm'")
+        v, t = d.get("vision_config", {}), d.get("text_config", {})
+        if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or t.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: only gelu_pytorch_tanh (vision) and silu (text) activations are implemented")
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope type {rope.get('rope_type')!r} is not implemented (only 'default')")
+        heads = t.get("num_attention_heads", 32)  # the Llama default; SmolVLM2-2.2B leaves it out
+        text = TextConfig(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+            num_hidden_layers=t["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=t.get("num_key_value_heads") or heads,
+            head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+            rope_theta=t.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=t.get("max_position_embeddings", 2048))
+        vision = VisionConfig(**{f.name: v[f.name] for f in fields(VisionConfig) if f.name in v})
+        # transformers ties on the top-level flag; older configs only set it inside text_config
+        tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else t.get("tie_word_embeddings", False)
+        return cls(vision=vision, text=text, scale_factor=d.get("scale_factor", 2),
+                   image_token_id=d.get("image_token_id", t.get("image_token_id", 49190)),
+                   tie_word_embeddings=bool(tie), model_type=d["model_type"])
+
+    def to_hf(self) -> dict:
+        cls = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[self.model_type]
+        return {
+            "model_type": self.model_type, "architectures": [f"{cls}ForConditionalGeneration"],
+            "scale_factor": self.scale_factor, "image_token_id": self.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "vision_config": {**self.vision.__dict__, "model_type": f"{self.model_type}_vision",
+                              "hidden_act": "gelu_pytorch_tanh"},
+            "text_config": {**self.text.__dict__, "model_type": "llama", "hidden_act": "silu",
+                            "rope_parameters": {"rope_type": "default", "rope_theta": self.text.rope_theta},
+                            "tie_word_embeddings": self.tie_word_embeddings},
+        }
+
+
+# -----------------------------------------------------------------------------
+# vision tower: SigLIP over a variable-size patch grid
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.patch_size, self.side = c.patch_size, c.image_size // c.patch_size  # side: N patches per side
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Embedding(self.side**2, c.hidden_size)
+
+    def forward(self, pixels, patch_mask):  # (n, 3, H, W), (n, H/p, W/p) bool
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (n, S, D), patches row-major
+        # The valid nb_h x nb_w grid is spread over the N x N position table: coordinate k/nb falls
+        # into bucket floor(k/nb * N). Same float32 arithmetic as transformers, so ids are identical.
+        nb_h, nb_w = patch_mask[:, :, 0].sum(1), patch_mask[:, 0, :].sum(1)  # (n,)
+        boundaries = torch.arange(1 / self.side, 1.0, 1 / self.side, device=pixels.device)
+        rows = torch.arange(patch_mask.shape[1], device=pixels.device, dtype=torch.float32)
+        cols = torch.arange(patch_mask.shape[2], device=pixels.device, dtype=torch.float32)
+        frac_h = (rows[None] * (1.0 / nb_h)[:, None]).clamp(max=1 - 1e-6)
+        frac_w = (cols[None] * (1.0 / nb_w)[:, None]).clamp(max=1 - 1e-6)
+        ids_h = torch.bucketize(frac_h, boundaries, right=True)
+        ids_w = torch.bucketize(frac_w, boundaries, right=True)
+        ids = (ids_h[:, :, None] * self.side + ids_w[:, None, :]).flatten(1)
+        ids = torch.where(patch_mask.flatten(1), ids, 0)  # padded patches keep id 0
+        return x + self.position_embedding(ids)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.n_head = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(c.hidden_size, c.hidden_size) for _ in range(4))
+
+    def forward(self, x, key_mask):  # (n, S, D), (n, 1, 1, S) bool or None
+        n, S, D = x.shape
+        q, k, v = (p(x).view(n, S, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(n, S, D))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = VisionAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x, key_mask):
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(c)
+        self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels, patch_mask):  # (n, 3, H, W), (n, H/p, W/p) -> (n, S, D)
+        x = self.embeddings(pixels, patch_mask)
+        key_mask = None if patch_mask.all() else patch_mask.flatten(1)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return self.post_layernorm(x)
+
+
+def pixel_shuffle(x, s):  # (n, S, D) -> (n, S/s^2, D*s^2): each s x s block of patches becomes one token
+    n, S, D = x.shape
+    h = w = math.isqrt(S)
+    x = x.view(n, h, w // s, D * s).permute(0, 2, 1, 3)
+    x = x.reshape(n, w // s, h // s, D * s * s).permute(0, 2, 1, 3)
+    return x.reshape(n, S // (s * s), D * s * s)
+
+
+# -----------------------------------------------------------------------------
+# Llama decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in fp32, scale in the input dtype (as transformers)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):  # (B, T) -> cos, sin (B, T, head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids[:, :, None].float() * inv_freq  # angles in fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, d); half-split rotation, not interleaved
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+class TextAttention(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x (B, T, C); mask (B, 1, T, Tk) bool; cache: dict holding this layer's past k, v.
+        Returns the output and the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for attention masses."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), q, k
+
+
+class TextBlock(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = TextAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        a, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), q, k
+
+
+# -----------------------------------------------------------------------------
+# the VLM
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = c = config
+        self.vision = VisionTower(c.vision)
+        self.connector = nn.Linear(c.vision.hidden_size * c.scale_factor**2, c.text.hidden_size, bias=False)
+        self.embed_tokens = nn.Embedding(c.text.vocab_size, c.text.hidden_size)
+        self.layers = nn.ModuleList(TextBlock(c.text) for _ in range(c.text.num_hidden_layers))
+        self.norm = RMSNorm(c.text.hidden_size, c.text.rms_norm_eps)
+        self.lm_head = nn.Linear(c.text.hidden_size, c.text.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # for from-scratch models; loading overwrites everything
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    # --- image features and the merged input embeddings
+
+    def image_features(self, pixel_values, pixel_attention_mask=None):
+        """(B, N_img, 3, H, W) -> (n_real_images * image_seq_len, C): all-zero padding images dropped."""
+        pixels = pixel_values.flatten(0, 1).to(self.connector.weight.dtype)
+        real = (pixels != 0).flatten(1).any(1)
+        if not real.any():
+            real[0] = True  # as transformers: a batch of only padding still runs one image
+        pixels = pixels[real]
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones_like(pixels[:, 0], dtype=torch.bool)
+        else:
+            pixel_mask = pixel_attention_mask.flatten(0, 1)[real].bool()
+        p = self.config.vision.patch_size
+        n, H, W = pixel_mask.shape
+        patch_mask = pixel_mask.view(n, H // p, p, W // p, p).any(4).any(2)  # patch valid if any pixel is
+        x = pixel_shuffle(self.vision(pixels, patch_mask), self.config.scale_factor)
+        return self.connector(x).flatten(0, 1)
+
+    def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None):
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if pixel_values is None:
+            return x
+        feats = self.image_features(pixel_values, pixel_attention_mask)
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but the images give "
+                             f"{feats.shape[0]} features ({feats.shape[0] // self.config.image_seq_len} tiles "
+                             f"x {self.config.image_seq_len}); was the prompt expanded by the same processor?")
+        return x.masked_scatter(slots[..., None], feats.to(x.dtype))  # tiles in order, global image last
+
+    # --- the decoder
+
+    def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None):
+        """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token.
+        mass_fn(layer, q, k) is called with post-RoPE q, k on the layers in mass_layers."""
+        B, T, _ = x.shape
+        Tk = attention_mask.shape[1]
+        q_pos = torch.arange(Tk - T, Tk, device=x.device)
+        causal = q_pos[:, None] >= torch.arange(Tk, device=x.device)[None, :]  # (T, Tk)
+        mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, Tk)
+        # a padding row with no visible key would give NaN: let it see itself (its output is unused)
+        mask = mask | (~mask.any(-1, keepdim=True) & (q_pos[:, None] == torch.arange(Tk, device=x.device)))
+        mask = mask[:, None]
+        cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
+        masses = {}
+        for i, layer in enumerate(self.layers):
+            x, q, k = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            if i in mass_layers:
+                masses[i] = mass_fn(i, q, k)
+        return self.lm_head(self.norm(x)), masses
+
+    def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
+                position_ids=None, mass_layers=(), mass_fn=None):
+        """input_ids (B, T) -> .logits (B, T, vocab), .masses {layer: mass_fn(layer, q, k)}.
+        position_ids default to 0..T-1 as transformers' forward does; pass them for left padding."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn)
+        return SimpleNamespace(logits=logits, masses=masses)
+
+    # --- generation
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
+                 max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, use_cache=True,
+                 on_token=None, generator=None):
+        """Greedy (temperature 0) or nucleus sampling from a left-padded batch. Returns the new ids
+        (B, <= max_new_tokens); rows that hit eos are filled with eos. on_token(ids (B,)) streams."""
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        cache = [{} for _ in self.layers] if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+            if use_cache and step > 0:
+                logits, _ = self.decode(x[:, -1:], pos[:, -1:], mask, cache)
+            else:
+                logits, _ = self.decode(x, pos, mask, cache)
+            tok = sample(logits[:, -1].float(), temperature, top_p, generator)
+            if eos.numel():
+                tok = torch.where(done, eos[0], tok)
+                done |= torch.isin(tok, eos)
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if done.all():
+                break
+            x = torch.cat([x, self.embed_tokens(tok[:, None])], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        return torch.stack(new, 1)
+
+    # --- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        config = VLMConfig.from_hf(_read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
+        hf = _load_safetensors(path)
+        stored_dtype = next(iter(hf.values())).dtype
+        with torch.device("meta"):
+            model = cls(config)
+        names = key_map(config)  # ours -> HF
+        ours = model.state_dict()
+        expected = set(names.values())
+        missing = sorted(expected - hf.keys())
+        unexpected = sorted(hf.keys() - expected - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        shapes = [f"{names[k]}: checkpoint {tuple(hf[names[k]].shape)}, model {tuple(v.shape)}"
+                  for k, v in ours.items() if k in names and names[k] in hf and hf[names[k]].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"checkpoint {path} does not fit its config.json:"
+                             + "".join(f"\n  missing: {k}" for k in missing)
+                             + "".join(f"\n  unexpected: {k}" for k in unexpected)
+                             + "".join(f"\n  shape mismatch: {s}" for s in shapes))
+        sd = {k: hf[names[k]] for k in names}
+        if config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, assign=True, strict=True)
+        if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: share again
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype or stored_dtype)
+
+    def save_pretrained(self, path, extra_config=None):
+        """config.json + model.safetensors in the HF layout, each written to a temp file then renamed."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        names = key_map(self.config)
+        sd = {names[k]: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+              if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        _atomic_write(os.path.join(path, "model.safetensors"),
+                      lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        cfg = {**self.config.to_hf(), **(extra_config or {}), "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
+        _atomic_write(os.path.join(path, "config.json"),
+                      lambda tmp: open(tmp, "w").write(json.dumps(cfg, indent=2)))
+
+
+def key_map(c: VLMConfig) -> dict:
+    """Our state_dict names -> the HF checkpoint names, spelled out (no regex)."""
+    V, T = "model.vision_model.", "model.text_model."
+    m = {
+        "vision.embeddings.patch_embedding.weight": V + "embeddings.patch_embedding.weight",
+        "vision.embeddings.patch_embedding.bias": V + "embeddings.patch_embedding.bias",
+        "vision.embeddings.position_embedding.weight": V + "embeddings.position_embedding.weight",
+        "vision.post_layernorm.weight": V + "post_layernorm.weight",
+        "vision.post_layernorm.bias": V + "post_layernorm.bias",
+        "connector.weight": "model.connector.modality_projection.proj.weight",
+        "embed_tokens.weight": T + "embed_tokens.weight",
+        "norm.weight": T + "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    vision_layer = {
+        "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.k_proj",
+        "self_attn.v_proj": "self_attn.v_proj", "self_attn.out_proj": "self_attn.out_proj",
+        "layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+    }
+    for i in range(c.vision.num_hidden_layers):
+        for ours, theirs in vision_layer.items():
+            for p in ("weight", "bias"):
+                m[f"vision.layers.{i}.{ours}.{p}"] = f"{V}encoder.layers.{i}.{theirs}.{p}"
+    text_layer = {
+        "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.k_proj",
+        "self_attn.v_proj": "self_attn.v_proj", "self_attn.o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+        "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+    }
+    for i in range(c.text.num_hidden_layers):
+        for ours, theirs in text_layer.items():
+            m[f"layers.{i}.{ours}.weight"] = f"{T}layers.{i}.{theirs}.weight"
+    if c.tie_word_embeddings:
+        del m["lm_head.weight"]
+    return m
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):  # (B, V) -> (B,)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        p[(p.cumsum(-1) - p) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# file helpers
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        tensors = {}
+        for shard in sorted(set(_read_json(index)["weight_map"].values())):
+            tensors.update(load_file(os.path.join(path, shard)))
+        return tensors
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def _atomic_write(path, write):
+    """write(tmp_path) then rename over path, so a killed process never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,167 @@
+"""The model against transformers on tiny random checkpoints in the real HF format."""
+import json
+
+import pytest
+import torch
+
+import data
+from conftest import MODEL_CONFIGS, make_hf_processor, tile_size
+from model import VLM
+from test_processor import IMAGES
+
+TEXTS = ["User:<image>How many circles?<end_of_utterance>\nAssistant:",
+         "User:<image>Compare<image>these two.<end_of_utterance>\nAssistant: The left",
+         "User: no image in this one, and it is longer than the others.<end_of_utterance>\nAssistant:",
+         "<image>"]
+IMAGE_LISTS = [[IMAGES[0]], [IMAGES[1], IMAGES[3]], [], [IMAGES[4]]]
+
+
+def batch(ckpt_dir, split=True, padding_side="right", texts=TEXTS, images=IMAGE_LISTS):
+    proc = data.Processor.from_pretrained(ckpt_dir)
+    proc.image_processor.split = split
+    return proc(texts, images, padding_side=padding_side)
+
+
+def max_diff(a, b, mask):
+    return (a - b).abs()[mask.bool()].max().item()
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+@pytest.mark.parametrize("split", [True, False])
+def test_logits_match_transformers(checkpoints, name, split):
+    path, hf = checkpoints[name]
+    ours = VLM.from_pretrained(path).eval()
+    assert ours.config.tie_word_embeddings == bool(MODEL_CONFIGS[name][3].get("tie_word_embeddings"))
+    b = batch(path, split)
+    assert b["pixel_values"].shape[1] > (1 if not split else 4)  # several tiles: the split path is exercised
+    with torch.no_grad():
+        want = hf(**b).logits
+        got = ours(**b).logits
+    diff = max_diff(got, want, b["attention_mask"])
+    print(f"{name} split={split}: max |logit diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["idefics3_gqa_untied_s2"])
+def test_left_padding_with_position_ids(checkpoints, name):
+    path, hf = checkpoints[name]
+    ours = VLM.from_pretrained(path).eval()
+    b = batch(path, padding_side="left")
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(**b, position_ids=pos).logits
+        got = ours(**b, position_ids=pos).logits
+    assert max_diff(got, want, b["attention_mask"]) <= 1e-4
+
+
+def test_save_then_transformers_loads(checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    for name, (path, _) in checkpoints.items():
+        ours = VLM.from_pretrained(path).eval()
+        ours.save_pretrained(tmp_path / name)
+        hf = AutoModelForImageTextToText.from_pretrained(tmp_path / name).eval()
+        assert type(hf).__name__.lower().startswith(MODEL_CONFIGS[name][0])
+        b = batch(path)
+        with torch.no_grad():
+            assert max_diff(ours(**b).logits, hf(**b).logits, b["attention_mask"]) <= 1e-4
+        again = VLM.from_pretrained(tmp_path / name)  # and our own loader reads it back
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_sharded_checkpoint_and_bf16(checkpoints, tmp_path):
+    path, hf = checkpoints["idefics3_gqa_untied_s2"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = VLM.from_pretrained(tmp_path)
+    ref = VLM.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    assert VLM.from_pretrained(path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_config_variants():
+    """rope_theta at either place, derived head_dim, missing num_attention_heads, tying at either level."""
+    from model import VLMConfig
+    base = {"model_type": "smolvlm", "scale_factor": 3, "vision_config": {"hidden_size": 32},
+            "text_config": {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1}}
+    c = VLMConfig.from_hf({**base, "text_config": {**base["text_config"], "rope_parameters": {"rope_theta": 7.0}}})
+    assert (c.text.rope_theta, c.text.num_attention_heads, c.text.head_dim, c.text.num_key_value_heads) == (7.0, 32, 2, 32)
+    c = VLMConfig.from_hf({**base, "text_config": {**base["text_config"], "rope_theta": 5.0, "num_attention_heads": 4,
+                                                   "tie_word_embeddings": True}})
+    assert (c.text.rope_theta, c.text.head_dim, c.tie_word_embeddings) == (5.0, 16, True)
+    assert VLMConfig.from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
+    with pytest.raises(ValueError, match="model_type 'llava'"):
+        VLMConfig.from_hf({**base, "model_type": "llava"})
+
+
+def test_bad_checkpoints_name_the_keys(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    sd = load_file(path / "model.safetensors")
+    sd.pop("model.text_model.norm.weight")
+    sd["model.text_model.extra.weight"] = torch.zeros(1)
+    sd["lm_head.weight"] = sd["lm_head.weight"][:-1]
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ValueError) as e:
+        VLM.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "missing: model.text_model.norm.weight" in msg
+    assert "unexpected: model.text_model.extra.weight" in msg
+    assert "shape mismatch: lm_head.weight" in msg
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        VLM.from_pretrained(tmp_path)
+
+
+def test_image_token_count_mismatch(checkpoints):
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    ours = VLM.from_pretrained(path)
+    b = batch(path, texts=[TEXTS[0]], images=[IMAGE_LISTS[0]])
+    b["input_ids"][0, b["input_ids"][0].tolist().index(ours.config.image_token_id)] = 5
+    with pytest.raises(ValueError, match="<image> tokens but the images give"):
+        ours(**b)
+
+
+# --- generation
+
+
+def prompts(path, texts, images):
+    return batch(path, texts=texts, images=images, padding_side="left")
+
+
+@pytest.mark.parametrize("name", ["idefics3_gqa_untied_s2", "smolvlm_tied_s3"])
+def test_greedy_matches_transformers(checkpoints, name):
+    path, hf = checkpoints[name]
+    ours = VLM.from_pretrained(path).eval()
+    for i in range(2):
+        b = prompts(path, [TEXTS[i]], [IMAGE_LISTS[i]])
+        want = hf.generate(**b, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, b["input_ids"].shape[1]:]
+        got = ours.generate(**b, max_new_tokens=12)
+        assert torch.equal(got, want)
+
+
+def test_cached_equals_uncached_and_batched_equals_single(checkpoints):
+    path, _ = checkpoints["smolvlm_gqa_untied_s2"]
+    ours = VLM.from_pretrained(path).eval()
+    b = prompts(path, TEXTS[:3], IMAGE_LISTS[:3])
+    cached = ours.generate(**b, max_new_tokens=10)
+    assert torch.equal(cached, ours.generate(**b, max_new_tokens=10, use_cache=False))
+    for i in range(3):
+        single = ours.generate(**prompts(path, [TEXTS[i]], [IMAGE_LISTS[i]]), max_new_tokens=10)
+        assert torch.equal(single[0], cached[i])
+
+
+def test_generation_stops_at_eos(checkpoints):
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    ours = VLM.from_pretrained(path).eval()
+    b = prompts(path, TEXTS[:2], IMAGE_LISTS[:2])
+    free = ours.generate(**b, max_new_tokens=8)
+    eos = int(free[0, 2])  # make the third greedy token of sample 0 the eos
+    got = ours.generate(**b, max_new_tokens=8, eos_token_id=eos)
+    assert got[0, 2] == eos and (got[0, 2:] == eos).all()
+    first_eos_1 = (free[1] == eos).nonzero()
+    n1 = int(first_eos_1[0]) + 1 if len(first_eos_1) else 8
+    assert torch.equal(got[1, :n1], free[1, :n1])
+    torch.manual_seed(0)
+    sampled = ours.generate(**b, max_new_tokens=5, temperature=1.0, top_p=0.9)
+    assert sampled.shape == (2, 5)
