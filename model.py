@@ -219,7 +219,7 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x (B, T, C); mask (B, 1, T, Tk) bool; cache: dict holding this layer's past k, v.
+        """x (B, T, C); mask (B, 1, T, Tk) bool, "causal" or None; cache: dict holding this layer's past k, v.
         Returns the output and the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for attention masses."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
@@ -229,7 +229,11 @@ class TextAttention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        causal = isinstance(mask, str)  # "causal": no padding, queries and keys aligned at the end
+        if causal and T != k.shape[2]:  # a chunk after a cache: causal from the bottom-right
+            mask, causal = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), q, k
 
 
@@ -311,14 +315,7 @@ class VLM(nn.Module):
     def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None):
         """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token.
         mass_fn(layer, q, k) is called with post-RoPE q, k on the layers in mass_layers."""
-        B, T, _ = x.shape
-        Tk = attention_mask.shape[1]
-        q_pos = torch.arange(Tk - T, Tk, device=x.device)
-        causal = q_pos[:, None] >= torch.arange(Tk, device=x.device)[None, :]  # (T, Tk)
-        mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, Tk)
-        # a padding row with no visible key would give NaN: let it see itself (its output is unused)
-        mask = mask | (~mask.any(-1, keepdim=True) & (q_pos[:, None] == torch.arange(Tk, device=x.device)))
-        mask = mask[:, None]
+        mask = self.attention_bias(attention_mask, x.shape[1])
         cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
         masses = {}
         for i, layer in enumerate(self.layers):
@@ -326,6 +323,20 @@ class VLM(nn.Module):
             if i in mass_layers:
                 masses[i] = mass_fn(i, q, k)
         return self.lm_head(self.norm(x)), masses
+
+    @staticmethod
+    def attention_bias(attention_mask, T):
+        """(B, Tk) padding mask -> the (B, 1, T, Tk) bool mask for the last T queries, or "causal" /
+        None when there is no padding, so that SDPA can take its fused causal kernels."""
+        Tk = attention_mask.shape[1]
+        if bool(attention_mask.all()):
+            return "causal" if T > 1 else None  # T == 1: one new token sees every key
+        q_pos = torch.arange(Tk - T, Tk, device=attention_mask.device)
+        k_pos = torch.arange(Tk, device=attention_mask.device)
+        mask = (q_pos[:, None] >= k_pos[None, :])[None] & attention_mask[:, None, :].bool()  # (B, T, Tk)
+        # a padding row with no visible key would give NaN: let it see itself (its output is unused)
+        mask = mask | (~mask.any(-1, keepdim=True) & (q_pos[:, None] == k_pos[None, :]))
+        return mask[:, None]
 
     def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
                 position_ids=None, mass_layers=(), mass_fn=None):

@@ -1,0 +1,180 @@
+"""
+Attention mass over masked key groups, without materialising the attention matrix.
+
+    mass = attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None)
+    q          (B, Hq, Nq, D)  post-RoPE query rows (only the rows you need)
+    k          (B, Hkv, Tk, D) post-RoPE keys, Hq a multiple of Hkv (GQA)
+    q_pos      (B, Nq) int     each row's position in the key sequence: keys j <= q_pos are visible
+    key_groups (B, Tk) uint8   bit g set = key j is in group g (up to 8 groups)
+    mass       (B, Hq, Nq, num_groups) float32 = sum over visible keys of group g of softmax_j(scale q.k_j)
+
+Differentiable in q and k. On CUDA it runs kernels.cu (built on first use with
+torch.utils.cpp_extension); elsewhere, or when the build fails, the chunked PyTorch reference
+below, which follows the same math (forward with the row log-sum-exp, backward recomputing p).
+
+    python kernels.py --check    correctness of the CUDA op against the reference
+    python kernels.py --bench    timing and memory table (GPU)
+"""
+import math
+import os
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_HEAD_DIMS = (64, 128)
+_ext, _ext_error, _warned = None, None, set()
+
+
+def load_extension(verbose=False):
+    """Build (once, cached by torch in ~/.cache/torch_extensions) and import kernels.cu."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            from torch.utils.cpp_extension import load
+            if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: build for Ampere and Hopper
+            _ext = load(name="nanoattcot_kernels", sources=[os.path.join(HERE, "kernels.cu")],
+                        extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=verbose)
+        except Exception as e:  # no nvcc, no CUDA torch, a compile error: say why, once
+            _ext_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+    return _ext
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _use_cuda(q):
+    if not q.is_cuda:
+        return False
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        _warn_once("dim", f"attention_mass: head dim {q.shape[-1]} has no CUDA kernel "
+                          f"(built for {CUDA_HEAD_DIMS}); using the PyTorch reference")
+        return False
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        _warn_once("arch", "attention_mass: the CUDA kernel needs sm_80 or newer; using the PyTorch reference")
+        return False
+    if load_extension() is None:
+        _warn_once("build", f"attention_mass: CUDA extension unavailable ({_ext_error}); using the PyTorch reference")
+        return False
+    return True
+
+
+# -----------------------------------------------------------------------------
+# the reference: chunks of query rows, so at most chunk x Tk scores exist at once
+
+
+def _acc_dtype(x):  # fp32 accumulation; float64 stays float64 (for gradcheck)
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _group_bits(key_groups, num_groups, dtype):  # (B, Tk) uint8 -> (B, 1, Tk, G) of 0/1
+    shifts = torch.arange(num_groups, device=key_groups.device)
+    return ((key_groups.long()[..., None] >> shifts) & 1).to(dtype)[:, None]
+
+
+def _chunk_probs(q, k, q_pos, lse, scale, s, e):
+    """p for rows s:e (B, Hq, c, Tk), from the row log-sum-exp. k is (B, Hq, Tk, D), already upcast."""
+    scores = scale * (q[:, :, s:e].to(k.dtype) @ k.transpose(-1, -2))
+    visible = torch.arange(k.shape[2], device=q.device) <= q_pos[:, None, s:e, None]
+    return torch.exp(scores - lse[:, :, s:e, None]).masked_fill(~visible, 0.0)
+
+
+def reference_forward(q, k, q_pos, key_groups, num_groups, scale, chunk=256):
+    B, Hq, Nq, D = q.shape
+    kf = k.to(_acc_dtype(k)).repeat_interleave(Hq // k.shape[1], dim=1)
+    bits = _group_bits(key_groups, num_groups, kf.dtype)
+    mass, lse = [], []
+    for s in range(0, Nq, chunk):
+        scores = scale * (q[:, :, s:s + chunk].to(kf.dtype) @ kf.transpose(-1, -2))
+        visible = torch.arange(kf.shape[2], device=q.device) <= q_pos[:, None, s:s + chunk, None]
+        row_lse = torch.logsumexp(scores.masked_fill(~visible, -math.inf), -1)  # -inf: no visible key
+        row_lse = torch.where(torch.isfinite(row_lse), row_lse, math.inf)  # then p = 0 everywhere
+        lse.append(row_lse)
+        mass.append(torch.exp(scores - row_lse[..., None]).masked_fill(~visible, 0.0) @ bits)
+    return torch.cat(mass, 2), torch.cat(lse, 2)
+
+
+def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=256):
+    """dS = p * (dm . bits_j - dm . m), dQ = scale dS K, dK = scale dS^T Q summed over the GQA group."""
+    B, Hq, Nq, D = q.shape
+    Hkv, G = k.shape[1], mass.shape[-1]
+    kf = k.to(_acc_dtype(k)).repeat_interleave(Hq // Hkv, dim=1)
+    bits = _group_bits(key_groups, G, kf.dtype)  # (B, 1, Tk, G)
+    dq, dk = torch.zeros(q.shape, device=q.device, dtype=kf.dtype), torch.zeros_like(kf)
+    for s in range(0, Nq, chunk):
+        e = min(s + chunk, Nq)
+        p = _chunk_probs(q, kf, q_pos, lse, scale, s, e)
+        dm = dmass[:, :, s:e].to(kf.dtype)
+        dS = p * (dm @ bits.transpose(-1, -2) - (dm * mass[:, :, s:e]).sum(-1, keepdim=True))
+        dq[:, :, s:e] = scale * dS @ kf
+        dk += scale * dS.transpose(-1, -2) @ q[:, :, s:e].to(kf.dtype)
+    dk = dk.view(B, Hkv, Hq // Hkv, *k.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+# -----------------------------------------------------------------------------
+# the op: torch.library custom ops, so autograd and torch.compile see one opaque node
+
+
+@torch.library.custom_op("nanoattcot::mass_fwd", mutates_args=())
+def _mass_fwd(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups: torch.Tensor,
+              num_groups: int, scale: float, use_cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_cuda:
+        mass, lse = load_extension().forward(q.contiguous(), k.contiguous(), q_pos.int().contiguous(),
+                                             key_groups.contiguous(), num_groups, scale)
+        return mass, lse
+    return reference_forward(q, k, q_pos, key_groups, num_groups, scale)
+
+
+@_mass_fwd.register_fake
+def _(q, k, q_pos, key_groups, num_groups, scale, use_cuda):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, num_groups, dtype=_acc_dtype(q)), q.new_empty(B, Hq, Nq, dtype=_acc_dtype(q))
+
+
+@torch.library.custom_op("nanoattcot::mass_bwd", mutates_args=())
+def _mass_bwd(dmass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups: torch.Tensor,
+              mass: torch.Tensor, lse: torch.Tensor, scale: float, use_cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_cuda:
+        dq, dk = load_extension().backward(dmass.contiguous(), q.contiguous(), k.contiguous(), q_pos.int().contiguous(),
+                                           key_groups.contiguous(), mass, lse, scale)
+        return dq, dk
+    return reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale)
+
+
+@_mass_bwd.register_fake
+def _(dmass, q, k, q_pos, key_groups, mass, lse, scale, use_cuda):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, q_pos, key_groups, num_groups, scale, use_cuda = inputs
+    ctx.save_for_backward(q, k, q_pos, key_groups, *output)
+    ctx.scale, ctx.use_cuda = scale, use_cuda
+
+
+def _backward(ctx, dmass, dlse):
+    q, k, q_pos, key_groups, mass, lse = ctx.saved_tensors
+    dq, dk = _mass_bwd(dmass, q, k, q_pos, key_groups, mass, lse, ctx.scale, ctx.use_cuda)
+    return dq, dk, None, None, None, None, None
+
+
+_mass_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto"):
+    """See the module docstring. impl: "auto" (CUDA kernel when possible), "cuda" or "reference"."""
+    if q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention_mass: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit "
+                         "(B, Hq, Nq, D) and (B, Hkv, Tk, D) with Hq a multiple of Hkv")
+    if not 1 <= num_groups <= 8 or key_groups.dtype != torch.uint8 or key_groups.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"attention_mass: key_groups must be uint8 (B, Tk) = {(k.shape[0], k.shape[2])} and "
+                         f"num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, {num_groups}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    use_cuda = {"auto": _use_cuda(q), "cuda": True, "reference": False}[impl]
+    mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
+    return mass

@@ -1,0 +1,143 @@
+"""attention_mass: the reference against brute force on CPU; the CUDA op against the reference on GPU."""
+import math
+
+import pytest
+import torch
+
+import kernels
+
+
+def brute_force(q, k, q_pos, key_groups, num_groups, scale=None):
+    """Materialised float64 softmax, then a masked sum per group: what eager attention gives."""
+    q, k = q.double(), k.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = scale * q @ k.transpose(-1, -2)
+    visible = torch.arange(k.shape[2]) <= q_pos[:, None, :, None]
+    p = torch.softmax(scores.masked_fill(~visible, -math.inf), -1).nan_to_num(0.0)
+    bits = ((key_groups.long()[..., None] >> torch.arange(num_groups)) & 1).double()
+    return p @ bits[:, None]
+
+
+def random_inputs(B, Hq, Hkv, Nq, Tk, D, G, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(device, dtype)
+    q_pos = torch.randint(0, Tk, (B, Nq), generator=g)
+    q_pos[:, -1] = Tk - 1  # the last row sees every key
+    key_groups = torch.randint(0, 2**G, (B, Tk), generator=g).to(torch.uint8)
+    key_groups[0, :] &= 0xFE  # group 0 empty in sample 0: those rows must give 0 and finite grads
+    return q, k, q_pos.to(device), key_groups.to(device)
+
+
+SHAPES = [(1, 2, 2, 5, 7, 8, 1), (2, 6, 2, 33, 70, 16, 3), (2, 9, 3, 17, 129, 64, 8), (1, 4, 1, 300, 301, 8, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_brute_force(shape):
+    B, Hq, Hkv, Nq, Tk, D, G = shape
+    q, k, q_pos, groups = random_inputs(*shape)
+    got = kernels.attention_mass(q, k, q_pos, groups, G, impl="reference")
+    want = brute_force(q, k, q_pos, groups, G)
+    assert got.dtype == torch.float32 and got.shape == (B, Hq, Nq, G)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (got[0, :, :, 0] == 0).all()  # the empty group
+    scaled = kernels.attention_mass(q, k, q_pos, groups, G, scale=0.3, impl="reference")
+    assert (scaled.double() - brute_force(q, k, q_pos, groups, G, 0.3)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_gradients_match_brute_force(shape):
+    B, Hq, Hkv, Nq, Tk, D, G = shape
+    q, k, q_pos, groups = random_inputs(*shape, dtype=torch.float64)
+    upstream = torch.randn(B, Hq, Nq, G, dtype=torch.float64)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    (kernels.attention_mass(q1, k1, q_pos, groups, G, impl="reference") * upstream).sum().backward()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    (brute_force(q2, k2, q_pos, groups, G) * upstream).sum().backward()
+    assert torch.isfinite(q1.grad).all() and torch.isfinite(k1.grad).all()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(k1.grad, k2.grad, atol=1e-5)
+
+
+def test_row_with_no_visible_key_is_zero_with_finite_grad():
+    q, k, q_pos, groups = random_inputs(1, 2, 1, 4, 6, 8, 2, dtype=torch.float64)
+    q_pos[0, 1] = -1  # sees nothing
+    q = q.requires_grad_()
+    m = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference")
+    assert (m[0, :, 1] == 0).all()
+    m.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[0, :, 1] == 0).all()
+
+
+def test_gradcheck_and_opcheck():
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 9, 11, 8, 3, dtype=torch.float64)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 3, impl="reference"),
+                                    (q, k))
+    torch.library.opcheck(torch.ops.nanoattcot.mass_fwd.default, (q, k, q_pos, groups, 3, 0.35, False))
+    mass, lse = torch.ops.nanoattcot.mass_fwd(q, k, q_pos, groups, 3, 0.35, False)
+    torch.library.opcheck(torch.ops.nanoattcot.mass_bwd.default,
+                          (torch.randn_like(mass), q.detach(), k.detach(), q_pos, groups, mass.detach(), lse.detach(), 0.35, False))
+
+
+def test_bad_shapes_are_named():
+    q, k, q_pos, groups = random_inputs(1, 3, 2, 4, 6, 8, 1)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        kernels.attention_mass(q, k, q_pos, groups)
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 4, 6, 8, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.attention_mass(q, k, q_pos, groups.long())
+
+
+# --- GPU: the CUDA op against the reference (skipped without one)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+GPU_SHAPES = [(2, 9, 3, 200, 333, 64, 2), (1, 15, 5, 1024, 1024, 64, 3), (2, 4, 2, 77, 130, 128, 8),
+              (1, 9, 3, 8192, 8192, 64, 2)]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_cuda_matches_reference(shape, dtype, tol):
+    B, Hq, Hkv, Nq, Tk, D, G = shape
+    if Tk > 4096 and dtype != torch.bfloat16:
+        pytest.skip("the long case runs once, in bf16")
+    q, k, q_pos, groups = random_inputs(*shape, dtype=dtype, device="cuda", seed=1)
+    upstream = torch.randn(B, Hq, Nq, G, device="cuda")
+    outs = {}
+    for impl in ("cuda", "reference"):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        m = kernels.attention_mass(qq, kk, q_pos, groups, G, impl=impl)
+        (m * upstream).sum().backward()
+        outs[impl] = (m, qq.grad, kk.grad)
+    for got, want in zip(outs["cuda"], outs["reference"]):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < tol
+
+
+@cuda
+def test_cuda_writes_every_output():
+    """Outputs are made with torch.empty: run twice after filling the cache with NaN garbage."""
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 70, 90, 64, 2, device="cuda", seed=2)
+    torch.full((1 << 24,), float("nan"), device="cuda")  # poison freed memory the allocator may hand back
+    torch.cuda.empty_cache()
+    junk = torch.full((1 << 22,), float("nan"), device="cuda")
+    del junk
+    mass, lse = torch.ops.nanoattcot.mass_fwd(q, k, q_pos, groups, 2, 0.125, True)
+    assert torch.isfinite(mass).all() and torch.isfinite(lse).all()
+
+
+@cuda
+def test_cuda_under_torch_compile():
+    q, k, q_pos, groups = random_inputs(2, 6, 2, 64, 100, 64, 2, dtype=torch.bfloat16, device="cuda", seed=3)
+    q = q.requires_grad_()
+    f = torch.compile(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 2).square().sum(), fullgraph=True)
+    loss = f(q, k)
+    loss.backward()
+    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference").square().sum()
+    assert abs(loss.item() - want.item()) / abs(want.item()) < 1e-2 and torch.isfinite(q.grad).all()
