@@ -7,7 +7,8 @@
 //   L_i = m_i + log l_i (the row log-sum-exp).
 // Backward: p_ij = exp(s_ij - L_i) recomputed from q, k, L (no V, no dO). With upstream dm_i(g):
 //   dS_ij = p_ij * (sum_g dm_i(g) [j in g] - sum_g dm_i(g) m_i(g));  dQ = scale dS K;  dK = scale dS^T Q
-//   dK sums over the query heads that share a kv head (GQA), so there are no atomics.
+//   dK sums over the query heads that share a kv head (GQA): one fp32 part per query head, summed
+//   on the host, so there are no atomics.
 // Names follow the flash-attention papers: Br x Bc tiles, S the score tile, P the dS tile.
 // 16-bit inputs use tensor cores (wmma, fp32 accumulate); fp32 inputs use plain FMAs.
 #include <torch/extension.h>
@@ -21,11 +22,11 @@
 using namespace nvcuda;
 
 constexpr int Br = 64, Bc = 64, NT = 128;  // rows and columns of a tile; 4 warps, 16 rows each
-constexpr int MAXG = 8;                     // groups per pass: the bits of a uint8
+constexpr int MAXG = 8;                     // groups per pass: the bits of a uint8; kernels take NG = 2 or 8
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <typename T> constexpr bool is_f32() { return std::is_same<T, float>::value; }
-template <typename T, int D> constexpr int ldq() { return is_f32<T>() ? D + 1 : D + 8; }  // padded rows
+template <typename T, int D> constexpr int ldq() { return is_f32<T>() ? D + 4 : D + 8; }  // padded, 16-byte rows
 template <typename T> constexpr int ldp() { return is_f32<T>() ? Bc + 1 : Bc + 8; }
 constexpr int LDS = Bc + 4;
 template <int D> constexpr int lda() { return D + 4; }
@@ -35,34 +36,40 @@ template <typename T> __device__ __forceinline__ T from_f(float x) { return stat
 template <> __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f(float x) { return __float2half(x); }
 
-// Shared memory, carved in 128-byte aligned pieces (wmma pointers must be 32-byte aligned).
+// Shared memory, carved in 128-byte aligned pieces (wmma pointers must be 32-byte aligned). The
+// forward uses the first part only; the backward adds dm, c, the dS tile P and the accumulator.
 template <typename T, int D> struct Smem {
   T *Q, *K, *P; float *S, *acc, *row_L, *row_c, *row_g; uint8_t *grp; int *pos, *max_pos;
-  static constexpr int bytes() {
-    return 2 * align128(Br * ldq<T, D>() * sizeof(T)) + align128(Br * ldp<T>() * sizeof(T))
-         + align128(Br * LDS * 4) + align128(Br * lda<D>() * 4) + 3 * align128(Br * MAXG * 4)
-         + align128(Bc) + align128(Br * 4) + 128;
+  static constexpr int bytes(bool backward) {
+    const int fwd = 2 * align128(Br * ldq<T, D>() * sizeof(T)) + align128(Br * LDS * 4) + align128(Br * 4)
+                  + align128(Bc) + align128(Br * 4) + 128;
+    return fwd + (backward ? align128(Br * 4) + align128(Br * MAXG * 4) + align128(Br * ldp<T>() * sizeof(T))
+                                 + align128(Br * lda<D>() * 4) : 0);
   }
   __device__ Smem(char* p) {
     Q = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
     K = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
-    P = (T*)p; p += align128(Br * ldp<T>() * sizeof(T));
     S = (float*)p; p += align128(Br * LDS * 4);
-    acc = (float*)p; p += align128(Br * lda<D>() * 4);
-    row_L = (float*)p; p += align128(Br * MAXG * 4);
-    row_c = (float*)p; p += align128(Br * MAXG * 4);
-    row_g = (float*)p; p += align128(Br * MAXG * 4);
+    row_L = (float*)p; p += align128(Br * 4);
     grp = (uint8_t*)p; p += align128(Bc);
     pos = (int*)p; p += align128(Br * 4);
-    max_pos = (int*)p;
+    max_pos = (int*)p; p += 128;
+    row_c = (float*)p; p += align128(Br * 4);  // backward only from here on
+    row_g = (float*)p; p += align128(Br * MAXG * 4);
+    P = (T*)p; p += align128(Br * ldp<T>() * sizeof(T));
+    acc = (float*)p;
   }
 };
 
-// dst[r][:] = src[row0 + r][:] for r < Br (zeros past n_rows). src rows are D contiguous elements.
+// dst[r][:] = src[row0 + r][:] for r < Br (zeros past n_rows), in 16-byte vectors. src rows are D
+// contiguous elements; both pointers are 16-byte aligned (the host checks).
 template <typename T, int D> __device__ void load_tile(T* dst, const T* src, int row0, int n_rows) {
-  for (int idx = threadIdx.x; idx < Br * D; idx += NT) {
-    int r = idx / D, d = idx % D;
-    dst[r * ldq<T, D>() + d] = row0 + r < n_rows ? src[(size_t)(row0 + r) * D + d] : from_f<T>(0.f);
+  constexpr int V = 16 / sizeof(T), VPR = D / V;  // elements per vector, vectors per row
+  for (int idx = threadIdx.x; idx < Br * VPR; idx += NT) {
+    const int r = idx / VPR, v = idx % VPR;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (row0 + r < n_rows) x = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * D + v * V);
+    *reinterpret_cast<uint4*>(dst + r * ldq<T, D>() + v * V) = x;
   }
 }
 
@@ -71,8 +78,8 @@ template <typename T, int D> __device__ void load_tile(T* dst, const T* src, int
 template <typename T, int D> __device__ void scores(const Smem<T, D>& sm) {
   const int warp = threadIdx.x / 32;
   if constexpr (is_f32<T>()) {
-    const int r = threadIdx.x / 2, c0 = (threadIdx.x % 2) * (Bc / 2);
-    for (int c = c0; c < c0 + Bc / 2; c++) {
+    const int r = threadIdx.x / 2;
+    for (int c = threadIdx.x % 2; c < Bc; c += 2) {
       float s = 0.f;
       for (int d = 0; d < D; d++) s += sm.Q[r * ldq<T, D>() + d] * sm.K[c * ldq<T, D>() + d];
       sm.S[r * LDS + c] = s;
@@ -123,21 +130,24 @@ template <typename T, int D, bool transpose_a> __device__ void accumulate(const 
 }
 
 // Row pass of the backward: P[r][c] = p * (sum_g dm(g)[key in g] - sum_g dm(g) m(g)) for this
-// thread's row r and half of the tile's columns. Keys past q_pos (or Tk) give p = 0.
-template <typename T, int D> __device__ void grad_scores(const Smem<T, D>& sm, int k0, int Tk, int G, float scale2) {
-  const int r = threadIdx.x / 2, c0 = (threadIdx.x % 2) * (Bc / 2);
+// thread's row r and every other column of the tile. Keys past q_pos (or Tk) give p = 0.
+template <typename T, int D, int NG> __device__ void grad_scores(const Smem<T, D>& sm, int k0, int Tk, float scale2) {
+  const int r = threadIdx.x / 2, last = min(sm.pos[r], Tk - 1) - k0;  // columns c <= last are visible
   const float L2 = sm.row_L[r], c_r = sm.row_c[r];
-  float g[MAXG];
+  float g[NG];
 #pragma unroll
-  for (int q = 0; q < MAXG; q++) g[q] = q < G ? sm.row_g[r * MAXG + q] : 0.f;
-  for (int c = c0; c < c0 + Bc / 2; c++) {
-    const int j = k0 + c;
-    const float p = (j < Tk && j <= sm.pos[r]) ? exp2f(sm.S[r * LDS + c] * scale2 - L2) : 0.f;
-    const uint8_t bits = sm.grp[c];
-    float w = 0.f;
+  for (int q = 0; q < NG; q++) g[q] = sm.row_g[r * MAXG + q];
+  for (int c = threadIdx.x % 2; c < Bc; c += 2) {
+    float dS = 0.f;
+    if (c <= last) {
+      const float p = exp2f(sm.S[r * LDS + c] * scale2 - L2);
+      const uint8_t bits = sm.grp[c];
+      float w = 0.f;
 #pragma unroll
-    for (int q = 0; q < MAXG; q++) w += (bits >> q & 1) ? g[q] : 0.f;
-    sm.P[r * ldp<T>() + c] = from_f<T>(p * (w - c_r));
+      for (int q = 0; q < NG; q++) w += (bits >> q & 1) ? g[q] : 0.f;
+      dS = p * (w - c_r);
+    }
+    sm.P[r * ldp<T>() + c] = from_f<T>(dS);
   }
 }
 
@@ -169,7 +179,7 @@ __device__ void load_groups(uint8_t* grp, const uint8_t* key_groups, int k0, int
 }
 
 // grid (Nq/Br, Hq, B). One pass over key tiles: online max, one exp2 per score, all groups at once.
-template <typename T, int D>
+template <typename T, int D, int NG>
 __global__ void mass_forward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups, float* mass,
                              float* lse, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
@@ -183,48 +193,51 @@ __global__ void mass_forward(const T* q, const T* k, const int* q_pos, const uin
   load_rows(sm, q_pos, nullptr, nullptr, nullptr, row0, Nq, G);
   load_tile<T, D>(sm.Q, q, row0, Nq);
 
-  const int r = threadIdx.x / 2, c0 = (threadIdx.x % 2) * (Bc / 2);  // this thread: row r, half the columns
-  const float scale2 = scale * LOG2E;  // work in base 2: exp2f is one instruction
-  float m = -INFINITY, l = 0.f, lg[MAXG] = {};
-  const int n_keys = min(Tk, *sm.max_pos + 1);
+  // This thread: row r, every other column. Its own running max m, sum l and group sums lg, in
+  // base 2 (exp2f is one instruction); rescaled only when the max grows, merged with the partner
+  // thread (the other columns) at the end.
+  const int r = threadIdx.x / 2;
+  const float scale2 = scale * LOG2E;
+  float m = -INFINITY, l = 0.f, lg[NG] = {};
+  const int n_keys = min(Tk, *sm.max_pos + 1), pos_r = sm.pos[r];
   for (int k0 = 0; k0 < n_keys; k0 += Bc) {
     __syncthreads();  // the previous K tile is no longer read
     load_tile<T, D>(sm.K, k, k0, Tk);
     load_groups(sm.grp, key_groups, k0, Tk);
     __syncthreads();
     scores<T, D>(sm);
-    float m_tile = -INFINITY;
-    for (int c = c0; c < c0 + Bc / 2; c++)
-      if (k0 + c < Tk && k0 + c <= sm.pos[r]) m_tile = fmaxf(m_tile, sm.S[r * LDS + c] * scale2);
-    m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffff, m_tile, 1));  // both halves share the row max
-    const float m_new = fmaxf(m, m_tile);
-    if (m_new == -INFINITY) continue;  // no visible key yet
-    const float alpha = exp2f(m - m_new);
-    l *= alpha;
+    const int last = min(pos_r, Tk - 1) - k0;  // columns c <= last are visible
+    for (int c = threadIdx.x % 2; c <= min(last, Bc - 1); c += 2) {
+      const float s = sm.S[r * LDS + c] * scale2;
+      if (s > m) {  // new max: rescale what was summed so far
+        const float alpha = exp2f(m - s);
+        l *= alpha;
 #pragma unroll
-    for (int q = 0; q < MAXG; q++) lg[q] *= alpha;
-    for (int c = c0; c < c0 + Bc / 2; c++) {
-      if (k0 + c >= Tk || k0 + c > sm.pos[r]) continue;
-      const float e = exp2f(sm.S[r * LDS + c] * scale2 - m_new);
+        for (int q = 0; q < NG; q++) lg[q] *= alpha;
+        m = s;
+      }
+      const float e = exp2f(s - m);
       const uint8_t bits = sm.grp[c];
       l += e;
 #pragma unroll
-      for (int q = 0; q < MAXG; q++) lg[q] += (bits >> q & 1) ? e : 0.f;
+      for (int q = 0; q < NG; q++) lg[q] += (bits >> q & 1) ? e : 0.f;
     }
-    m = m_new;
   }
-  l += __shfl_xor_sync(0xffffffff, l, 1);
+  const float m_other = __shfl_xor_sync(0xffffffff, m, 1), m_row = fmaxf(m, m_other);
+  const float a = m == -INFINITY ? 0.f : exp2f(m - m_row);  // -inf: this half saw no key
+  const float a_other = m_other == -INFINITY ? 0.f : exp2f(m_other - m_row);
+  l = a * l + a_other * __shfl_xor_sync(0xffffffff, l, 1);
 #pragma unroll
-  for (int q = 0; q < MAXG; q++) lg[q] += __shfl_xor_sync(0xffffffff, lg[q], 1);
+  for (int q = 0; q < NG; q++) lg[q] = a * lg[q] + a_other * __shfl_xor_sync(0xffffffff, lg[q], 1);
   const int i = row0 + r;
   if (threadIdx.x % 2 == 0 && i < Nq) {
     for (int q = 0; q < G; q++) mass[(bh * Nq + i) * G + q] = l > 0.f ? lg[q] / l : 0.f;
-    lse[bh * Nq + i] = l > 0.f ? (m + log2f(l)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
+    lse[bh * Nq + i] = l > 0.f ? (m_row + log2f(l)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
   }
 }
 
 // grid (Nq/Br, Hq, B): dQ for one query tile, looping over key tiles.
-template <typename T, int D>
+template <typename T, int D, int NG>
 __global__ void mass_backward_dq(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
                                  const float* mass, const float* lse, const float* dmass, T* dq,
                                  int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
@@ -246,7 +259,7 @@ __global__ void mass_backward_dq(const T* q, const T* k, const int* q_pos, const
     load_groups(sm.grp, key_groups, k0, Tk);
     __syncthreads();
     scores<T, D>(sm);
-    grad_scores<T, D>(sm, k0, Tk, G, scale * LOG2E);
+    grad_scores<T, D, NG>(sm, k0, Tk, scale * LOG2E);
     __syncthreads();
     accumulate<T, D, false>(sm, sm.K);  // acc += P K
   }
@@ -257,52 +270,63 @@ __global__ void mass_backward_dq(const T* q, const T* k, const int* q_pos, const
   }
 }
 
-// grid (Tk/Bc, Hkv, B): dK for one key tile, looping over the query heads of its kv head and their
-// query tiles (skipping tiles whose rows all sit before the keys).
-template <typename T, int D>
+// grid (Tk/Bc, Hq, B): the part of dK for one key tile that query head h contributes, looping over
+// its query tiles (skipping tiles whose rows all sit before the keys). One block per query head,
+// not per kv head, for parallelism; the host sums the heads that share a kv head (GQA).
+template <typename T, int D, int NG>
 __global__ void mass_backward_dk(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                 const float* mass, const float* lse, const float* dmass, T* dk,
+                                 const float* mass, const float* lse, const float* dmass, float* dk_heads,
                                  int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
-  const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * Bc, group = Hq / Hkv;
-  const size_t bhk = (size_t)b * Hkv + hk;
-  load_tile<T, D>(sm.K, k + bhk * Tk * D, k0, Tk);
+  const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * Bc, hk = h / (Hq / Hkv);
+  const size_t bh = (size_t)b * Hq + h;
+  load_tile<T, D>(sm.K, k + ((size_t)b * Hkv + hk) * Tk * D, k0, Tk);
   load_groups(sm.grp, key_groups + (size_t)b * Tk, k0, Tk);
   for (int idx = threadIdx.x; idx < Bc * lda<D>(); idx += NT) sm.acc[idx] = 0.f;
-  for (int h = hk * group; h < (hk + 1) * group; h++) {
-    const size_t bh = (size_t)b * Hq + h;
-    for (int row0 = 0; row0 < Nq; row0 += Br) {
-      __syncthreads();
-      load_rows(sm, q_pos + (size_t)b * Nq, lse + bh * Nq, mass + bh * Nq * G, dmass + bh * Nq * G, row0, Nq, G);
-      if (*sm.max_pos < k0) continue;  // no row of this tile sees these keys
-      load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
-      __syncthreads();
-      scores<T, D>(sm);
-      grad_scores<T, D>(sm, k0, Tk, G, scale * LOG2E);
-      __syncthreads();
-      accumulate<T, D, true>(sm, sm.Q);  // acc += P^T Q
-    }
+  for (int row0 = 0; row0 < Nq; row0 += Br) {
+    __syncthreads();
+    load_rows(sm, q_pos + (size_t)b * Nq, lse + bh * Nq, mass + bh * Nq * G, dmass + bh * Nq * G, row0, Nq, G);
+    if (*sm.max_pos < k0) continue;  // no row of this tile sees these keys
+    load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
+    __syncthreads();
+    scores<T, D>(sm);
+    grad_scores<T, D, NG>(sm, k0, Tk, scale * LOG2E);
+    __syncthreads();
+    accumulate<T, D, true>(sm, sm.Q);  // acc += P^T Q
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < Bc * D; idx += NT) {
     const int c = idx / D, d = idx % D;
-    if (k0 + c < Tk) dk[(bhk * Tk + k0 + c) * D + d] = from_f<T>(scale * sm.acc[c * lda<D>() + d]);
+    if (k0 + c < Tk) dk_heads[(bh * Tk + k0 + c) * D + d] = scale * sm.acc[c * lda<D>() + d];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // host side
 
-#define DISPATCH(q, D, ...)                                                                        \
-  [&] {                                                                                            \
-    auto st = q.scalar_type();                                                                     \
-    TORCH_CHECK(D == 64 || D == 128, "attention_mass: head dim ", D, " not compiled (64, 128)");     \
-    if (st == at::kFloat) { using T = float; if (D == 64) { constexpr int HD = 64; __VA_ARGS__(); } else { constexpr int HD = 128; __VA_ARGS__(); } } \
-    else if (st == at::kBFloat16) { using T = __nv_bfloat16; if (D == 64) { constexpr int HD = 64; __VA_ARGS__(); } else { constexpr int HD = 128; __VA_ARGS__(); } } \
-    else if (st == at::kHalf) { using T = __half; if (D == 64) { constexpr int HD = 64; __VA_ARGS__(); } else { constexpr int HD = 128; __VA_ARGS__(); } } \
-    else TORCH_CHECK(false, "attention_mass: dtype ", st, " not supported");                       \
-  }()
+// Calls f.template operator()<T, HD, NG>() for q's dtype, head dim and the group count rounded up.
+template <typename F> void dispatch(const at::Tensor& q, int G, F&& f) {
+  const int D = q.size(3);
+  TORCH_CHECK(D == 64 || D == 128, "attention_mass: head dim ", D, " not compiled (64, 128)");
+  auto by_groups = [&]<typename T, int HD>() {
+    if (G <= 2) f.template operator()<T, HD, 2>(); else f.template operator()<T, HD, 8>();
+  };
+  auto by_dim = [&]<typename T>() {
+    if (D == 64) by_groups.template operator()<T, 64>(); else by_groups.template operator()<T, 128>();
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: by_dim.template operator()<float>(); break;
+    case at::kBFloat16: by_dim.template operator()<__nv_bfloat16>(); break;
+    case at::kHalf: by_dim.template operator()<__half>(); break;
+    default: TORCH_CHECK(false, "attention_mass: dtype ", q.scalar_type(), " not supported");
+  }
+}
+
+static at::Tensor aligned(const at::Tensor& x) {  // 16-byte vector loads need 16-byte aligned rows
+  auto y = x.contiguous();
+  return reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 ? y.clone() : y;
+}
 
 static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos, const at::Tensor& grp, int G) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && q_pos.is_cuda() && grp.is_cuda(), "attention_mass: CUDA tensors expected");
@@ -315,48 +339,52 @@ static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups, int64_t G, double scale) {
+  q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
-  const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
   auto mass = at::empty({B, Hq, Nq, G}, q.options().dtype(at::kFloat));
   auto lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   if (mass.numel() == 0) return {mass, lse};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  DISPATCH(q, D, [&] {
-    auto kernel = mass_forward<T, HD>;
-    const int smem = Smem<T, HD>::bytes();
+  dispatch(q, G, [&]<typename T, int HD, int NG>() {
+    auto kernel = mass_forward<T, HD, NG>;
+    const int smem = Smem<T, HD>::bytes(false);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     kernel<<<dim3((Nq + Br - 1) / Br, Hq, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
         mass.data_ptr<float>(), lse.data_ptr<float>(), Hq, Hkv, Nq, Tk, G, scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mass, lse};
 }
 
 std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups,
                                  at::Tensor mass, at::Tensor lse, double scale) {
   const int G = mass.size(3);
+  q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
   dmass = dmass.contiguous().to(at::kFloat);
-  const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k);
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk};
+  const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
+  auto dq = at::zeros_like(q);
+  auto dk_heads = at::empty({B, Hq, Tk, q.size(3)}, q.options().dtype(at::kFloat));  // every element written
+  if (q.numel() == 0 || k.numel() == 0) return {dq, at::zeros_like(k)};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  DISPATCH(q, D, [&] {
-    const int smem = Smem<T, HD>::bytes();
-    auto kq = mass_backward_dq<T, HD>;
+  dispatch(q, G, [&]<typename T, int HD, int NG>() {
+    const int smem = Smem<T, HD>::bytes(true);
+    auto kq = mass_backward_dq<T, HD, NG>;
     cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     kq<<<dim3((Nq + Br - 1) / Br, Hq, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
         mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), (T*)dq.data_ptr(), Hq, Hkv, Nq, Tk, G, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto kk = mass_backward_dk<T, HD>;
+    auto kk = mass_backward_dk<T, HD, NG>;
     cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    kk<<<dim3((Tk + Bc - 1) / Bc, Hkv, B), NT, smem, stream>>>(
+    kk<<<dim3((Tk + Bc - 1) / Bc, Hq, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
-        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), (T*)dk.data_ptr(), Hq, Hkv, Nq, Tk, G, scale);
+        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dk_heads.data_ptr<float>(), Hq, Hkv, Nq, Tk, G, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  auto dk = dk_heads.view({B, Hkv, Hq / Hkv, Tk, q.size(3)}).sum(2).to(k.scalar_type());
   return {dq, dk};
 }
 
