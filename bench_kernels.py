@@ -78,10 +78,13 @@ def main():
     p.add_argument("--quick", action="store_true", help="one shape, few repeats")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", default="bench_kernels.json")
+    p.add_argument("--shapes", default="8x1024,4x2048,2x4096,1x8192", help="B x T list")
+    p.add_argument("--methods", default="ours,eager,flex,sdpa")
     args = p.parse_args()
+    torch._dynamo.config.recompile_limit = 1000  # one compile per shape and grad mode, never the eager fallback
     assert torch.cuda.is_available(), "bench_kernels.py needs a CUDA GPU"
     assert kernels.load_extension() is not None, kernels._ext_error
-    shapes = [(8, 1024), (4, 2048), (2, 4096), (1, 8192)]
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     heads = [(9, 3), (15, 5)]
     if args.quick:
         shapes, heads, args.repeats = [(2, 4096)], [(9, 3)], 5
@@ -99,7 +102,8 @@ def main():
                 groups = torch.randint(0, 4, (B, T), device="cuda", generator=g).to(torch.uint8)
                 upstream = torch.randn(B, Hq, Nq, G, device="cuda")
                 vis = B * Hq * sum(range(T - Nq + 1, T + 1))  # visible (query, key) pairs
-                flex = make_flex(q_pos, groups, G, B, Hq, Nq, T)
+                torch._dynamo.reset()
+                flex = make_flex(q_pos, groups, G, B, Hq, Nq, T) if "flex" in args.methods else None
                 causal = causal_lower_right(Nq, T)
                 methods = {
                     "ours": lambda: kernels.attention_mass(q, k, q_pos, groups, G),
@@ -109,6 +113,8 @@ def main():
                 }
                 row = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "rows": rows}
                 for name, fwd in methods.items():
+                    if name not in args.methods.split(","):
+                        continue
                     def fwd_bwd():
                         out = fwd()
                         grad = upstream if name != "sdpa" else torch.ones_like(out)
@@ -140,7 +146,7 @@ def main():
     print(hdr)
     for r in results:
         ref = r.get("sdpa")
-        for name in ("ours", "eager", "flex", "sdpa"):
+        for name in args.methods.split(","):
             if name not in r:
                 print(f"{r['B']:>3d} x{r['T']:>5d} {r['Hq']:>2d}/{r['Hkv']:<2d} {r['rows']:>9s} {name:>6s}  failed")
                 continue

@@ -30,6 +30,7 @@ template <typename T, int D> constexpr int ldq() { return is_f32<T>() ? D + 4 : 
 template <typename T> constexpr int ldp() { return is_f32<T>() ? Bc + 1 : Bc + 8; }
 constexpr int LDS = Bc + 4;
 template <int D> constexpr int lda() { return D + 4; }
+template <int D> constexpr int lds() { return LDS > lda<D>() ? LDS : lda<D>(); }  // S also holds a P K tile
 __host__ __device__ constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
 template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
@@ -41,7 +42,7 @@ template <> __device__ __forceinline__ __half from_f(float x) { return __float2h
 template <typename T, int D> struct Smem {
   T *Q, *K, *P; float *S, *acc, *row_L, *row_c, *row_g; uint8_t *grp; int *pos, *max_pos;
   static constexpr int bytes(bool backward) {
-    const int fwd = 2 * align128(Br * ldq<T, D>() * sizeof(T)) + align128(Br * LDS * 4) + align128(Br * 4)
+    const int fwd = 2 * align128(Br * ldq<T, D>() * sizeof(T)) + align128(Br * lds<D>() * 4) + align128(Br * 4)
                   + align128(Bc) + align128(Br * 4) + 128;
     return fwd + (backward ? align128(Br * 4) + align128(Br * MAXG * 4) + align128(Br * ldp<T>() * sizeof(T))
                                  + align128(Br * lda<D>() * 4) : 0);
@@ -49,7 +50,7 @@ template <typename T, int D> struct Smem {
   __device__ Smem(char* p) {
     Q = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
     K = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
-    S = (float*)p; p += align128(Br * LDS * 4);
+    S = (float*)p; p += align128(Br * lds<D>() * 4);
     row_L = (float*)p; p += align128(Br * 4);
     grp = (uint8_t*)p; p += align128(Bc);
     pos = (int*)p; p += align128(Br * 4);
@@ -101,14 +102,18 @@ template <typename T, int D> __device__ void scores(const Smem<T, D>& sm) {
   __syncwarp();
 }
 
-// acc[Br][D] += A[Br][Bc] @ B[Bc][D], A = P (dQ) or P^T (dK, transpose_a). Each warp owns 16 rows.
-template <typename T, int D, bool transpose_a> __device__ void accumulate(const Smem<T, D>& sm, const T* B) {
+// out[Br][D] (+)= A[Br][Bc] @ B[Bc][D], A = P (dQ part) or P^T (dK, transpose_a); out has row stride
+// lda<D>(). Each warp owns 16 rows; `add` keeps what out held, else it is overwritten.
+template <typename T, int D, bool transpose_a>
+__device__ void accumulate(const Smem<T, D>& sm, const T* B, float* out, bool add) {
   const int warp = threadIdx.x / 32;
   if constexpr (is_f32<T>()) {
-    const int r = threadIdx.x / 2, d0 = (threadIdx.x % 2) * (D / 2);
-    for (int j = 0; j < Bc; j++) {
-      float a = transpose_a ? sm.P[j * ldp<T>() + r] : sm.P[r * ldp<T>() + j];
-      for (int d = d0; d < d0 + D / 2; d++) sm.acc[r * lda<D>() + d] += a * B[j * ldq<T, D>() + d];
+    const int r = threadIdx.x / 2;
+    for (int d = threadIdx.x % 2; d < D; d += 2) {
+      float sum = add ? out[r * lda<D>() + d] : 0.f;
+      for (int j = 0; j < Bc; j++)
+        sum += (transpose_a ? sm.P[j * ldp<T>() + r] : sm.P[r * ldp<T>() + j]) * B[j * ldq<T, D>() + d];
+      out[r * lda<D>() + d] = sum;
     }
   } else {
     using layout = typename std::conditional<transpose_a, wmma::col_major, wmma::row_major>::type;
@@ -116,15 +121,16 @@ template <typename T, int D, bool transpose_a> __device__ void accumulate(const 
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
     for (int n = 0; n < D; n += 16) {
-      float* out = sm.acc + warp * 16 * lda<D>() + n;
-      wmma::load_matrix_sync(c, out, lda<D>(), wmma::mem_row_major);
+      float* o = out + warp * 16 * lda<D>() + n;
+      if (add) wmma::load_matrix_sync(c, o, lda<D>(), wmma::mem_row_major);
+      else wmma::fill_fragment(c, 0.f);
       for (int k = 0; k < Bc; k += 16) {
         const T* pa = transpose_a ? sm.P + k * ldp<T>() + warp * 16 : sm.P + warp * 16 * ldp<T>() + k;
         wmma::load_matrix_sync(a, pa, ldp<T>());
         wmma::load_matrix_sync(b, B + k * ldq<T, D>() + n, ldq<T, D>());
         wmma::mma_sync(c, a, b, c);
       }
-      wmma::store_matrix_sync(out, c, lda<D>(), wmma::mem_row_major);
+      wmma::store_matrix_sync(o, c, lda<D>(), wmma::mem_row_major);
     }
   }
 }
@@ -236,47 +242,15 @@ __global__ void mass_forward(const T* q, const T* k, const int* q_pos, const uin
   }
 }
 
-// grid (Nq/Br, Hq, B): dQ for one query tile, looping over key tiles.
+// grid (Tk/Bc, Hq, B): the backward for one key tile and query head h, looping over its query tiles
+// (skipping tiles whose rows all sit before the keys). dS is computed once per (query, key) tile:
+// dK += dS^T Q stays in shared memory; dS K is added to the fp32 dQ with atomics (rows are shared
+// by all key tiles). One block per query head, not per kv head, for parallelism; the host sums the
+// dK parts of the heads that share a kv head (GQA) and scales dQ.
 template <typename T, int D, int NG>
-__global__ void mass_backward_dq(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                 const float* mass, const float* lse, const float* dmass, T* dq,
-                                 int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
-  extern __shared__ __align__(128) char smem[];
-  Smem<T, D> sm(smem);
-  const int b = blockIdx.z, h = blockIdx.y, row0 = blockIdx.x * Br, hk = h / (Hq / Hkv);
-  const size_t bh = (size_t)b * Hq + h;
-  q += bh * Nq * D;
-  dq += bh * Nq * D;
-  k += ((size_t)b * Hkv + hk) * Tk * D;
-  key_groups += (size_t)b * Tk;
-  load_rows(sm, q_pos + (size_t)b * Nq, lse + bh * Nq, mass + bh * Nq * G, dmass + bh * Nq * G, row0, Nq, G);
-  load_tile<T, D>(sm.Q, q, row0, Nq);
-  for (int idx = threadIdx.x; idx < Br * lda<D>(); idx += NT) sm.acc[idx] = 0.f;
-  const int n_keys = min(Tk, *sm.max_pos + 1);
-  for (int k0 = 0; k0 < n_keys; k0 += Bc) {
-    __syncthreads();
-    load_tile<T, D>(sm.K, k, k0, Tk);
-    load_groups(sm.grp, key_groups, k0, Tk);
-    __syncthreads();
-    scores<T, D>(sm);
-    grad_scores<T, D, NG>(sm, k0, Tk, scale * LOG2E);
-    __syncthreads();
-    accumulate<T, D, false>(sm, sm.K);  // acc += P K
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < Br * D; idx += NT) {
-    const int r = idx / D, d = idx % D;
-    if (row0 + r < Nq) dq[(size_t)(row0 + r) * D + d] = from_f<T>(scale * sm.acc[r * lda<D>() + d]);
-  }
-}
-
-// grid (Tk/Bc, Hq, B): the part of dK for one key tile that query head h contributes, looping over
-// its query tiles (skipping tiles whose rows all sit before the keys). One block per query head,
-// not per kv head, for parallelism; the host sums the heads that share a kv head (GQA).
-template <typename T, int D, int NG>
-__global__ void mass_backward_dk(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                 const float* mass, const float* lse, const float* dmass, float* dk_heads,
-                                 int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
+__global__ void mass_backward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
+                              const float* mass, const float* lse, const float* dmass, float* dq_acc,
+                              float* dk_heads, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
   const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * Bc, hk = h / (Hq / Hkv);
@@ -293,7 +267,13 @@ __global__ void mass_backward_dk(const T* q, const T* k, const int* q_pos, const
     scores<T, D>(sm);
     grad_scores<T, D, NG>(sm, k0, Tk, scale * LOG2E);
     __syncthreads();
-    accumulate<T, D, true>(sm, sm.Q);  // acc += P^T Q
+    accumulate<T, D, true>(sm, sm.Q, sm.acc, true);  // dK part += P^T Q
+    accumulate<T, D, false>(sm, sm.K, sm.S, false);  // S no longer needed: it takes P K
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < Br * D; idx += NT) {
+      const int r = idx / D, d = idx % D;
+      if (row0 + r < Nq) atomicAdd(dq_acc + (bh * Nq + row0 + r) * D + d, sm.S[r * lda<D>() + d]);
+    }
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < Bc * D; idx += NT) {
@@ -365,25 +345,21 @@ std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, a
   check_inputs(q, k, q_pos, key_groups, G);
   dmass = dmass.contiguous().to(at::kFloat);
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
-  auto dq = at::zeros_like(q);
+  auto dq_acc = at::zeros({B, Hq, Nq, q.size(3)}, q.options().dtype(at::kFloat));
   auto dk_heads = at::empty({B, Hq, Tk, q.size(3)}, q.options().dtype(at::kFloat));  // every element written
-  if (q.numel() == 0 || k.numel() == 0) return {dq, at::zeros_like(k)};
+  if (q.numel() == 0 || k.numel() == 0) return {at::zeros_like(q), at::zeros_like(k)};
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q, G, [&]<typename T, int HD, int NG>() {
+    auto kernel = mass_backward<T, HD, NG>;
     const int smem = Smem<T, HD>::bytes(true);
-    auto kq = mass_backward_dq<T, HD, NG>;
-    cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    kq<<<dim3((Nq + Br - 1) / Br, Hq, B), NT, smem, stream>>>(
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    kernel<<<dim3((Tk + Bc - 1) / Bc, Hq, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
-        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), (T*)dq.data_ptr(), Hq, Hkv, Nq, Tk, G, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto kk = mass_backward_dk<T, HD, NG>;
-    cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    kk<<<dim3((Tk + Bc - 1) / Bc, Hq, B), NT, smem, stream>>>(
-        (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
-        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dk_heads.data_ptr<float>(), Hq, Hkv, Nq, Tk, G, scale);
+        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dq_acc.data_ptr<float>(),
+        dk_heads.data_ptr<float>(), Hq, Hkv, Nq, Tk, G, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  auto dq = (dq_acc * scale).to(q.scalar_type());
   auto dk = dk_heads.view({B, Hkv, Hq / Hkv, Tk, q.size(3)}).sum(2).to(k.scalar_type());
   return {dq, dk};
 }
