@@ -12,8 +12,9 @@ Differentiable in q and k. On CUDA it runs kernels.cu (built on first use with
 torch.utils.cpp_extension); elsewhere, or when the build fails, the chunked PyTorch reference
 below, which follows the same math (forward with the row log-sum-exp, backward recomputing p).
 
-    python kernels.py --check    correctness of the CUDA op against the reference
-    python kernels.py --bench    timing and memory table (GPU)
+    python kernels.py --build    build the extension (no GPU needed; CI does this)
+    python kernels.py --check    the CUDA op against the reference on random inputs (GPU)
+    python bench_kernels.py      timing and memory table (GPU)
 """
 import math
 import os
@@ -26,11 +27,25 @@ CUDA_HEAD_DIMS = (64, 128)
 _ext, _ext_error, _warned = None, None, set()
 
 
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script elsewhere: look
+    for a folder that holds the headers instead (CUDA_HOME wins when set)."""
+    import shutil
+    nvcc = shutil.which("nvcc")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+                 nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
 def load_extension(verbose=False):
     """Build (once, cached by torch in ~/.cache/torch_extensions) and import kernels.cu."""
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
         try:
+            if _find_cuda_home():
+                os.environ["CUDA_HOME"] = _find_cuda_home()  # read when cpp_extension is first imported
             from torch.utils.cpp_extension import load
             if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: build for Ampere and Hopper
@@ -178,3 +193,37 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     use_cuda = {"auto": _use_cuda(q), "cuda": True, "reference": False}[impl]
     mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
     return mass
+
+
+def check(shapes=((2, 9, 3, 1000, 1000, 64, 2), (1, 4, 2, 333, 517, 128, 8))):
+    """The CUDA op against the reference on random inputs: forward and both gradients, per dtype."""
+    print(f"{'shape':>30s} {'dtype':>9s} {'mass':>9s} {'dq':>9s} {'dk':>9s}   (relative L2 error)")
+    for B, Hq, Hkv, Nq, Tk, D, G in shapes:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(B, Hq, Nq, D, device="cuda", dtype=dtype, generator=g)
+            k = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=dtype, generator=g)
+            q_pos = torch.randint(0, Tk, (B, Nq), device="cuda", generator=g)
+            groups = torch.randint(0, 2**G, (B, Tk), device="cuda", generator=g).to(torch.uint8)
+            upstream = torch.randn(B, Hq, Nq, G, device="cuda", generator=g)
+            outs = []
+            for impl in ("cuda", "reference"):
+                qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+                m = attention_mass(qq, kk, q_pos, groups, G, impl=impl)
+                (m * upstream).sum().backward()
+                outs.append((m, qq.grad, kk.grad))
+            errs = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(*outs)]
+            print(f"{str((B, Hq, Hkv, Nq, Tk, D, G)):>30s} {str(dtype)[6:]:>9s} " + " ".join(f"{e:9.2e}" for e in errs))
+
+
+if __name__ == "__main__":
+    import sys
+    if "--build" in sys.argv:
+        if load_extension(verbose=True) is None:
+            sys.exit(f"kernels.cu did not build: {_ext_error}")
+        print("kernels.cu built and imported")
+    elif "--check" in sys.argv:
+        assert torch.cuda.is_available() and load_extension() is not None, f"needs a GPU and the build ({_ext_error})"
+        check()
+    else:
+        print(__doc__)

@@ -165,3 +165,27 @@ def test_generation_stops_at_eos(checkpoints):
     torch.manual_seed(0)
     sampled = ours.generate(**b, max_new_tokens=5, temperature=1.0, top_p=0.9)
     assert sampled.shape == (2, 5)
+
+
+def test_attention_masses_match_materialised_attention(checkpoints):
+    """The model hands post-RoPE q, k to attention_mass: the image-token mass per layer equals
+    transformers' eager attention probabilities (output_attentions=True) summed over image keys."""
+    import kernels
+    from transformers import AutoModelForImageTextToText
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    ours = VLM.from_pretrained(path).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    b = batch(path, texts=TEXTS[:2], images=IMAGE_LISTS[:2])
+    ids, mask = b["input_ids"], b["attention_mask"]
+    is_image = (ids == ours.config.image_token_id) & mask.bool()
+    q_pos = torch.arange(ids.shape[1]).expand_as(ids)
+    layers = (0, 2)
+    with torch.no_grad():
+        out = ours(**b, mass_layers=layers, mass_fn=lambda i, q, k: kernels.attention_mass(
+            q, k, q_pos, is_image.to(torch.uint8), 1, impl="reference"))
+        attn = hf(**b, output_attentions=True).attentions
+    for i in layers:
+        want = (attn[i] * is_image[:, None, None, :]).sum(-1)  # (B, H, T)
+        got = out.masses[i][..., 0]
+        assert got.shape == want.shape
+        assert (got - want).abs()[mask.bool()[:, None].expand_as(got)].max() < 1e-5
