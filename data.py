@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 MAX_IMAGE_SIDE = 4096  # transformers' absolute cap after the first resize
 SPECIAL = {"image": "<image>", "fake": "<fake_token_around_image>", "global": "<global-img>",
@@ -312,3 +312,282 @@ def train_tokenizer(texts, vocab_size=1000):
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     tok.add_special_tokens([SPECIAL["global"], *grid, SPECIAL["fake"], SPECIAL["image"], SPECIAL["eou"]])
     return tok
+
+
+def new_processor(texts, tile, image_seq_len, vocab_size=1000, split=False):
+    """A processor for a model trained from scratch: a tokenizer trained on texts, images resized to
+    one tile x tile image (split=False) or tiled, the SmolVLM chat template."""
+    image_cfg = {"do_image_splitting": split, "size": {"longest_edge": tile * (3 if split else 1)},
+                 "max_image_size": {"longest_edge": tile}, "resample": 1, "rescale_factor": 1 / 255,
+                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    return Processor(train_tokenizer(texts, vocab_size), ImageProcessor(image_cfg), image_seq_len,
+                     SMOLVLM_CHAT_TEMPLATE, {"pad_token": "<|im_end|>", "eos_token": SPECIAL["eou"]})
+
+
+# -----------------------------------------------------------------------------
+# chain-of-thought records -> training batches with per-token spans
+
+P, V, R, A = 1, 2, 3, 4  # span ids: prompt text, visual (<image>) tokens, rationale, answer; 0 = padding
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; .reason is the short cause, counted when records are skipped."""
+    def __init__(self, where, reason, detail=""):
+        super().__init__(f"{where}: {reason}{detail}")
+        self.reason = reason
+
+
+def split_reply(reply, marker="Answer:"):
+    """A reply -> (rationale, answer) character split index. `<think>..</think><answer>..</answer>`
+    replies split at <answer>; others at the last `marker`. -1 if the reply has no answer part."""
+    if "<answer>" in reply:
+        return reply.index("<answer>")
+    return reply.rfind(marker)
+
+
+def read_records(path):
+    """JSONL ({image, question, rationale, answer, choices?}) or LLaVA-style JSON ({image,
+    conversations: [{from: human, value: "<image>..."}, {from: gpt, value}]}) -> list of dicts with
+    images (absolute paths), question, reply, and source ("file:line") for error messages."""
+    base = os.path.dirname(os.path.abspath(path))
+    paths = lambda im: [os.path.join(base, p) for p in ([im] if isinstance(im, str) else im or [])]
+    out = []
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                question = r["question"] + ("".join(f"\n{c}" for c in r["choices"]) if r.get("choices") else "")
+                reply = f"{r.get('rationale', '').strip()} Answer: {r.get('answer', '')}".strip()
+                out.append({**r, "images": paths(r.get("image")), "question": question, "reply": reply,
+                            "has_answer": bool(str(r.get("answer", "")).strip()), "source": f"{path}:{n}"})
+    else:
+        for n, r in enumerate(_read_json(path), 1):
+            turns = r["conversations"]
+            human = next(t["value"] for t in turns if t["from"] == "human")
+            gpt = next(t["value"] for t in turns if t["from"] == "gpt")
+            out.append({"images": paths(r.get("image")), "question": human, "reply": gpt,
+                        "has_answer": split_reply(gpt) >= 0, "source": f"{path}:record {n}"})
+    return out
+
+
+def encode_record(proc, rec, max_len=2048, marker="Answer:"):
+    """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises ValueError naming
+    the record for a missing or unreadable image, an empty answer, or an image without a place.
+    Length policy: a record longer than max_len is rejected (the answer is never cut)."""
+    where = rec["source"]
+    if not rec["has_answer"]:
+        raise RecordError(where, "empty answer")
+    try:
+        images = [load_image(p, where) for p in rec["images"]]
+    except ValueError as e:
+        raise RecordError(where, "cannot read image", f" ({e})") from None
+    question = rec["question"]
+    if images and SPECIAL["image"] not in question:  # JSONL: the image goes before the question
+        question = SPECIAL["image"] * len(images) + question
+    if question.count(SPECIAL["image"]) != len(images):
+        raise RecordError(where, "no <image> place for each image",
+                          f" ({question.count(SPECIAL['image'])} places, {len(images)} images)")
+    content = [{"type": "text", "text": question}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    reply = " " + rec["reply"] + SPECIAL["eou"] + "\n"
+    pixels = None
+    if images:
+        pixels, pmask, rows, cols = proc.image_processor([images])
+        parts = prompt.split(SPECIAL["image"])
+        prompt = parts[0] + "".join(proc.image_prompt(r, c) + p for r, c, p in zip(rows[0], cols[0], parts[1:]))
+    cut = len(prompt) + split_reply(reply, marker)
+    while (prompt + reply)[cut - 1].isspace():  # " Answer" is one token: its space belongs to the answer
+        cut -= 1
+    enc = proc.tokenizer.encode(prompt + reply)
+    ids = torch.tensor(enc.ids)
+    starts = torch.tensor([s for s, _ in enc.offsets])
+    span = torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A))
+    span[ids == proc.image_token_id] = V
+    if len(ids) > max_len:
+        raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")
+    labels = torch.where(span >= R, ids, -100)  # the loss is on the reply only
+    out = {"input_ids": ids, "labels": labels, "spans": span}
+    if pixels is not None:
+        out.update(pixel_values=pixels[0], pixel_attention_mask=pmask[0])
+    return out
+
+
+def collate(examples, pad_id):
+    """Right-pads ids/labels/spans; pads pixel batches to the most images and the largest tiles."""
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    batch = {"input_ids": torch.full((B, T), pad_id), "attention_mask": torch.zeros(B, T, dtype=torch.long),
+             "labels": torch.full((B, T), -100), "spans": torch.zeros(B, T, dtype=torch.long)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["spans"][i, :n] = e["input_ids"], e["labels"], e["spans"]
+        batch["attention_mask"][i, :n] = 1
+    with_images = [e for e in examples if "pixel_values" in e]
+    if with_images:
+        N = max(e["pixel_values"].shape[0] for e in with_images)
+        H = max(e["pixel_values"].shape[2] for e in with_images)
+        W = max(e["pixel_values"].shape[3] for e in with_images)
+        batch["pixel_values"] = torch.zeros(B, N, 3, H, W)
+        batch["pixel_attention_mask"] = torch.zeros(B, N, H, W, dtype=torch.long)
+        for i, e in enumerate(examples):
+            if "pixel_values" in e:
+                n, _, h, w = e["pixel_values"].shape
+                batch["pixel_values"][i, :n, :, :h, :w] = e["pixel_values"]
+                batch["pixel_attention_mask"][i, :n, :h, :w] = e["pixel_attention_mask"]
+    return batch
+
+
+def encode_all(proc, records, max_len=2048, strict=False):
+    """Encodes every record; bad ones are skipped and counted by reason (strict: the first raises)."""
+    kept, skipped = [], {}
+    for rec in records:
+        try:
+            kept.append(encode_record(proc, rec, max_len))
+        except RecordError as e:
+            if strict:
+                raise
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+    return kept, skipped
+
+
+# -----------------------------------------------------------------------------
+# a synthetic visual reasoning set: shapes in a 3x3 grid, questions that need looking
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+KINDS, GRID = ("circle", "square", "triangle"), 3
+
+
+def _render(grid, size):
+    """grid: GRID x GRID of None or (colour, kind, large) -> RGB image; cell boxes are size / GRID."""
+    im = Image.new("RGB", (size, size), (235, 235, 235))
+    draw, cell = ImageDraw.Draw(im), size / GRID
+    for r in range(GRID):
+        for c in range(GRID):
+            if grid[r][c] is None:
+                continue
+            colour, kind, large = grid[r][c]
+            half = cell * (0.4 if large else 0.22)
+            cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
+            box = [cx - half, cy - half, cx + half, cy + half]
+            if kind == "circle":
+                draw.ellipse(box, fill=COLOURS[colour])
+            elif kind == "square":
+                draw.rectangle(box, fill=COLOURS[colour])
+            else:
+                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLOURS[colour])
+    return im
+
+
+def _describe(item):
+    return "nothing" if item is None else f"a {'large' if item[2] else 'small'} {item[0]} {item[1]}"
+
+
+def _solve(grid, q):
+    """(answer, rationale, cells the answer depends on) for question q on grid."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "."
+                    for r in range(GRID))
+    if q["type"] == "count":
+        hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][0] == q["colour"]]
+        return str(len(hits)), f"{walk} I count the {q['colour']} shapes: {len(hits)}.", hits
+    if q["type"] == "compare":
+        a = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
+        b = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][1]]
+        ans = "yes" if len(a) > len(b) else "no"
+        return ans, f"{walk} There are {len(a)} {q['kinds'][0]}s and {len(b)} {q['kinds'][1]}s.", a + b
+    r, c = q["cell"]
+    item = grid[r][c]
+    return item[0], f"Row {r + 1}, column {c + 1} holds {_describe(item)}, so its colour is {item[0]}.", [(r, c)]
+
+
+def _question_text(q):
+    if q["type"] == "count":
+        return f"How many {q['colour']} shapes are there?"
+    if q["type"] == "compare":
+        return f"Are there more {q['kinds'][0]}s than {q['kinds'][1]}s?"
+    return f"What colour is the shape in row {q['cell'][0] + 1}, column {q['cell'][1] + 1}?"
+
+
+def _random_item(rng, colours=tuple(COLOURS), kinds=KINDS):
+    return (colours[rng.integers(len(colours))], kinds[rng.integers(len(kinds))], bool(rng.integers(2)))
+
+
+def _sample(rng, qtype, skewed):
+    """A grid and question whose answer follows a skewed (training text prior) or uniform distribution."""
+    grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)] for _ in range(GRID)]
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    order = [cells[i] for i in rng.permutation(len(cells))]
+    if qtype == "count":
+        colour = list(COLOURS)[rng.integers(4)]
+        n = int(rng.choice(5, p=[0.1, 0.6, 0.1, 0.1, 0.1] if skewed else None))
+        others = tuple(k for k in COLOURS if k != colour)
+        for i, (r, c) in enumerate(order):  # exactly n shapes of that colour
+            if i < n:
+                grid[r][c] = _random_item(rng, (colour,))
+            elif grid[r][c] and grid[r][c][0] == colour:
+                grid[r][c] = _random_item(rng, others)
+        q = {"type": "count", "colour": colour}
+    elif qtype == "compare":
+        k1, k2 = (KINDS[i] for i in rng.permutation(3)[:2])
+        yes = rng.random() < (0.8 if skewed else 0.5)
+        n1, n2 = sorted(rng.choice(4, 2, replace=False))[::-1] if yes else sorted(rng.choice(4, 2))
+        for i, (r, c) in enumerate(order):
+            kind = k1 if i < n1 else k2 if i < n1 + n2 else KINDS[3 - KINDS.index(k1) - KINDS.index(k2)]
+            grid[r][c] = _random_item(rng, kinds=(kind,)) if i < n1 + n2 or grid[r][c] else None
+        q = {"type": "compare", "kinds": (k1, k2)}
+    else:
+        r, c = order[0]
+        colour = "red" if skewed and rng.random() < 0.6 else list(COLOURS)[rng.integers(4)]
+        grid[r][c] = _random_item(rng, (colour,))
+        q = {"type": "cell", "cell": (r, c)}
+    return grid, q
+
+
+def _twin(rng, grid, q):
+    """The counterfactual: the same question on a minimally edited grid whose answer differs."""
+    answer = _solve(grid, q)[0]
+    for _ in range(100):
+        g = [row[:] for row in grid]
+        r, c = int(rng.integers(GRID)), int(rng.integers(GRID))
+        if q["type"] == "cell":
+            r, c = q["cell"]
+        g[r][c] = _random_item(rng) if q["type"] != "count" or rng.random() < 0.7 else None
+        if _solve(g, q)[0] != answer:
+            return g
+    return None
+
+
+def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
+    """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
+    (balanced, each item with a counterfactual twin: same question, edited image, other answer),
+    with PNGs under images/. Each record keeps the boxes of the cells its answer depends on."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    cell = image_size / GRID
+    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell), round((rc[0] + 1) * cell)]
+
+    def record(name, grid, q, **extra):
+        _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
+        answer, rationale, cells = _solve(grid, q)
+        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q), "rationale": rationale,
+                "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
+
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+            i = 0
+            while i < n:
+                qtype = ("count", "compare", "cell")[i % 3]
+                grid, q = _sample(rng, qtype, skewed=split == "train")
+                if split == "eval":
+                    twin = _twin(rng, grid, q)
+                    if twin is None:
+                        continue
+                    f.write(json.dumps(record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")) + "\n")
+                f.write(json.dumps(record(f"{split}{i:05d}", grid, q)) + "\n")
+                i += 1
+    return os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
