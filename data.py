@@ -7,6 +7,7 @@ tile size, cut tiles row-major plus a global image last, rescale and normalise, 
 batch; and in the text, each <image> becomes its tiles' <fake_token_around_image><row_r_col_c>
 <image>*image_seq_len blocks.
 """
+import collections
 import json
 import math
 import os
@@ -488,21 +489,35 @@ def _describe(item):
 
 
 def _solve(grid, q):
-    """(answer, rationale, cells the answer depends on) for question q on grid."""
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "."
+    """(answer, rationale, cells the answer depends on) for question q on grid. The rationale walks
+    every cell and keeps a running tally of what the question asks about, so each step is one look."""
+    tally = collections.Counter()
+
+    def tag(r, c):  # what this cell adds to the tally, if anything
+        item = grid[r][c]
+        if q["type"] == "count" and item and item[0] == q["colour"]:
+            key = q["colour"]
+        elif q["type"] == "compare" and item and item[1] in q["kinds"]:
+            key = item[1]
+        elif q["type"] == "cell" and (r, c) == tuple(q["cell"]):
+            return " (this one)"
+        else:
+            return ""
+        tally[key] += 1
+        return f" ({key} {tally[key]})"
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for c in range(GRID)) + "."
                     for r in range(GRID))
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     if q["type"] == "count":
         hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][0] == q["colour"]]
-        return str(len(hits)), f"{walk} I count the {q['colour']} shapes: {len(hits)}.", hits
+        return str(len(hits)), f"{walk} So {len(hits)} {q['colour']} shapes.", hits
     if q["type"] == "compare":
-        a = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
-        b = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][1]]
+        k1, k2 = q["kinds"]
+        a, b = ([(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == k] for k in (k1, k2))
         ans = "yes" if len(a) > len(b) else "no"
-        return ans, f"{walk} There are {len(a)} {q['kinds'][0]}s and {len(b)} {q['kinds'][1]}s.", a + b
+        return ans, f"{walk} So {len(a)} {k1}s and {len(b)} {k2}s.", a + b
     r, c = q["cell"]
-    item = grid[r][c]
-    return item[0], f"Row {r + 1}, column {c + 1} holds {_describe(item)}, so its colour is {item[0]}.", [(r, c)]
+    return grid[r][c][0], f"{walk} So the colour is {grid[r][c][0]}.", [(r, c)]
 
 
 def _question_text(q):

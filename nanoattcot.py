@@ -1,19 +1,35 @@
 """
-nanoattcot: the command line.
+nanoattcot: the Att-CoT objective, the training loop and the command line.
 
+    python nanoattcot.py                      # the synthetic experiment, end to end on CPU
+    python nanoattcot.py --compare            # sft and attcot side by side
+    python nanoattcot.py train --init DIR --data train.jsonl --eval-data eval.jsonl ...
+    torchrun --nproc_per_node N nanoattcot.py train ...
     python nanoattcot.py generate --model DIR --image PATH --prompt "What is in the image?"
 
 DIR is a SmolVLM / Idefics3 folder as published (config.json, model.safetensors, tokenizer and
 processor files), e.g. HuggingFaceTB/SmolVLM-256M-Instruct downloaded with any tool.
 """
 import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
+import data
+import eval as eval_mod
+import kernels
 from data import Processor
-from model import VLM
+from model import VLM, TextConfig, VisionConfig, VLMConfig
 
 
 def pick_device(name):
@@ -50,10 +66,384 @@ def cmd_generate(args):
           file=sys.stderr)
 
 
+# -----------------------------------------------------------------------------
+# the Att-CoT objective (this project's formulation; the paper's exact loss is not public)
+#   spans: P prompt text, V image tokens, R rationale, A answer (data.py tags every token)
+#   m_i(G): attention mass of query row i on key group G, mean over the chosen layers and all heads
+#   L = CE(reply) + lambda_vis * mean_{i in R} -log(m_i(V) + eps) + lambda_ans * mean_{i in A} -log(m_i(R u V) + eps)
+
+
+def mass_inputs(spans):
+    """spans (B, T) -> query rows (the R and A tokens) and key groups for attention_mass:
+    rows (B, Nq) token indices (padding rows get q_pos -1: they see no key), q_pos, row_span,
+    key_groups (B, T) uint8 with bit 0 = V and bit 1 = R u V."""
+    is_row = (spans == data.R) | (spans == data.A)
+    Nq = max(int(is_row.sum(1).max()), 1)
+    order = torch.sort((~is_row).int(), dim=1, stable=True).indices[:, :Nq]  # row tokens first, in order
+    valid = torch.gather(is_row, 1, order)
+    q_pos = torch.where(valid, order, -1)
+    row_span = torch.where(valid, torch.gather(spans, 1, order), 0)
+    key_groups = ((spans == data.V).int() | (((spans == data.V) | (spans == data.R)).int() << 1)).to(torch.uint8)
+    return order, q_pos, row_span, key_groups
+
+
+def loss_terms(model, batch, cfg, layers):
+    """-> dict of summed terms and their counts (so that micro-batches and ranks can be averaged
+    exactly): ce_sum / n_label, vis_sum & vas_sum / r_count, ans_sum / a_count."""
+    need_mass = cfg.objective == "attcot" or cfg.measure_vas
+    mass_fn, rows = None, None
+    if need_mass:
+        rows, q_pos, row_span, key_groups = mass_inputs(batch["spans"])
+
+        def mass_fn(layer, q, k):  # q (B, Hq, T, d) -> the R/A rows only
+            q_rows = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            return kernels.attention_mass(q_rows, k, q_pos, key_groups, num_groups=2, impl=cfg.mass_impl)
+    out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                batch["attention_mask"], mass_layers=layers if need_mass else (), mass_fn=mass_fn)
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    terms = {"ce_sum": ce, "n_label": (labels != -100).sum()}
+    if need_mass:
+        m = torch.stack([out.masses[layer] for layer in layers]).mean(0).mean(1)  # (B, Nq, 2)
+        in_r, in_a = row_span == data.R, row_span == data.A
+        m_vis = m[..., 0] if cfg.vis_target is None else m[..., 0].clamp(max=cfg.vis_target)  # floor: push only below t
+        terms.update(vis_sum=-(torch.log(m_vis + cfg.eps) * in_r).sum(), r_count=in_r.sum(),
+                     ans_sum=-(torch.log(m[..., 1] + cfg.eps) * in_a).sum(), a_count=in_a.sum(),
+                     vas_sum=(m[..., 0].detach() * in_r).sum())
+    return terms
+
+
+def total_loss(terms, counts, cfg):
+    """The loss to backpropagate for one micro-batch, each term divided by its count over the whole
+    step (all micro-batches, all ranks), so that the summed gradients equal the full-batch mean."""
+    loss = terms["ce_sum"] / counts["n_label"]
+    if cfg.objective == "attcot":
+        loss = loss + cfg.lambda_vis * terms["vis_sum"] / counts["r_count"] + cfg.lambda_ans * terms["ans_sum"] / counts["a_count"]
+    return loss
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    out: str = "out"
+    data: str = ""                  # train JSONL/JSON; empty: generate the synthetic set under out/data
+    eval_data: str = ""             # eval JSONL; empty with the synthetic set: its eval split
+    init: str = ""                  # a SmolVLM folder to fine-tune; empty: the small from-scratch config
+    objective: str = "attcot"       # sft | attcot
+    lambda_vis: float = 0.1
+    lambda_ans: float = 0.1
+    vis_target: float = None        # floor t: only rationale steps with m(V) < t are pushed
+    eps: float = 1e-6
+    layers: str = "all"             # "all" or comma-separated layer indices
+    mass_impl: str = "auto"         # auto | cuda | reference
+    measure_vas: bool = False       # compute masses (and log VAS) even for sft
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 500
+    lr: float = 2e-3                # language model
+    lr_vision: float = 2e-3
+    lr_connector: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    grad_clip: float = 1.0
+    max_len: int = 2048
+    freeze_vision: bool = False
+    compile: bool = False
+    eval_every: int = 0             # 0: at the end only
+    save_every: int = 250
+    n_train: int = 3000             # synthetic set sizes
+    n_eval: int = 150
+    eval_limit: int = 0             # evaluate on at most this many records (0: all)
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    skip_nonfinite: bool = False
+    strict: bool = False
+    log_every: int = 10
+
+
+def small_config(vocab_size, image_token_id):
+    """A teaching-size SmolVLM: 96 px images, 16 px patches, pixel shuffle 2 -> 9 image tokens."""
+    return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+                                         num_attention_heads=3, patch_size=16, image_size=96),
+                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
+                                     max_position_embeddings=2048),
+                     scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")
+
+
+def lr_at(step, cfg):  # linear warmup, cosine to 10%
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
+    """HF-format model + processor + trainer state, written in a temp folder then swapped in."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw = model.module if hasattr(model, "module") else model
+    raw = getattr(raw, "_orig_mod", raw)
+    raw.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batches_for_step(examples, step, cfg, rank=0, world=1):
+    """The micro-batches of one optimizer step for this rank: a fixed permutation per epoch (seeded),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    out = []
+    for micro in range(cfg.grad_accum):
+        idx = []
+        for j in range(cfg.batch_size):
+            i = step * per_step + (micro * world + rank) * cfg.batch_size + j
+            epoch, pos = divmod(i, len(examples))
+            idx.append(epoch_order(cfg.seed, epoch, len(examples))[pos])
+        out.append(data.collate([examples[i] for i in idx], examples.pad_id))
+    return out
+
+
+class Examples(list):  # the encoded training set, with the pad id collation needs
+    pad_id = 0
+
+
+def train(cfg: TrainConfig):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    # data
+    train_path, eval_path = cfg.data, cfg.eval_data
+    if not train_path:
+        data_dir = os.path.join(cfg.out, "data")
+        if rank == 0 and not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
+            data.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+        if world > 1:
+            torch.distributed.barrier()
+        train_path, eval_path = os.path.join(data_dir, "train.jsonl"), eval_path or os.path.join(data_dir, "eval.jsonl")
+    train_records = data.read_records(train_path)
+    ckpt = os.path.join(cfg.out, "checkpoint")
+    resuming = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    if resuming:
+        proc, model = Processor.from_pretrained(ckpt), VLM.from_pretrained(ckpt, dtype=torch.float32)
+    elif cfg.init:
+        proc, model = Processor.from_pretrained(cfg.init), VLM.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        texts = [r["question"] + " " + r["reply"] for r in train_records]
+        proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
+        model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
+    model.to(device)
+    examples = Examples(data.encode_all(proc, train_records, cfg.max_len, cfg.strict)[0])
+    examples.pad_id = proc.pad_token_id
+    skipped = len(train_records) - len(examples)
+    log(f"data: {len(examples)} training records from {train_path}, {skipped} skipped")
+    layers = list(range(model.config.text.num_hidden_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
+
+    # optimizer: separate learning rates for the vision tower, the connector and the language model
+    if cfg.freeze_vision:
+        model.vision.requires_grad_(False)
+    groups = {"vision": [], "connector": [], "language": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["vision" if name.startswith("vision.") else "connector" if name.startswith("connector.") else "language"].append(p)
+    base_lr = {"vision": cfg.lr_vision, "connector": cfg.lr_connector, "language": cfg.lr}
+    opt = torch.optim.AdamW([{"params": ps, "lr": base_lr[k], "name": k} for k, ps in groups.items() if ps],
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    step, metrics = 0, []
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if resuming:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["random"])
+        if os.path.exists(metrics_path):  # drop rows logged after the checkpoint: they are redone
+            metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]]
+        if rank == 0:
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in metrics)
+        log(f"resumed from {ckpt} at step {step}")
+    ddp = net = model
+    if world > 1:
+        ddp = net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(ddp)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    t0, tokens, nonfinite = time.time(), 0, 0
+    try:
+        while step < cfg.max_steps:
+            micro = [{k: v.to(device) for k, v in b.items()} for b in batches_for_step(examples, step, cfg, rank, world)]
+            counts = {"n_label": sum((b["labels"][:, 1:] != -100).sum() for b in micro),
+                      "r_count": sum((b["spans"] == data.R).sum() for b in micro),
+                      "a_count": sum((b["spans"] == data.A).sum() for b in micro)}
+            counts = {k: v.float() for k, v in counts.items()}
+            if world > 1:
+                for v in counts.values():
+                    torch.distributed.all_reduce(v)
+                counts = {k: v / world for k, v in counts.items()}  # DDP averages gradients over ranks
+            counts = {k: v.clamp(min=1) for k, v in counts.items()}
+            for g in opt.param_groups:
+                g["lr"] = base_lr[g["name"]] * lr_at(step, cfg)
+            logged = {}
+            for i, b in enumerate(micro):
+                sync = contextlib.nullcontext() if world == 1 or i == len(micro) - 1 else ddp.no_sync()
+                with sync, autocast:
+                    terms = loss_terms(net, b, cfg, layers)
+                    loss = total_loss(terms, counts, cfg)
+                    loss.backward()
+                for k, v in terms.items():
+                    logged[k] = logged.get(k, 0.0) + float(v.detach())
+                tokens += int(b["attention_mask"].sum())
+            keys = sorted(logged)
+            sums = torch.tensor([logged[k] for k in keys], dtype=torch.float64)
+            if world > 1:  # the logged terms are means over the whole global batch
+                torch.distributed.all_reduce(sums)
+            logged = dict(zip(keys, sums.tolist()))
+            n = {k: float(v) * world for k, v in counts.items()}  # global counts
+            row = {"step": step + 1, "ce": logged["ce_sum"] / n["n_label"], "lr": opt.param_groups[0]["lr"]}
+            if "vis_sum" in logged:
+                row.update(vis=logged["vis_sum"] / n["r_count"], ans=logged["ans_sum"] / n["a_count"],
+                           vas=logged["vas_sum"] / n["r_count"])
+            row["loss"] = row["ce"] + (cfg.lambda_vis * row["vis"] + cfg.lambda_ans * row["ans"]
+                                       if cfg.objective == "attcot" else 0.0)
+            loss_value = row["loss"]
+            if not math.isfinite(loss_value):
+                if not cfg.skip_nonfinite:
+                    raise FloatingPointError(f"step {step}: loss is {loss_value}; stopping "
+                                             "(--skip-nonfinite skips such steps instead)")
+                nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            metrics.append(row)
+            if rank == 0:
+                with open(metrics_path, "a" if metrics[:-1] else "w") as f:
+                    f.write(json.dumps(row) + "\n")
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    dt = time.time() - t0
+                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas") if k in row)
+                    log(f"step {step:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
+                        f"| {tokens / dt:,.0f} tok/s | ETA {dt / max(step - (metrics[0]['step'] - 1), 1) * (cfg.max_steps - step):.0f}s")
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:
+                log(f"eval at step {step}: " + json.dumps(run_eval(model, proc, cfg, eval_path, train_records, layers)))
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+            log(f"interrupted: saved {ckpt} at step {step}; --resume continues")
+        raise SystemExit(130)
+    if rank == 0:
+        save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+        model.save_pretrained(os.path.join(cfg.out, "model"))
+        proc.save_pretrained(os.path.join(cfg.out, "model"))
+        if metrics:
+            eval_mod.plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"model": model, "proc": proc, "metrics": metrics, "nonfinite_skipped": nonfinite,
+            "records_skipped": skipped, "eval_path": eval_path, "train_records": train_records, "layers": layers}
+
+
+def run_eval(model, proc, cfg, eval_path, train_records, layers):
+    records = data.read_records(eval_path)
+    if cfg.eval_limit:
+        records = records[:cfg.eval_limit]
+    vas_cfg = TrainConfig(**{**asdict(cfg), "objective": "sft", "measure_vas": True})
+
+    def vas_fn(m, batch):
+        t = loss_terms(m, batch, vas_cfg, layers)
+        return {"vas_sum": float(t["vas_sum"]), "r_count": int(t["r_count"])}
+    result = eval_mod.evaluate(model, proc, records, train_records, vas_fn)
+    model.train()
+    return result
+
+
+def run(cfg, compare=False):
+    """Train, evaluate, print the table, write summary.json (both objectives side by side with compare)."""
+    objectives = ["sft", "attcot"] if compare else [cfg.objective]
+    if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
+        train_path, eval_path = data.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
+        cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
+    summaries = {}
+    for objective in objectives:
+        c = TrainConfig(**{**asdict(cfg), "objective": objective,
+                           "out": os.path.join(cfg.out, objective) if compare else cfg.out})
+        t0 = time.time()
+        result = train(c)
+        if int(os.environ.get("RANK", 0)) != 0:
+            continue
+        ev = run_eval(result["model"], result["proc"], c, result["eval_path"], result["train_records"], result["layers"])
+        summary = {"objective": objective, **{k: ev[k] for k in ("accuracy_cot", "text_prior_accuracy",
+                   "counterfactual_consistency", "vas_rationale", "accuracy_by_type", "n")},
+                   "final_loss": result["metrics"][-1]["loss"] if result["metrics"] else None,
+                   "records_skipped": result["records_skipped"], "nonfinite_skipped": result["nonfinite_skipped"],
+                   "wall_seconds": round(time.time() - t0, 1), "examples": ev["examples"], "config": asdict(c)}
+        with open(os.path.join(c.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        summaries[objective] = summary
+    if summaries:
+        print(f"\n{'':28s}" + "".join(f"{o:>10s}" for o in summaries))
+        for key in ("accuracy_cot", "text_prior_accuracy", "counterfactual_consistency", "vas_rationale", "wall_seconds"):
+            print(f"{key:28s}" + "".join(f"{s[key]:10.3f}" if isinstance(s[key], float) else f"{str(s[key]):>10s}"
+                                        for s in summaries.values()))
+        print(f"(eval n = {next(iter(summaries.values()))['n']}; outputs under {cfg.out})")
+    return summaries
+
+
+def add_config_args(p):
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=f.default)
+        else:
+            p.add_argument(flag, type=float if f.name == "vis_target" else type(f.default), default=f.default)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="answer a prompt about images with a SmolVLM checkpoint")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        return main_generate(argv[1:])
+    p = argparse.ArgumentParser(description="Att-CoT training. With no arguments: the synthetic experiment end to "
+                                "end on CPU (data, tokenizer, small model, training, evaluation, summary.json).")
+    add_config_args(p)
+    p.add_argument("--compare", action="store_true", help="run sft and attcot and print them side by side")
+    args = vars(p.parse_args(argv[1:] if argv[:1] == ["train"] else argv))
+    compare = args.pop("compare")
+    run(TrainConfig(**args), compare)
+
+
+def main_generate(argv):
+    g = argparse.ArgumentParser(prog="nanoattcot.py generate", description="answer a prompt about images")
     g.add_argument("--model", required=True, help="folder with config.json, model.safetensors, tokenizer.json")
     g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     g.add_argument("--prompt", required=True)
@@ -62,8 +452,7 @@ def main(argv=None):
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    args = p.parse_args(argv)
-    {"generate": cmd_generate}[args.cmd](args)
+    cmd_generate(g.parse_args(argv))
 
 
 if __name__ == "__main__":
