@@ -142,10 +142,10 @@ class TrainConfig:
     measure_vas: bool = False       # compute masses (and log VAS) even for sft
     batch_size: int = 32
     grad_accum: int = 1
-    max_steps: int = 500
-    lr: float = 2e-3                # language model
-    lr_vision: float = 2e-3
-    lr_connector: float = 2e-3
+    max_steps: int = 1200
+    lr: float = 3e-3                # language model
+    lr_vision: float = 3e-3
+    lr_connector: float = 3e-3
     weight_decay: float = 0.01
     warmup: int = 30
     grad_clip: float = 1.0
@@ -154,7 +154,7 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 0             # 0: at the end only
     save_every: int = 250
-    n_train: int = 3000             # synthetic set sizes
+    n_train: int = 20000            # synthetic set sizes (fewer train images and the small model memorises them)
     n_eval: int = 150
     eval_limit: int = 0             # evaluate on at most this many records (0: all)
     seed: int = 0
@@ -257,10 +257,11 @@ def train(cfg: TrainConfig):
         proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
         model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
     model.to(device)
-    examples = Examples(data.encode_all(proc, train_records, cfg.max_len, cfg.strict)[0])
+    kept, reasons = data.encode_all(proc, train_records, cfg.max_len, cfg.strict)
+    examples = Examples(kept)
     examples.pad_id = proc.pad_token_id
     skipped = len(train_records) - len(examples)
-    log(f"data: {len(examples)} training records from {train_path}, {skipped} skipped")
+    log(f"data: {len(examples)} training records from {train_path}, {skipped} skipped {reasons or ''}")
     layers = list(range(model.config.text.num_hidden_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
 
     # optimizer: separate learning rates for the vision tower, the connector and the language model
