@@ -63,15 +63,16 @@ def text_prior(train_records):
 
 
 @torch.no_grad()
-def visual_attention_score(model, proc, records, mass_fn_builder, batch_size=32):
-    """Mean over rationale tokens of the attention mass on image tokens (all layers, all heads)."""
+def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
+    """Mean over rationale tokens of the attention mass on image tokens; vas_fn(model, batch) gives
+    {"vas_sum", "r_count"} for a teacher-forced batch (nanoattcot.loss_terms computes them)."""
     model.eval()
     device = next(model.parameters()).device
     examples, _ = data.encode_all(proc, records)
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id).items()}
-        terms = mass_fn_builder(model, batch)
+        terms = vas_fn(model, batch)
         total, count = total + terms["vas_sum"], count + terms["r_count"]
     return total / max(count, 1)
 
