@@ -1,0 +1,97 @@
+"""
+Training-step cost of the Att-CoT objective next to CoT-SFT: a SmolVLM-256M-shaped model (random
+init), bf16 autocast, sequence 2048 with 1088 image tokens (17 tiles of 64), batch 8. Tokens/s and
+peak memory for sft, attcot with the CUDA kernel, and attcot with the PyTorch reference path.
+
+    python bench_train.py               # GPU
+    python bench_train.py --tiny        # a quick check of the script on CPU
+"""
+import argparse
+import time
+
+import torch
+
+import data
+import nanoattcot
+from model import VLM, TextConfig, VisionConfig, VLMConfig
+
+
+def make_batch(cfg, B, T, n_tiles, device):
+    n_img = n_tiles * cfg.image_seq_len
+    ids = torch.randint(100, cfg.text.vocab_size - 100, (B, T), device=device)
+    ids[:, 4:4 + n_img] = cfg.image_token_id
+    spans = torch.full((B, T), data.P, device=device)
+    spans[:, 4:4 + n_img] = data.V
+    r0 = 4 + n_img + 32  # the question, then the reply: rationale and a short answer
+    spans[:, r0:T - 16], spans[:, T - 16:] = data.R, data.A
+    side = cfg.vision.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "spans": spans,
+            "labels": torch.where(spans >= data.R, ids, -100),
+            "pixel_values": torch.randn(B, n_tiles, 3, side, side, device=device),
+            "pixel_attention_mask": torch.ones(B, n_tiles, side, side, dtype=torch.long, device=device)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8, help="8 is the target shape; it needs more than 80 GB for attcot here")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        cfg = VLMConfig(VisionConfig(64, 128, 1, 2, 16, 64), TextConfig(1000, 128, 256, 2, 2, 1, 64), 2, 999)
+        B, T, tiles = 2, 128, 4
+    else:  # REFERENCE.md section 1: SmolVLM-256M
+        cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch, 2048, 17
+    batch = make_batch(cfg, B, T, tiles, device)
+    layers = list(range(cfg.text.num_hidden_layers))
+    rows = []
+    for name, objective, impl in (("sft", "sft", "auto"), ("attcot (kernel)", "attcot", "auto"),
+                                  ("attcot (reference)", "attcot", "reference")):
+        torch.manual_seed(0)
+        model = VLM(cfg).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
+        counts = {"n_label": (batch["labels"][:, 1:] != -100).sum().float(),
+                  "r_count": (batch["spans"] == data.R).sum().float(), "a_count": (batch["spans"] == data.A).sum().float()}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+        def step():
+            with autocast:
+                loss = nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        try:
+            step()  # warm-up (and the extension build)
+        except torch.OutOfMemoryError:
+            print(f"{name}: out of memory")
+            rows.append((name, float("nan"), float("nan"), float("nan")))
+            del model, opt
+            torch.cuda.empty_cache()
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        rows.append((name, B * T / dt, dt, peak))
+        print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB", flush=True)
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
+          f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps")
+    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x mem':>6s}")
+    for name, tps, dt, peak in rows:
+        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
