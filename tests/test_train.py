@@ -77,6 +77,14 @@ def test_hf_format_output_loads_in_transformers(trained):
     with torch.no_grad():
         assert (hf(**inputs).logits - ours(**inputs).logits).abs()[b["attention_mask"].bool()].max() < 1e-4
     assert os.path.exists(os.path.join(cfg.out, "curves.png")) and os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+    from transformers import AutoProcessor  # the saved processor files load in transformers too
+    hf_proc = AutoProcessor.from_pretrained(path)
+    rec = result["train_records"][0]
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rec["question"]}]}])
+    images = [[data.load_image(rec["images"][0])]]
+    want, got = hf_proc(text=[text], images=images, return_tensors="pt"), proc([text], images)
+    assert torch.equal(want["input_ids"], got["input_ids"])
+    assert (want["pixel_values"] - got["pixel_values"]).abs().max() <= 1e-6
 
 
 def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
