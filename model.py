@@ -424,8 +424,10 @@ class VLM(nn.Module):
         _atomic_write(os.path.join(path, "model.safetensors"),
                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
         cfg = {**self.config.to_hf(), **(extra_config or {}), "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
-        _atomic_write(os.path.join(path, "config.json"),
-                      lambda tmp: open(tmp, "w").write(json.dumps(cfg, indent=2)))
+        def write_config(tmp):
+            with open(tmp, "w") as f:
+                json.dump(cfg, f, indent=2)
+        _atomic_write(os.path.join(path, "config.json"), write_config)
 
 
 def key_map(c: VLMConfig) -> dict:
