@@ -7,8 +7,9 @@
 //   L_i = m_i + log l_i (the row log-sum-exp).
 // Backward: p_ij = exp(s_ij - L_i) recomputed from q, k, L (no V, no dO). With upstream dm_i(g):
 //   dS_ij = p_ij * (sum_g dm_i(g) [j in g] - sum_g dm_i(g) m_i(g));  dQ = scale dS K;  dK = scale dS^T Q
-//   dK sums over the query heads that share a kv head (GQA): one fp32 part per query head, summed
-//   on the host, so there are no atomics.
+//   One block per (key tile, query head) computes dS once per (query tile, key tile) pair: its dK part
+//   stays in shared memory (the host sums the query heads that share a kv head, GQA) and dS K is
+//   added to an fp32 dQ with atomics.
 // Names follow the flash-attention papers: Br x Bc tiles, S the score tile, P the dS tile.
 // 16-bit inputs use tensor cores (wmma, fp32 accumulate); fp32 inputs use plain FMAs.
 #include <torch/extension.h>
