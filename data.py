@@ -243,6 +243,11 @@ class Processor:
                        for r in range(rows))
         return grid + "\n" + glob
 
+    def expand_images(self, text, rows, cols):
+        """Each <image> placeholder in text -> the tile blocks of that image (rows, cols per image)."""
+        parts = text.split(SPECIAL["image"])
+        return parts[0] + "".join(self.image_prompt(r, c) + p for r, c, p in zip(rows, cols, parts[1:]))
+
     def __call__(self, text, images=None, padding_side=None):
         """text: str or list of str with <image> placeholders; images: list (per sample) of lists of
         PIL images or paths. Returns input_ids, attention_mask and, with images, pixel_values
@@ -262,10 +267,7 @@ class Processor:
             if any(images):
                 pixels, pmask, rows, cols = self.image_processor([s for s in images])
                 out.update(pixel_values=pixels, pixel_attention_mask=pmask)
-                for i, t in enumerate(texts):
-                    parts = t.split(SPECIAL["image"])
-                    texts[i] = parts[0] + "".join(self.image_prompt(r, c) + p
-                                                  for r, c, p in zip(rows[i], cols[i], parts[1:]))
+                texts = [self.expand_images(t, r, c) for t, r, c in zip(texts, rows, cols)]
         elif any(SPECIAL["image"] in t for t in texts):
             raise ValueError("the text has <image> placeholders but no images were given")
         ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
@@ -376,6 +378,15 @@ def read_records(path):
     return out
 
 
+def record_prompt(proc, rec):
+    """The chat prompt of a record, up to "Assistant:", with its <image> placeholders (JSONL records
+    carry none in the question: the images go before it)."""
+    question = rec["question"]
+    if rec["images"] and SPECIAL["image"] not in question:
+        question = SPECIAL["image"] * len(rec["images"]) + question
+    return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": question}]}])
+
+
 def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises ValueError naming
     the record for a missing or unreadable image, an empty answer, or an image without a place.
@@ -387,20 +398,15 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
         images = [load_image(p, where) for p in rec["images"]]
     except ValueError as e:
         raise RecordError(where, "cannot read image", f" ({e})") from None
-    question = rec["question"]
-    if images and SPECIAL["image"] not in question:  # JSONL: the image goes before the question
-        question = SPECIAL["image"] * len(images) + question
-    if question.count(SPECIAL["image"]) != len(images):
+    prompt = record_prompt(proc, rec)
+    if prompt.count(SPECIAL["image"]) != len(images):
         raise RecordError(where, "no <image> place for each image",
-                          f" ({question.count(SPECIAL['image'])} places, {len(images)} images)")
-    content = [{"type": "text", "text": question}]
-    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+                          f" ({prompt.count(SPECIAL['image'])} places, {len(images)} images)")
     reply = " " + rec["reply"] + SPECIAL["eou"] + "\n"
     pixels = None
     if images:
         pixels, pmask, rows, cols = proc.image_processor([images])
-        parts = prompt.split(SPECIAL["image"])
-        prompt = parts[0] + "".join(proc.image_prompt(r, c) + p for r, c, p in zip(rows[0], cols[0], parts[1:]))
+        prompt = proc.expand_images(prompt, rows[0], cols[0])
     cut = len(prompt) + split_reply(reply, marker)
     while (prompt + reply)[cut - 1].isspace():  # " Answer" is one token: its space belongs to the answer
         cut -= 1

@@ -44,8 +44,7 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160):
     texts = []
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
-        prompts = [proc.apply_chat_template([{"role": "user", "content": [
-            {"type": "text", "text": data.SPECIAL["image"] * len(r["images"]) + r["question"]}]}]) for r in chunk]
+        prompts = [data.record_prompt(proc, r) for r in chunk]
         images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
         batch = proc(prompts, images if any(images) else None, padding_side="left")
         batch = {k: v.to(device) for k, v in batch.items()}

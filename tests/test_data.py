@@ -99,3 +99,17 @@ def test_synthetic_set(tmp_path):
             assert t["question"] == r["question"] and t["answer"] != r["answer"]
         assert all(0 <= x <= 96 for b in r["boxes"] for x in b)
     assert Image.open(tmp_path / tr[0]["image"]).size == (96, 96)
+
+
+def test_record_prompt_places_images_once(proc, tmp_path):
+    """Training and evaluation build prompts the same way: JSONL images go before the question,
+    LLaVA questions keep their own <image> places (never doubled)."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    jsonl = data.read_records(write(tmp_path, "d.jsonl", [{"image": "a.png", "question": "How many?",
+                                                             "rationale": "r", "answer": "1"}]))[0]
+    (tmp_path / "l.json").write_text(json.dumps([{"image": "a.png", "conversations": [
+        {"from": "human", "value": "Look: <image> How many?"}, {"from": "gpt", "value": "r Answer: 1"}]}]))
+    llava = data.read_records(str(tmp_path / "l.json"))[0]
+    assert data.record_prompt(proc, jsonl) == "<|im_start|>User: <image>How many?<end_of_utterance>\nAssistant:"
+    assert data.record_prompt(proc, llava) == "<|im_start|>User: Look: <image> How many?<end_of_utterance>\nAssistant:"
+    assert (data.encode_record(proc, llava)["spans"] == data.V).sum() == 4
