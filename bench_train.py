@@ -52,8 +52,7 @@ def main():
         model = VLM(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
-        counts = {"n_label": (batch["labels"][:, 1:] != -100).sum().float(),
-                  "r_count": (batch["spans"] == data.R).sum().float(), "a_count": (batch["spans"] == data.A).sum().float()}
+        counts = nanoattcot.step_counts([batch])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
         def step():

@@ -91,7 +91,7 @@ def loss_terms(model, batch, cfg, layers):
     """-> dict of summed terms and their counts (so that micro-batches and ranks can be averaged
     exactly): ce_sum / n_label, vis_sum & vas_sum / r_count, ans_sum / a_count."""
     need_mass = cfg.objective == "attcot" or cfg.measure_vas
-    mass_fn, rows = None, None
+    mass_fn = None
     if need_mass:
         rows, q_pos, row_span, key_groups = mass_inputs(batch["spans"])
 
@@ -111,6 +111,13 @@ def loss_terms(model, batch, cfg, layers):
                      ans_sum=-(torch.log(m[..., 1] + cfg.eps) * in_a).sum(), a_count=in_a.sum(),
                      vas_sum=(m[..., 0].detach() * in_r).sum())
     return terms
+
+
+def step_counts(batches):
+    """The counts the loss terms are divided by, over all micro-batches of a step (float tensors)."""
+    return {"n_label": sum((b["labels"][:, 1:] != -100).sum() for b in batches).float(),
+            "r_count": sum((b["spans"] == data.R).sum() for b in batches).float(),
+            "a_count": sum((b["spans"] == data.A).sum() for b in batches).float()}
 
 
 def total_loss(terms, counts, cfg):
@@ -186,9 +193,7 @@ def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
     """HF-format model + processor + trainer state, written in a temp folder then swapped in."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw = model.module if hasattr(model, "module") else model
-    raw = getattr(raw, "_orig_mod", raw)
-    raw.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     proc.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
                 "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}}, os.path.join(tmp, "trainer_state.pt"))
@@ -299,10 +304,7 @@ def train(cfg: TrainConfig):
     try:
         while step < cfg.max_steps:
             micro = [{k: v.to(device) for k, v in b.items()} for b in batches_for_step(examples, step, cfg, rank, world)]
-            counts = {"n_label": sum((b["labels"][:, 1:] != -100).sum() for b in micro),
-                      "r_count": sum((b["spans"] == data.R).sum() for b in micro),
-                      "a_count": sum((b["spans"] == data.A).sum() for b in micro)}
-            counts = {k: v.float() for k, v in counts.items()}
+            counts = step_counts(micro)
             if world > 1:
                 for v in counts.values():
                     torch.distributed.all_reduce(v)
@@ -330,9 +332,7 @@ def train(cfg: TrainConfig):
             if "vis_sum" in logged:
                 row.update(vis=logged["vis_sum"] / n["r_count"], ans=logged["ans_sum"] / n["a_count"],
                            vas=logged["vas_sum"] / n["r_count"])
-            row["loss"] = row["ce"] + (cfg.lambda_vis * row["vis"] + cfg.lambda_ans * row["ans"]
-                                       if cfg.objective == "attcot" else 0.0)
-            loss_value = row["loss"]
+            row["loss"] = loss_value = float(total_loss(logged, n, cfg))  # the global-batch loss
             if not math.isfinite(loss_value):
                 if not cfg.skip_nonfinite:
                     raise FloatingPointError(f"step {step}: loss is {loss_value}; stopping "
