@@ -44,8 +44,9 @@ def load_extension(verbose=False):
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
         try:
-            if _find_cuda_home():
-                os.environ["CUDA_HOME"] = _find_cuda_home()  # read when cpp_extension is first imported
+            cuda_home = _find_cuda_home()
+            if cuda_home:
+                os.environ["CUDA_HOME"] = cuda_home  # read when cpp_extension is first imported
             from torch.utils.cpp_extension import load
             if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: build for Ampere and Hopper
@@ -91,11 +92,14 @@ def _group_bits(key_groups, num_groups, dtype):  # (B, Tk) uint8 -> (B, 1, Tk, G
     return ((key_groups.long()[..., None] >> shifts) & 1).to(dtype)[:, None]
 
 
-def _chunk_probs(q, k, q_pos, lse, scale, s, e):
-    """p for rows s:e (B, Hq, c, Tk), from the row log-sum-exp. k is (B, Hq, Tk, D), already upcast."""
-    scores = scale * (q[:, :, s:e].to(k.dtype) @ k.transpose(-1, -2))
+def _chunk_scores(q, k, q_pos, s, e):
+    """scale-free scores for rows s:e (B, Hq, c, Tk) and which keys they see; k is (B, Hq, Tk, D), upcast."""
     visible = torch.arange(k.shape[2], device=q.device) <= q_pos[:, None, s:e, None]
-    return torch.exp(scores - lse[:, :, s:e, None]).masked_fill(~visible, 0.0)
+    return q[:, :, s:e].to(k.dtype) @ k.transpose(-1, -2), visible
+
+
+def _probs(scores, visible, lse):  # p from the row log-sum-exp; 0 on keys a row does not see
+    return torch.exp(scores - lse[..., None]).masked_fill(~visible, 0.0)
 
 
 def reference_forward(q, k, q_pos, key_groups, num_groups, scale, chunk=256):
@@ -104,12 +108,12 @@ def reference_forward(q, k, q_pos, key_groups, num_groups, scale, chunk=256):
     bits = _group_bits(key_groups, num_groups, kf.dtype)
     mass, lse = [], []
     for s in range(0, Nq, chunk):
-        scores = scale * (q[:, :, s:s + chunk].to(kf.dtype) @ kf.transpose(-1, -2))
-        visible = torch.arange(kf.shape[2], device=q.device) <= q_pos[:, None, s:s + chunk, None]
+        scores, visible = _chunk_scores(q, kf, q_pos, s, s + chunk)
+        scores = scale * scores
         row_lse = torch.logsumexp(scores.masked_fill(~visible, -math.inf), -1)  # -inf: no visible key
         row_lse = torch.where(torch.isfinite(row_lse), row_lse, math.inf)  # then p = 0 everywhere
         lse.append(row_lse)
-        mass.append(torch.exp(scores - row_lse[..., None]).masked_fill(~visible, 0.0) @ bits)
+        mass.append(_probs(scores, visible, row_lse) @ bits)
     return torch.cat(mass, 2), torch.cat(lse, 2)
 
 
@@ -122,7 +126,8 @@ def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=2
     dq, dk = torch.zeros(q.shape, device=q.device, dtype=kf.dtype), torch.zeros_like(kf)
     for s in range(0, Nq, chunk):
         e = min(s + chunk, Nq)
-        p = _chunk_probs(q, kf, q_pos, lse, scale, s, e)
+        scores, visible = _chunk_scores(q, kf, q_pos, s, e)
+        p = _probs(scale * scores, visible, lse[:, :, s:e])
         dm = dmass[:, :, s:e].to(kf.dtype)
         dS = p * (dm @ bits.transpose(-1, -2) - (dm * mass[:, :, s:e]).sum(-1, keepdim=True))
         dq[:, :, s:e] = scale * dS @ kf
