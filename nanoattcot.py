@@ -208,7 +208,7 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-def batches_for_step(examples, step, cfg, rank=0, world=1):
+def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
     """The micro-batches of one optimizer step for this rank: a fixed permutation per epoch (seeded),
     so a resumed run sees exactly the batches an uninterrupted one would."""
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -219,12 +219,8 @@ def batches_for_step(examples, step, cfg, rank=0, world=1):
             i = step * per_step + (micro * world + rank) * cfg.batch_size + j
             epoch, pos = divmod(i, len(examples))
             idx.append(epoch_order(cfg.seed, epoch, len(examples))[pos])
-        out.append(data.collate([examples[i] for i in idx], examples.pad_id))
+        out.append(data.collate([examples[i] for i in idx], pad_id))
     return out
-
-
-class Examples(list):  # the encoded training set, with the pad id collation needs
-    pad_id = 0
 
 
 def train(cfg: TrainConfig):
@@ -262,9 +258,7 @@ def train(cfg: TrainConfig):
         proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
         model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
     model.to(device)
-    kept, reasons = data.encode_all(proc, train_records, cfg.max_len, cfg.strict)
-    examples = Examples(kept)
-    examples.pad_id = proc.pad_token_id
+    examples, reasons = data.encode_all(proc, train_records, cfg.max_len, cfg.strict)
     skipped = len(train_records) - len(examples)
     log(f"data: {len(examples)} training records from {train_path}, {skipped} skipped {reasons or ''}")
     layers = list(range(model.config.text.num_hidden_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
@@ -303,7 +297,7 @@ def train(cfg: TrainConfig):
     t0, tokens, nonfinite = time.time(), 0, 0
     try:
         while step < cfg.max_steps:
-            micro = [{k: v.to(device) for k, v in b.items()} for b in batches_for_step(examples, step, cfg, rank, world)]
+            micro = [{k: v.to(device) for k, v in b.items()} for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world)]
             counts = step_counts(micro)
             if world > 1:
                 for v in counts.values():
