@@ -45,6 +45,7 @@ def main():
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch, 2048, 17
     batch = make_batch(cfg, B, T, tiles, device)
     layers = list(range(cfg.text.num_hidden_layers))
+    peak_flops = nanoattcot.peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
     rows = []
     for name, objective, impl in (("sft", "sft", "auto"), ("attcot (kernel)", "attcot", "auto"),
                                   ("attcot (reference)", "attcot", "reference")):
@@ -65,7 +66,7 @@ def main():
             step()  # warm-up (and the extension build)
         except torch.OutOfMemoryError:
             print(f"{name}: out of memory")
-            rows.append((name, float("nan"), float("nan"), float("nan")))
+            rows.append((name, float("nan"), float("nan"), float("nan"), float("nan")))
             del model, opt
             torch.cuda.empty_cache()
             continue
@@ -79,7 +80,8 @@ def main():
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((name, B * T / dt, dt, peak))
+        mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (peak_flops or float("nan"))
+        rows.append((name, B * T / dt, dt, peak, 100 * mfu))
         print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB", flush=True)
         del model, opt
         if device.type == "cuda":
@@ -87,9 +89,9 @@ def main():
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
           f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps")
-    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x mem':>6s}")
-    for name, tps, dt, peak in rows:
-        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:6.3f}")
+    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x mem':>6s} {'MFU %':>6s}")
+    for name, tps, dt, peak, mfu in rows:
+        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:6.3f} {mfu:6.1f}")
 
 
 if __name__ == "__main__":

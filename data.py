@@ -496,14 +496,13 @@ def _describe(item):
 
 def _solve(grid, q):
     """(answer, rationale, cells the answer depends on) for question q on grid. The rationale walks
-    every cell and keeps a running tally of what the question asks about, so each step is one look."""
+    the cells row by row (a cell question stops at its cell) and keeps a running tally of the shapes
+    the question asks about, so each step is one look and the summary copies the latest one."""
     tally = collections.Counter()
 
     def tag(r, c):  # what this cell adds to the tally, if anything
         item = grid[r][c]
-        if q["type"] == "count" and item and item[0] == q["colour"]:
-            key = q["colour"]
-        elif q["type"] == "compare" and item and item[1] in q["kinds"]:
+        if item and item[1] in q.get("kinds", ()):  # count and compare: the shape word just said decides
             key = item[1]
         elif q["type"] == "cell" and (r, c) == tuple(q["cell"]):
             return " (this one)"
@@ -511,12 +510,13 @@ def _solve(grid, q):
             return ""
         tally[key] += 1
         return f" ({key} {tally[key]})"
-    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for c in range(GRID)) + "."
-                    for r in range(GRID))
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells  # up to the asked cell
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked if rr == r) + "."
+                    for r in sorted({r for r, _ in walked}))
     if q["type"] == "count":
-        hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][0] == q["colour"]]
-        return str(len(hits)), f"{walk} So {len(hits)} {q['colour']} shapes.", hits
+        hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
+        return str(len(hits)), f"{walk} So {len(hits)} {q['kinds'][0]}s.", hits
     if q["type"] == "compare":
         k1, k2 = q["kinds"]
         a, b = ([(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == k] for k in (k1, k2))
@@ -528,7 +528,7 @@ def _solve(grid, q):
 
 def _question_text(q):
     if q["type"] == "count":
-        return f"How many {q['colour']} shapes are there?"
+        return f"How many {q['kinds'][0]}s are there?"
     if q["type"] == "compare":
         return f"Are there more {q['kinds'][0]}s than {q['kinds'][1]}s?"
     return f"What colour is the shape in row {q['cell'][0] + 1}, column {q['cell'][1] + 1}?"
@@ -544,15 +544,15 @@ def _sample(rng, qtype, skewed):
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     order = [cells[i] for i in rng.permutation(len(cells))]
     if qtype == "count":
-        colour = list(COLOURS)[rng.integers(4)]
+        kind = KINDS[rng.integers(3)]
         n = int(rng.choice(5, p=[0.1, 0.6, 0.1, 0.1, 0.1] if skewed else None))
-        others = tuple(k for k in COLOURS if k != colour)
-        for i, (r, c) in enumerate(order):  # exactly n shapes of that colour
+        others = tuple(k for k in KINDS if k != kind)
+        for i, (r, c) in enumerate(order):  # exactly n shapes of that kind
             if i < n:
-                grid[r][c] = _random_item(rng, (colour,))
-            elif grid[r][c] and grid[r][c][0] == colour:
-                grid[r][c] = _random_item(rng, others)
-        q = {"type": "count", "colour": colour}
+                grid[r][c] = _random_item(rng, kinds=(kind,))
+            elif grid[r][c] and grid[r][c][1] == kind:
+                grid[r][c] = _random_item(rng, kinds=others)
+        q = {"type": "count", "kinds": (kind,)}
     elif qtype == "compare":
         k1, k2 = (KINDS[i] for i in rng.permutation(3)[:2])
         yes = rng.random() < (0.8 if skewed else 0.5)

@@ -351,6 +351,23 @@ class VLM(nn.Module):
         logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn)
         return SimpleNamespace(logits=logits, masses=masses)
 
+    def train_flops(self, input_ids, attention_mask):
+        """Matmul FLOPs of one forward + backward on this batch, the numerator of MFU: 6 per weight
+        per token (2 forward, 4 backward; 4 for the patch embedding: pixels need no gradient) plus
+        12 * layers * width per (query, key) pair of attention (q.k and p.v, the full square as is
+        the convention). Real tokens only: padding is waste."""
+        v, t = self.config.vision, self.config.text
+        weights = lambda *mods: sum(m.weight.numel() for mod in mods for m in mod.modules()
+                                    if isinstance(m, (nn.Linear, nn.Conv2d)))  # embedding lookups are free
+        lengths = attention_mask.sum(1).double()
+        text = 6 * lengths.sum() * weights(self.layers, self.lm_head) \
+            + 12 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * (lengths ** 2).sum()
+        tiles = int((input_ids == self.config.image_token_id).sum()) // self.config.image_seq_len
+        patches = (v.image_size // v.patch_size) ** 2
+        per_tile = patches * (6 * weights(self.vision) - 2 * weights(self.vision.embeddings.patch_embedding)) \
+            + 12 * v.num_hidden_layers * v.hidden_size * patches**2 + 6 * self.config.image_seq_len * weights(self.connector)
+        return float(text) + tiles * per_tile
+
     # --- generation
 
     @torch.no_grad()

@@ -142,7 +142,7 @@ class TrainConfig:
     objective: str = "attcot"       # sft | attcot
     lambda_vis: float = 0.1
     lambda_ans: float = 0.1
-    vis_target: float = None        # floor t: only rationale steps with m(V) < t are pushed
+    vis_target: float = 0.5         # floor t: only rationale steps with m(V) < t are pushed (None: all)
     eps: float = 1e-6
     layers: str = "all"             # "all" or comma-separated layer indices
     mass_impl: str = "auto"         # auto | cuda | reference
@@ -159,6 +159,7 @@ class TrainConfig:
     max_len: int = 2048
     freeze_vision: bool = False
     compile: bool = False
+    peak_tflops: float = 0.0        # the accelerator's dense bf16 peak for MFU; 0: looked up from the GPU's name
     eval_every: int = 0             # 0: at the end only
     save_every: int = 250
     n_train: int = 20000            # synthetic set sizes (fewer train images and the small model memorises them)
@@ -180,6 +181,15 @@ def small_config(vocab_size, image_token_id):
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
                                      max_position_embeddings=2048),
                      scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")
+
+
+def peak_flops(device, tflops=0.0):
+    """Dense bf16 tensor-core peak FLOP/s of the GPU (the MFU denominator); None on CPU or if unknown."""
+    if tflops or device.type != "cuda":
+        return tflops * 1e12 or None
+    name = torch.cuda.get_device_name(device)
+    table = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
+    return next((t * 1e12 for key, t in table if key in name), None)
 
 
 def lr_at(step, cfg):  # linear warmup, cosine to 10%
@@ -294,7 +304,8 @@ def train(cfg: TrainConfig):
         net = torch.compile(ddp)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    t0, tokens, nonfinite = time.time(), 0, 0
+    t0, tokens, flops, nonfinite = time.time(), 0, 0.0, 0
+    peak = peak_flops(device, cfg.peak_tflops)
     try:
         while step < cfg.max_steps:
             micro = [{k: v.to(device) for k, v in b.items()} for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world)]
@@ -316,6 +327,7 @@ def train(cfg: TrainConfig):
                 for k, v in terms.items():
                     logged[k] = logged.get(k, 0.0) + float(v.detach())
                 tokens += int(b["attention_mask"].sum())
+                flops += model.train_flops(b["input_ids"], b["attention_mask"]) if peak else 0.0
             keys = sorted(logged)
             sums = torch.tensor([logged[k] for k in keys], dtype=torch.float64)
             if world > 1:  # the logged terms are means over the whole global batch
@@ -346,8 +358,9 @@ def train(cfg: TrainConfig):
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     dt = time.time() - t0
                     extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas") if k in row)
+                    mfu = f" | MFU {100 * flops / dt / peak:.1f}%" if peak else ""
                     log(f"step {step:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
-                        f"| {tokens / dt:,.0f} tok/s | ETA {dt / max(step - (metrics[0]['step'] - 1), 1) * (cfg.max_steps - step):.0f}s")
+                        f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / max(step - (metrics[0]['step'] - 1), 1) * (cfg.max_steps - step):.0f}s")
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:
@@ -421,7 +434,8 @@ def add_config_args(p):
         if f.type is bool or isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", default=f.default)
         else:
-            p.add_argument(flag, type=float if f.name == "vis_target" else type(f.default), default=f.default)
+            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.name == "vis_target" else type(f.default)
+            p.add_argument(flag, type=kind, default=f.default)
 
 
 def main(argv=None):

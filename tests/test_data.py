@@ -1,5 +1,6 @@
 """Records -> batches: spans, labels, the length policy, skipped-record counting, the synthetic set."""
 import json
+import re
 
 import pytest
 import torch
@@ -85,20 +86,63 @@ def test_collate_mixed_image_counts(proc, tmp_path):
     assert (b["spans"][b["attention_mask"] == 0] == 0).all() and (b["labels"][b["attention_mask"] == 0] == -100).all()
 
 
+def read_grid(path, grid=3):
+    """The cells of a synthetic image read back from its pixels: (colour, kind, size) or None. The
+    centre pixel gives the colour; a point 0.3 cells below the centre is inside only large shapes;
+    points near the corners of the shape's box tell a square (top left filled) from a triangle
+    (bottom left only) from a circle (neither)."""
+    im = Image.open(path).convert("RGB")
+    cell = im.size[0] / grid
+    colour_of = {v: k for k, v in data.COLOURS.items()}
+    cells = []
+    for r in range(grid):
+        for c in range(grid):
+            cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
+            at = lambda dx, dy: im.getpixel((int(cx + dx), int(cy + dy)))
+            if at(0, 0) not in colour_of:
+                cells.append(None)
+                continue
+            large = at(0, 0.3 * cell) != (235, 235, 235)
+            h = cell * (0.4 if large else 0.22)
+            kind = ("square" if at(-0.85 * h, -0.85 * h) != (235, 235, 235) else
+                    "triangle" if at(-0.7 * h, 0.8 * h) != (235, 235, 235) else "circle")
+            cells.append((colour_of[at(0, 0)], kind, "large" if large else "small"))
+    return cells
+
+
 def test_synthetic_set(tmp_path):
-    train, evaluation = data.make_synthetic(tmp_path, n_train=90, n_eval=30, seed=1)
+    """Every answer and every rationale agrees with what the rendered image shows; the training
+    answers carry a prior; each evaluation item has a twin with the same question and another answer."""
+    train, evaluation = data.make_synthetic(tmp_path, n_train=90, n_eval=30, seed=1, image_size=192)
     tr = [json.loads(l) for l in open(train)]
     ev = [json.loads(l) for l in open(evaluation)]
+    for r in tr + ev:
+        cells = read_grid(tmp_path / r["image"])
+        said = re.findall(r"(nothing|a (\w+) (\w+) (\w+))", r["rationale"].split(" So ")[0])
+
+        q = r["question"]
+        where = lambda *kinds: [i for i, c in enumerate(cells) if c is not None and c[1] in kinds]
+        if m := re.match(r"How many (\w+)s are", q):
+            want, looked_at = str(len(where(m[1]))), where(m[1])
+        elif m := re.match(r"Are there more (\w+)s than (\w+)s", q):
+            want, looked_at = "yes" if len(where(m[1])) > len(where(m[2])) else "no", where(m[1], m[2])
+        else:
+            row, col = map(int, re.findall(r"\d", q))
+            looked_at = [(row - 1) * 3 + col - 1]
+            want = cells[looked_at[0]][0]
+        assert r["answer"] == want, (r["id"], q)
+        said = [None if s[0] == "nothing" else (s[2], s[3], s[1]) for s in said]
+        assert said == cells[:len(said)] and len(said) == (9 if r["type"] != "cell" else looked_at[0] + 1), r["id"]
+        cell_of_box = lambda b: int((b[1] + b[3]) / 2 // 64) * 3 + int((b[0] + b[2]) / 2 // 64)  # x0 y0 x1 y1
+        assert sorted(map(cell_of_box, r["boxes"])) == looked_at, r["id"]
     top = lambda rs, t: max(sum(r["answer"] == a for r in rs if r["type"] == t) for a in {r["answer"] for r in rs})
-    assert top(tr, "compare") / 30 > 0.65  # a text prior: most training compare answers are the same
+    assert top(tr, "compare") / 30 > 0.65 and top(tr, "count") / 30 > 0.45  # the text prior
     twins = {r["twin_of"]: r for r in ev if "twin_of" in r}
     assert len(twins) == 30
     for r in ev:
         if r["id"] in twins:  # same question, different answer, different image
             t = twins[r["id"]]
             assert t["question"] == r["question"] and t["answer"] != r["answer"]
-        assert all(0 <= x <= 96 for b in r["boxes"] for x in b)
-    assert Image.open(tmp_path / tr[0]["image"]).size == (96, 96)
 
 
 def test_record_prompt_places_images_once(proc, tmp_path):

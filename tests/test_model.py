@@ -189,3 +189,20 @@ def test_attention_masses_match_materialised_attention(checkpoints):
         got = out.masses[i][..., 0]
         assert got.shape == want.shape
         assert (got - want).abs()[mask.bool()[:, None].expand_as(got)].max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["idefics3_gqa_untied_s2", "smolvlm_tied_s3"])
+def test_train_flops_match_counted_flops(checkpoints, name):
+    """The MFU numerator against torch's FlopCounterMode counting every matmul and convolution of
+    a real forward and backward (math SDPA, so attention shows as matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    path, _ = checkpoints[name]
+    model = VLM.from_pretrained(path)
+    b = batch(path, texts=[TEXTS[1]] * 2, images=[IMAGE_LISTS[1]] * 2)  # equal lengths: no padding
+    assert b["attention_mask"].all()
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(**b).logits.float().square().mean().backward()
+    counted, estimated = counter.get_total_flops(), model.train_flops(b["input_ids"], b["attention_mask"])
+    assert estimated == pytest.approx(counted, rel=1e-9)

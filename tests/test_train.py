@@ -2,6 +2,7 @@
 matches an uninterrupted run, 2-process DDP matches one process, the output loads in transformers."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,15 @@ def test_loss_falls(trained):
     assert all(k in metrics[-1] for k in ("vis", "ans", "vas"))
 
 
+def test_progress_line_shows_mfu_given_a_peak(tmp_path, capsys):
+    """On a GPU the peak comes from its name; --peak-tflops names it anywhere (here a CPU)."""
+    nanoattcot.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, peak_tflops=1.0))
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")][-1]
+    assert 0 < float(re.search(r"MFU ([\d.]+)%", last).group(1)) < 100
+    nanoattcot.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, out=str(tmp_path / "cpu")))
+    assert "MFU" not in capsys.readouterr().out
+
+
 def test_loss_terms_match_materialised_attention(trained):
     """L_vis and L_ans from the kernel path equal the same terms from transformers' eager attention
     probabilities (output_attentions=True) on the trained model's HF-format output."""
@@ -44,7 +54,6 @@ def test_loss_terms_match_materialised_attention(trained):
     examples, _ = data.encode_all(proc, result["train_records"][:4])
     batch = data.collate(examples, proc.pad_token_id)
     layers = [0, 2, 3]
-    terms = nanoattcot.loss_terms(model, batch, TrainConfig(objective="attcot", mass_impl="reference"), layers)
     hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
     with torch.no_grad():
         out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
@@ -54,11 +63,13 @@ def test_loss_terms_match_materialised_attention(trained):
     m_v = (A * (spans == data.V)[:, None, :]).sum(-1)
     m_rv = (A * ((spans == data.V) | (spans == data.R))[:, None, :]).sum(-1)
     in_r, in_a = spans == data.R, spans == data.A
-    want_vis = -torch.log(m_v[in_r] + 1e-6).mean()
-    want_ans = -torch.log(m_rv[in_a] + 1e-6).mean()
-    terms = {k: v.detach() for k, v in terms.items()}
-    assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
-    assert abs(float(terms["ans_sum"] / terms["a_count"]) - want_ans) < 1e-4
+    for floor in (None, float(m_v[in_r].median())):  # no floor, and one that half the steps are above
+        cfg = TrainConfig(objective="attcot", mass_impl="reference", vis_target=floor)
+        terms = {k: v.detach() for k, v in nanoattcot.loss_terms(model, batch, cfg, layers).items()}
+        want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
+        assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
+        assert abs(float(terms["vas_sum"] / terms["r_count"]) - m_v[in_r].mean()) < 1e-4
+        assert abs(float(terms["ans_sum"] / terms["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
 
@@ -126,7 +137,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["--n-train", "64", "--n-eval", "4", "--max-steps", "3", "--warmup", "1", "--save-every", "0",
-              "--eval-limit", "2"]
+              "--eval-limit", "2", "--vis-target", "none"]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "train", "--out", str(tmp_path / "one"),
                           "--batch-size", "8", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -139,4 +150,5 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
-    assert json.load(open(tmp_path / "two" / "summary.json"))["objective"] == "attcot"
+    summary = json.load(open(tmp_path / "two" / "summary.json"))
+    assert summary["objective"] == "attcot" and summary["config"]["vis_target"] is None
