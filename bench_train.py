@@ -5,6 +5,7 @@ peak memory for sft, attcot with the CUDA kernel, and attcot with the PyTorch re
 
     python bench_train.py               # GPU
     python bench_train.py --tiny        # a quick check of the script on CPU
+    python bench_train.py --cpu --batch 1 --steps 1   # the activation memory ratio without a GPU
 """
 import argparse
 import time
@@ -31,13 +32,29 @@ def make_batch(cfg, B, T, n_tiles, device):
             "pixel_attention_mask": torch.ones(B, n_tiles, side, side, dtype=torch.long, device=device)}
 
 
+def saved_for_backward(model, fn):
+    """Runs fn() (a forward) and returns its result and the bytes autograd keeps for the backward,
+    each storage once and parameters left out: the activation memory, measurable on any device."""
+    params, storages = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="8 is the target shape; it needs more than 80 GB for attcot here")
+    p.add_argument("--cpu", action="store_true", help="the 256M shape on CPU (slow: use --batch 1 --steps 1)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not (args.tiny or args.cpu) else "cpu")
     if args.tiny:
         cfg = VLMConfig(VisionConfig(64, 128, 1, 2, 16, 64), TextConfig(1000, 128, 256, 2, 2, 1, 64), 2, 999)
         B, T, tiles = 2, 128, 4
@@ -58,15 +75,17 @@ def main():
 
         def step():
             with autocast:
-                loss = nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
+                loss, saved = saved_for_backward(model, lambda: nanoattcot.total_loss(
+                    nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return saved
         try:
-            step()  # warm-up (and the extension build)
+            saved = step() / 2**30  # warm-up (and the extension build)
         except torch.OutOfMemoryError:
             print(f"{name}: out of memory")
-            rows.append((name, float("nan"), float("nan"), float("nan"), float("nan")))
+            rows.append((name, *[float("nan")] * 5))
             del model, opt
             torch.cuda.empty_cache()
             continue
@@ -81,17 +100,20 @@ def main():
         dt = (time.perf_counter() - t0) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (peak_flops or float("nan"))
-        rows.append((name, B * T / dt, dt, peak, 100 * mfu))
-        print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB", flush=True)
+        rows.append((name, B * T / dt, dt, peak, saved, 100 * mfu))
+        print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
           f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps")
-    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x mem':>6s} {'MFU %':>6s}")
-    for name, tps, dt, peak, mfu in rows:
-        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:6.3f} {mfu:6.1f}")
+    print("peak: the device's peak allocation (GPU only); saved: what autograd keeps for the backward")
+    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x peak':>7s} "
+          f"{'saved GiB':>10s} {'x saved':>8s} {'MFU %':>6s}")
+    for name, tps, dt, peak, saved, mfu in rows:
+        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:7.3f} "
+              f"{saved:10.3f} {saved / rows[0][4]:8.3f} {mfu:6.1f}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def cmd_generate(args):
 # the Att-CoT objective (this project's formulation; the paper's exact loss is not public)
 #   spans: P prompt text, V image tokens, R rationale, A answer (data.py tags every token)
 #   m_i(G): attention mass of query row i on key group G, mean over the chosen layers and all heads
-#   L = CE(reply) + lambda_vis * mean_{i in R} -log(m_i(V) + eps) + lambda_ans * mean_{i in A} -log(m_i(R u V) + eps)
+#   L = CE(reply) + lambda_vis * mean_{i in R} -log(min(m_i(V), t) + eps) + lambda_ans * mean_{i in A} -log(m_i(R u V) + eps)
+#   the floor t (--vis-target, default 0.5) stops pushing a step that already looks at the image enough:
+#   without it the rationale put 95% of its attention on the image and lost the question and its own steps
 
 
 def mass_inputs(spans):
