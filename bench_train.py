@@ -73,16 +73,16 @@ def main():
         counts = nanoattcot.step_counts([batch])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-        def step():
+        def step(measure=False):  # measure: count what is saved for the backward (only in the warm-up)
+            forward = lambda: nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
             with autocast:
-                loss, saved = saved_for_backward(model, lambda: nanoattcot.total_loss(
-                    nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg))
+                loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return saved
         try:
-            saved = step() / 2**30  # warm-up (and the extension build)
+            saved = step(measure=True) / 2**30  # warm-up (and the extension build)
         except torch.OutOfMemoryError:
             print(f"{name}: out of memory")
             rows.append((name, *[float("nan")] * 5))
