@@ -7,300 +7,329 @@
 //   L_i = m_i + log l_i (the row log-sum-exp).
 // Backward: p_ij = exp(s_ij - L_i) recomputed from q, k, L (no V, no dO). With upstream dm_i(g):
 //   dS_ij = p_ij * (sum_g dm_i(g) [j in g] - sum_g dm_i(g) m_i(g));  dQ = scale dS K;  dK = scale dS^T Q
-//   One block per (key tile, query head) computes dS once per (query tile, key tile) pair: its dK part
-//   stays in shared memory (the host sums the query heads that share a kv head, GQA) and dS K is
-//   added to an fp32 dQ with atomics.
+//   One block per (key tile, kv head) loops over the query heads that share it (GQA) and their query
+//   tiles: dK stays in registers; dS K goes to an fp32 dQ with atomics (all key tiles add to a row).
 // Names follow the flash-attention papers: Br x Bc tiles, S the score tile, P the dS tile.
-// 16-bit inputs use tensor cores (wmma, fp32 accumulate); fp32 inputs use plain FMAs.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+// Matmuls run on tensor cores (mma.sync m16n8k16, operands from shared memory through ldmatrix, the
+// score tile in registers) for 16-bit inputs; fp32 inputs compute the same fragments with FMAs.
+// tests/emulate_kernels.cpp runs this file on the CPU, so CI checks its indexing without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
+#include <cstdint>
 #include <type_traits>
 
-using namespace nvcuda;
-
-constexpr int Br = 64, Bc = 64, NT = 128;  // rows and columns of a tile; 4 warps, 16 rows each
+constexpr int Br = 64, Bc = 64, NT = 128;  // rows and columns of a tile; 4 warps of 16 rows each
 constexpr int MAXG = 8;                     // groups per pass: the bits of a uint8; kernels take NG = 2 or 8
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <typename T> constexpr bool is_f32() { return std::is_same<T, float>::value; }
-template <typename T, int D> constexpr int ldq() { return is_f32<T>() ? D + 4 : D + 8; }  // padded, 16-byte rows
-template <typename T> constexpr int ldp() { return is_f32<T>() ? Bc + 1 : Bc + 8; }
-constexpr int LDS = Bc + 4;
-template <int D> constexpr int lda() { return D + 4; }
-template <int D> constexpr int lds() { return LDS > lda<D>() ? LDS : lda<D>(); }  // S also holds a P K tile
-__host__ __device__ constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
+template <typename T, int W> constexpr int ld() { return W + 16 / (int)sizeof(T); }  // +16 bytes: no bank conflicts
 
-template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f(float x) { return __float2half(x); }
+// ---------------------------------------------------------------------------------------------
+// warp-level tensor-core instructions (the CPU emulator supplies its own versions of these three)
+#ifndef EMULATE_ON_CPU
+// Four 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8 and receives,
+// from matrix r into reg[r], row l / 4, columns 2 (l % 4) and +1 (trans: rows 2 (l % 4), +1 of column l / 4).
+template <bool trans> __device__ __forceinline__ void ldmatrix_x4(uint32_t (&reg)[4], const void* smem_row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3]) : "r"(a));
+}
 
-// Shared memory, carved in 128-byte aligned pieces (wmma pointers must be 32-byte aligned). The
-// forward uses the first part only; the backward adds dm, c, the dS tile P and the accumulator.
-template <typename T, int D> struct Smem {
-  T *Q, *K, *P; float *S, *acc, *row_L, *row_c, *row_g; uint8_t *grp; int *pos, *max_pos;
-  static constexpr int bytes(bool backward) {
-    const int fwd = 2 * align128(Br * ldq<T, D>() * sizeof(T)) + align128(Br * lds<D>() * 4) + align128(Br * 4)
-                  + align128(Bc) + align128(Br * 4) + 128;
-    return fwd + (backward ? align128(Br * 4) + align128(Br * MAXG * 4) + align128(Br * ldp<T>() * sizeof(T))
-                                 + align128(Br * lda<D>() * 4) : 0);
+// d (16x8, fp32) += a (16x16) b (16x8), 16-bit inputs. Lane l, g = l / 4, t = l % 4 holds
+// a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, b: {(2t..2t+1, g), (2t+8.., g)},
+// d: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// acc (16 x 8N, this warp's output tile, in mma fragments) += A (16 x K) B (K x 8N), A and B in
+// shared memory with row strides lda, ldb. *_kmajor says how each is stored:
+//   A(m, k) = a_kmajor ? A[k * lda + m] : A[m * lda + k];   B(k, n) = b_kmajor ? B[k * ldb + n] : B[n * ldb + k]
+// 16-bit: ldmatrix (transposing where the storage is the other way round) and mma. fp32: each lane
+// computes its own fragment elements with FMAs, which is also the definition of the 16-bit path.
+template <typename T, int N, int K, bool a_kmajor, bool b_kmajor>
+__device__ __forceinline__ void mma_tile(float (&acc)[N][4], const T* A, int lda, const T* B, int ldb) {
+  static_assert(N % 2 == 0 && K % 16 == 0, "tiles of 16 x 16 x 16");
+  const int lane = threadIdx.x % 32;
+  if constexpr (is_f32<T>()) {
+    const int g = lane / 4, t = lane % 4;
+    for (int n = 0; n < N; n++)
+      for (int e = 0; e < 4; e++) {
+        const int m = g + 8 * (e / 2), c = 8 * n + 2 * t + e % 2;
+        float sum = acc[n][e];
+        for (int k = 0; k < K; k++)
+          sum += (a_kmajor ? A[k * lda + m] : A[m * lda + k]) * (b_kmajor ? B[k * ldb + c] : B[c * ldb + k]);
+        acc[n][e] = sum;
+      }
+  } else {
+    const int mat = lane / 8, row = lane % 8;  // this lane addresses row `row` of 8x8 matrix `mat`
+#pragma unroll
+    for (int k = 0; k < K; k += 16) {
+      uint32_t a[4];  // matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15)
+      if constexpr (a_kmajor) ldmatrix_x4<true>(a, A + (k + 8 * (mat / 2) + row) * lda + 8 * (mat % 2));
+      else ldmatrix_x4<false>(a, A + (8 * (mat % 2) + row) * lda + k + 8 * (mat / 2));
+#pragma unroll
+      for (int n = 0; n < N; n += 2) {
+        uint32_t b[4];  // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+        if constexpr (b_kmajor) ldmatrix_x4<true>(b, B + (k + 8 * (mat % 2) + row) * ldb + 8 * n + 8 * (mat / 2));
+        else ldmatrix_x4<false>(b, B + (8 * n + 8 * (mat / 2) + row) * ldb + k + 8 * (mat % 2));
+        mma16816<T>(acc[n], a, b[0], b[1]);
+        mma16816<T>(acc[n + 1], a, b[2], b[3]);
+      }
+    }
   }
-  __device__ Smem(char* p) {
-    Q = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
-    K = (T*)p; p += align128(Br * ldq<T, D>() * sizeof(T));
-    S = (float*)p; p += align128(Br * lds<D>() * 4);
-    row_L = (float*)p; p += align128(Br * 4);
-    grp = (uint8_t*)p; p += align128(Bc);
-    pos = (int*)p; p += align128(Br * 4);
-    max_pos = (int*)p; p += 128;
-    row_c = (float*)p; p += align128(Br * 4);  // backward only from here on
-    row_g = (float*)p; p += align128(Br * MAXG * 4);
-    P = (T*)p; p += align128(Br * ldp<T>() * sizeof(T));
-    acc = (float*)p;
-  }
-};
+}
 
-// dst[r][:] = src[row0 + r][:] for r < Br (zeros past n_rows), in 16-byte vectors. src rows are D
-// contiguous elements; both pointers are 16-byte aligned (the host checks).
+// dst[r][:] = src[row0 + r][:] for r < 64 (zeros past n_rows), in 16-byte vectors. src rows are D
+// contiguous elements; src is 16-byte aligned (the host checks).
 template <typename T, int D> __device__ void load_tile(T* dst, const T* src, int row0, int n_rows) {
   constexpr int V = 16 / sizeof(T), VPR = D / V;  // elements per vector, vectors per row
-  for (int idx = threadIdx.x; idx < Br * VPR; idx += NT) {
+  for (int idx = threadIdx.x; idx < 64 * VPR; idx += NT) {
     const int r = idx / VPR, v = idx % VPR;
     uint4 x = make_uint4(0, 0, 0, 0);
     if (row0 + r < n_rows) x = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * D + v * V);
-    *reinterpret_cast<uint4*>(dst + r * ldq<T, D>() + v * V) = x;
+    *reinterpret_cast<uint4*>(dst + r * ld<T, D>() + v * V) = x;
   }
 }
 
-// S = Q K^T for this warp's 16 rows (wmma) or this thread's row half (fp32). Only a __syncwarp
-// is needed before the row pass, since each warp reads back the rows it computed.
-template <typename T, int D> __device__ void scores(const Smem<T, D>& sm) {
-  const int warp = threadIdx.x / 32;
-  if constexpr (is_f32<T>()) {
-    const int r = threadIdx.x / 2;
-    for (int c = threadIdx.x % 2; c < Bc; c += 2) {
-      float s = 0.f;
-      for (int d = 0; d < D; d++) s += sm.Q[r * ldq<T, D>() + d] * sm.K[c * ldq<T, D>() + d];
-      sm.S[r * LDS + c] = s;
-    }
-  } else {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // K^T: column-major view of K
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
-    for (int n = 0; n < Bc; n += 16) {
-      wmma::fill_fragment(s, 0.f);
-      for (int k = 0; k < D; k += 16) {
-        wmma::load_matrix_sync(a, sm.Q + warp * 16 * ldq<T, D>() + k, ldq<T, D>());
-        wmma::load_matrix_sync(b, sm.K + n * ldq<T, D>() + k, ldq<T, D>());
-        wmma::mma_sync(s, a, b, s);
-      }
-      wmma::store_matrix_sync(sm.S + warp * 16 * LDS + n, s, LDS, wmma::mem_row_major);
-    }
-  }
-  __syncwarp();
+template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b) {  // p[0], p[1] = a, b
+  if constexpr (is_f32<T>()) p[0] = a, p[1] = b;
+  else if constexpr (std::is_same<T, __nv_bfloat16>::value) *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+  else *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
 }
 
-// out[Br][D] (+)= A[Br][Bc] @ B[Bc][D], A = P (dQ part) or P^T (dK, transpose_a); out has row stride
-// lda<D>(). Each warp owns 16 rows; `add` keeps what out held, else it is overwritten.
-template <typename T, int D, bool transpose_a>
-__device__ void accumulate(const Smem<T, D>& sm, const T* B, float* out, bool add) {
-  const int warp = threadIdx.x / 32;
-  if constexpr (is_f32<T>()) {
-    const int r = threadIdx.x / 2;
-    for (int d = threadIdx.x % 2; d < D; d += 2) {
-      float sum = add ? out[r * lda<D>() + d] : 0.f;
-      for (int j = 0; j < Bc; j++)
-        sum += (transpose_a ? sm.P[j * ldp<T>() + r] : sm.P[r * ldp<T>() + j]) * B[j * ldq<T, D>() + d];
-      out[r * lda<D>() + d] = sum;
-    }
-  } else {
-    using layout = typename std::conditional<transpose_a, wmma::col_major, wmma::row_major>::type;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, layout> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    for (int n = 0; n < D; n += 16) {
-      float* o = out + warp * 16 * lda<D>() + n;
-      if (add) wmma::load_matrix_sync(c, o, lda<D>(), wmma::mem_row_major);
-      else wmma::fill_fragment(c, 0.f);
-      for (int k = 0; k < Bc; k += 16) {
-        const T* pa = transpose_a ? sm.P + k * ldp<T>() + warp * 16 : sm.P + warp * 16 * ldp<T>() + k;
-        wmma::load_matrix_sync(a, pa, ldp<T>());
-        wmma::load_matrix_sync(b, B + k * ldq<T, D>() + n, ldq<T, D>());
-        wmma::mma_sync(c, a, b, c);
-      }
-      wmma::store_matrix_sync(o, c, lda<D>(), wmma::mem_row_major);
-    }
+// Shared memory, carved in 16-byte aligned pieces (ldmatrix rows must be): Q and K tiles, the group
+// bits of the key tile, row positions; the backward adds the dS^T tile and per-row L, c and dm.
+template <typename T, int D> struct Smem {
+  T *Q, *K, *P; uint8_t* grp; int* pos; float *row_L, *row_c, *row_dm;
+  static constexpr int tile = 64 * ld<T, D>() * sizeof(T), ptile = 64 * ld<T, Br>() * sizeof(T);
+  static constexpr int bytes(bool backward) {
+    return 2 * tile + 64 + Br * 4 + (backward ? ptile + 2 * Br * 4 + Br * MAXG * 4 : 0);
   }
-}
-
-// Row pass of the backward: P[r][c] = p * (sum_g dm(g)[key in g] - sum_g dm(g) m(g)) for this
-// thread's row r and every other column of the tile. Keys past q_pos (or Tk) give p = 0.
-template <typename T, int D, int NG> __device__ void grad_scores(const Smem<T, D>& sm, int k0, int Tk, float scale2) {
-  const int r = threadIdx.x / 2, last = min(sm.pos[r], Tk - 1) - k0;  // columns c <= last are visible
-  const float L2 = sm.row_L[r], c_r = sm.row_c[r];
-  float g[NG];
-#pragma unroll
-  for (int q = 0; q < NG; q++) g[q] = sm.row_g[r * MAXG + q];
-  for (int c = threadIdx.x % 2; c < Bc; c += 2) {
-    float dS = 0.f;
-    if (c <= last) {
-      const float p = exp2f(sm.S[r * LDS + c] * scale2 - L2);
-      const uint8_t bits = sm.grp[c];
-      float w = 0.f;
-#pragma unroll
-      for (int q = 0; q < NG; q++) w += (bits >> q & 1) ? g[q] : 0.f;
-      dS = p * (w - c_r);
-    }
-    sm.P[r * ldp<T>() + c] = from_f<T>(dS);
+  __device__ Smem(char* p) {
+    Q = (T*)p; p += tile;
+    K = (T*)p; p += tile;
+    grp = (uint8_t*)p; p += 64;
+    pos = (int*)p; p += Br * 4;
+    P = (T*)p; p += ptile;  // backward only from here on
+    row_L = (float*)p; p += Br * 4;
+    row_c = (float*)p; p += Br * 4;
+    row_dm = (float*)p;
   }
-}
-
-// Per-row inputs of a query tile: positions, and for the backward L (log2 units), dm and c.
-template <typename T, int D>
-__device__ void load_rows(const Smem<T, D>& sm, const int* q_pos, const float* lse, const float* mass,
-                          const float* dmass, int row0, int Nq, int G) {
-  if (threadIdx.x == 0) *sm.max_pos = -1;
-  __syncthreads();
-  for (int r = threadIdx.x; r < Br; r += NT) {
-    const int i = row0 + r;
-    sm.pos[r] = i < Nq ? q_pos[i] : -1;
-    atomicMax(sm.max_pos, sm.pos[r]);
-    if (lse == nullptr) continue;
-    sm.row_L[r] = i < Nq ? lse[i] * LOG2E : INFINITY;
-    float c = 0.f;
-    for (int q = 0; q < MAXG; q++) {
-      const float dm = (i < Nq && q < G) ? dmass[(size_t)i * G + q] : 0.f;
-      sm.row_g[r * MAXG + q] = dm;
-      c += (i < Nq && q < G) ? dm * mass[(size_t)i * G + q] : 0.f;
-    }
-    sm.row_c[r] = c;
-  }
-  __syncthreads();
-}
+};
 
 __device__ void load_groups(uint8_t* grp, const uint8_t* key_groups, int k0, int Tk) {
   for (int c = threadIdx.x; c < Bc; c += NT) grp[c] = k0 + c < Tk ? key_groups[k0 + c] : 0;
 }
 
-// grid (Nq/Br, Hq, B). One pass over key tiles: online max, one exp2 per score, all groups at once.
+__device__ float quad_max(float x) {  // over the 4 lanes that hold one fragment row
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// grid (Nq/Br, Hq, B), the longest query tiles (most keys) first. Warp w holds the scores of rows
+// 16w + g and 16w + g + 8 of the tile (g = lane / 4), 16 columns per lane; one exp2 per score
+// feeds the row sum and every group sum, and the 4 lanes of a row share its running max.
 template <typename T, int D, int NG>
-__global__ void mass_forward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups, float* mass,
-                             float* lse, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
+__global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
+                                                   float* mass, float* lse, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
-  const int b = blockIdx.z, h = blockIdx.y, row0 = blockIdx.x * Br, hk = h / (Hq / Hkv);
+  const int b = blockIdx.z, h = blockIdx.y, row0 = (gridDim.x - 1 - blockIdx.x) * Br, hk = h / (Hq / Hkv);
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const size_t bh = (size_t)b * Hq + h;
   q += bh * Nq * D;
   k += ((size_t)b * Hkv + hk) * Tk * D;
-  q_pos += (size_t)b * Nq;
-  key_groups += (size_t)b * Tk;
-  load_rows(sm, q_pos, nullptr, nullptr, nullptr, row0, Nq, G);
   load_tile<T, D>(sm.Q, q, row0, Nq);
+  for (int r = threadIdx.x; r < Br; r += NT) sm.pos[r] = row0 + r < Nq ? min(q_pos[(size_t)b * Nq + row0 + r], Tk - 1) : -1;
+  __syncthreads();
+  int n_keys = 0;  // keys past the tile's last position are never visible
+  for (int r = 0; r < Br; r++) n_keys = max(n_keys, sm.pos[r] + 1);
+  const int pos[2] = {sm.pos[16 * warp + g], sm.pos[16 * warp + g + 8]};
 
-  // This thread: row r, every other column. Its own running max m, sum l and group sums lg, in
-  // base 2 (exp2f is one instruction); rescaled only when the max grows, merged with the partner
-  // thread (the other columns) at the end.
-  const int r = threadIdx.x / 2;
+  // Per row e: running max m (base 2: exp2f is one instruction), sum l, group sums lg.
   const float scale2 = scale * LOG2E;
-  float m = -INFINITY, l = 0.f, lg[NG] = {};
-  const int n_keys = min(Tk, *sm.max_pos + 1), pos_r = sm.pos[r];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, lg[2][NG] = {};
   for (int k0 = 0; k0 < n_keys; k0 += Bc) {
     __syncthreads();  // the previous K tile is no longer read
     load_tile<T, D>(sm.K, k, k0, Tk);
-    load_groups(sm.grp, key_groups, k0, Tk);
+    load_groups(sm.grp, key_groups + (size_t)b * Tk, k0, Tk);
     __syncthreads();
-    scores<T, D>(sm);
-    const int last = min(pos_r, Tk - 1) - k0;  // columns c <= last are visible
-    for (int c = threadIdx.x % 2; c <= min(last, Bc - 1); c += 2) {
-      const float s = sm.S[r * LDS + c] * scale2;
-      if (s > m) {  // new max: rescale what was summed so far
-        const float alpha = exp2f(m - s);
-        l *= alpha;
+    float S[Bc / 8][4] = {};
+    mma_tile<T, Bc / 8, D, false, false>(S, sm.Q + 16 * warp * ld<T, D>(), ld<T, D>(), sm.K, ld<T, D>());
 #pragma unroll
-        for (int q = 0; q < NG; q++) lg[q] *= alpha;
-        m = s;
-      }
-      const float e = exp2f(s - m);
-      const uint8_t bits = sm.grp[c];
-      l += e;
+    for (int e = 0; e < 2; e++) {  // S[n][2e + j]: row e's column 8n + 2t + j
+      float tile_max = -INFINITY;
 #pragma unroll
-      for (int q = 0; q < NG; q++) lg[q] += (bits >> q & 1) ? e : 0.f;
+      for (int n = 0; n < Bc / 8; n++)
+        for (int j = 0; j < 2; j++) {
+          const int c = 8 * n + 2 * t + j;
+          S[n][2 * e + j] = k0 + c <= pos[e] ? S[n][2 * e + j] * scale2 : -INFINITY;
+          tile_max = fmaxf(tile_max, S[n][2 * e + j]);
+        }
+      const float m_new = fmaxf(m[e], quad_max(tile_max));
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: every exp2 is 0
+      const float alpha = exp2f(m[e] - m_safe);                 // rescale what was summed so far
+      l[e] *= alpha;
+#pragma unroll
+      for (int q = 0; q < NG; q++) lg[e][q] *= alpha;
+      m[e] = m_new;
+#pragma unroll
+      for (int n = 0; n < Bc / 8; n++)
+        for (int j = 0; j < 2; j++) {
+          const float p = exp2f(S[n][2 * e + j] - m_safe);
+          const uint8_t bits = sm.grp[8 * n + 2 * t + j];
+          l[e] += p;
+#pragma unroll
+          for (int q = 0; q < NG; q++) lg[e][q] += (bits >> q & 1) ? p : 0.f;
+        }
     }
   }
-  const float m_other = __shfl_xor_sync(0xffffffff, m, 1), m_row = fmaxf(m, m_other);
-  const float a = m == -INFINITY ? 0.f : exp2f(m - m_row);  // -inf: this half saw no key
-  const float a_other = m_other == -INFINITY ? 0.f : exp2f(m_other - m_row);
-  l = a * l + a_other * __shfl_xor_sync(0xffffffff, l, 1);
+  for (int e = 0; e < 2; e++) {
+    const float l_row = quad_sum(l[e]);
+    float lg_row[NG];
 #pragma unroll
-  for (int q = 0; q < NG; q++) lg[q] = a * lg[q] + a_other * __shfl_xor_sync(0xffffffff, lg[q], 1);
-  const int i = row0 + r;
-  if (threadIdx.x % 2 == 0 && i < Nq) {
-    for (int q = 0; q < G; q++) mass[(bh * Nq + i) * G + q] = l > 0.f ? lg[q] / l : 0.f;
-    lse[bh * Nq + i] = l > 0.f ? (m_row + log2f(l)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
+    for (int q = 0; q < NG; q++) lg_row[q] = quad_sum(lg[e][q]);
+    const int i = row0 + 16 * warp + g + 8 * e;
+    if (t == 0 && i < Nq) {
+      for (int q = 0; q < G; q++) mass[(bh * Nq + i) * G + q] = l_row > 0.f ? lg_row[q] / l_row : 0.f;
+      lse[bh * Nq + i] = l_row > 0.f ? (m[e] + log2f(l_row)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
+    }
   }
 }
 
-// grid (Tk/Bc, Hq, B): the backward for one key tile and query head h, looping over its query tiles
-// (skipping tiles whose rows all sit before the keys). dS is computed once per (query, key) tile:
-// dK += dS^T Q stays in shared memory; dS K is added to the fp32 dQ with atomics (rows are shared
-// by all key tiles). One block per query head, not per kv head, for parallelism; the host sums the
-// dK parts of the heads that share a kv head (GQA) and scales dQ.
+// grid (Tk/Bc, Hkv, B): keys k0..k0+63 of kv head hk; warp w owns keys 16w..16w+15. For each query
+// head of the group and each query tile that can see these keys: S^T = K Q^T in registers, dS^T
+// into shared memory, dK += dS^T Q (registers, this warp's keys), then dQ = dS K for the warp's 16
+// query rows, added to the fp32 dq_acc with atomics.
 template <typename T, int D, int NG>
-__global__ void mass_backward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                              const float* mass, const float* lse, const float* dmass, float* dq_acc,
-                              float* dk_heads, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
+__global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
+                                                    const float* mass, const float* lse, const float* dmass, float* dq_acc,
+                                                    T* dk, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
-  const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * Bc, hk = h / (Hq / Hkv);
-  const size_t bh = (size_t)b * Hq + h;
-  load_tile<T, D>(sm.K, k + ((size_t)b * Hkv + hk) * Tk * D, k0, Tk);
+  const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * Bc, rep = Hq / Hkv;
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const size_t bk = (size_t)b * Hkv + hk;
+  constexpr int LD = ld<T, D>(), LP = ld<T, Br>();
+  load_tile<T, D>(sm.K, k + bk * Tk * D, k0, Tk);
   load_groups(sm.grp, key_groups + (size_t)b * Tk, k0, Tk);
-  for (int idx = threadIdx.x; idx < Bc * lda<D>(); idx += NT) sm.acc[idx] = 0.f;
-  for (int row0 = 0; row0 < Nq; row0 += Br) {
-    __syncthreads();
-    load_rows(sm, q_pos + (size_t)b * Nq, lse + bh * Nq, mass + bh * Nq * G, dmass + bh * Nq * G, row0, Nq, G);
-    if (*sm.max_pos < k0) continue;  // no row of this tile sees these keys
-    load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
-    __syncthreads();
-    scores<T, D>(sm);
-    grad_scores<T, D, NG>(sm, k0, Tk, scale * LOG2E);
-    __syncthreads();
-    accumulate<T, D, true>(sm, sm.Q, sm.acc, true);  // dK part += P^T Q
-    accumulate<T, D, false>(sm, sm.K, sm.S, false);  // S no longer needed: it takes P K
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < Br * D; idx += NT) {
-      const int r = idx / D, d = idx % D;
-      if (row0 + r < Nq) atomicAdd(dq_acc + (bh * Nq + row0 + r) * D + d, sm.S[r * lda<D>() + d]);
+  __syncthreads();
+  const int key[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};  // this lane's two fragment rows
+  const uint8_t bits[2] = {sm.grp[16 * warp + g], sm.grp[16 * warp + g + 8]};
+  const float scale2 = scale * LOG2E;
+  float dK[D / 8][4] = {};
+  for (int h = hk * rep; h < (hk + 1) * rep; h++) {
+    const size_t bh = (size_t)b * Hq + h;
+    for (int row0 = 0; row0 < Nq; row0 += Br) {
+      __syncthreads();  // the previous Q and dS tiles are no longer read
+      for (int r = threadIdx.x; r < Br; r += NT) {  // per row: position, L (base 2), dm, c = dm . m
+        const int i = row0 + r;
+        sm.pos[r] = i < Nq ? min(q_pos[(size_t)b * Nq + i], Tk - 1) : -1;
+        sm.row_L[r] = i < Nq ? lse[bh * Nq + i] * LOG2E : INFINITY;
+        float c = 0.f;
+        for (int q = 0; q < MAXG; q++) {
+          const float dm = i < Nq && q < G ? dmass[(bh * Nq + i) * G + q] : 0.f;
+          sm.row_dm[r * MAXG + q] = dm;
+          c += i < Nq && q < G ? dm * mass[(bh * Nq + i) * G + q] : 0.f;
+        }
+        sm.row_c[r] = c;
+      }
+      __syncthreads();
+      int last_pos = -1;
+      for (int r = 0; r < Br; r++) last_pos = max(last_pos, sm.pos[r]);
+      if (last_pos < k0) continue;  // no row of this tile sees these keys (uniform over the block)
+      load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
+      __syncthreads();
+
+      float S[Br / 8][4] = {};  // S^T: this warp's 16 keys x Br query rows
+      mma_tile<T, Br / 8, D, false, false>(S, sm.K + 16 * warp * LD, LD, sm.Q, LD);
+#pragma unroll
+      for (int n = 0; n < Br / 8; n++) {
+        float dS[2][2];  // [key e][query row 8n + 2t + j], from S[n][2e + j]
+        for (int j = 0; j < 2; j++) {
+          const int r = 8 * n + 2 * t + j;
+          const float L = sm.row_L[r], c = sm.row_c[r];
+          float dm[NG];
+#pragma unroll
+          for (int q = 0; q < NG; q++) dm[q] = sm.row_dm[r * MAXG + q];
+          for (int e = 0; e < 2; e++) {
+            float w = 0.f;  // sum of dm over the groups of key e
+#pragma unroll
+            for (int q = 0; q < NG; q++) w += (bits[e] >> q & 1) ? dm[q] : 0.f;
+            dS[e][j] = key[e] <= sm.pos[r] ? exp2f(S[n][2 * e + j] * scale2 - L) * (w - c) : 0.f;
+          }
+        }
+        for (int e = 0; e < 2; e++) store2(sm.P + (16 * warp + g + 8 * e) * LP + 8 * n + 2 * t, dS[e][0], dS[e][1]);
+      }
+      __syncwarp();  // dK reads only this warp's rows of dS^T
+      mma_tile<T, D / 8, Br, false, true>(dK, sm.P + 16 * warp * LP, LP, sm.Q, LD);
+      __syncthreads();  // dQ reads every warp's dS^T
+      float dQ[D / 8][4] = {};  // rows 16 warp + g (+8) of the query tile
+      mma_tile<T, D / 8, Bc, true, true>(dQ, sm.P + 16 * warp, LP, sm.K, LD);
+      for (int e = 0; e < 2; e++) {
+        const int i = row0 + 16 * warp + g + 8 * e;
+        if (i >= Nq) continue;
+        float* out = dq_acc + (bh * Nq + i) * D + 2 * t;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+          atomicAdd(out + 8 * n, scale * dQ[n][2 * e]);
+          atomicAdd(out + 8 * n + 1, scale * dQ[n][2 * e + 1]);
+        }
+      }
     }
   }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < Bc * D; idx += NT) {
-    const int c = idx / D, d = idx % D;
-    if (k0 + c < Tk) dk_heads[(bh * Tk + k0 + c) * D + d] = scale * sm.acc[c * lda<D>() + d];
-  }
+  for (int e = 0; e < 2; e++)
+    if (key[e] < Tk)
+#pragma unroll
+      for (int n = 0; n < D / 8; n++)
+        store2(dk + (bk * Tk + key[e]) * D + 8 * n + 2 * t, scale * dK[n][2 * e], scale * dK[n][2 * e + 1]);
 }
 
-// ---------------------------------------------------------------------------------------------
-// host side
-
-// Calls f.template operator()<T, HD, NG>() for q's dtype, head dim and the group count rounded up.
-template <typename F> void dispatch(const at::Tensor& q, int G, F&& f) {
-  const int D = q.size(3);
-  TORCH_CHECK(D == 64 || D == 128, "attention_mass: head dim ", D, " not compiled (64, 128)");
+// Calls f.template operator()<T, HD, NG>() for the dtype (0 fp32, 1 bf16, 2 fp16), head dim and the
+// group count rounded up; false if that combination is not compiled.
+template <typename F> bool dispatch(int dtype, int D, int G, F&& f) {
   auto by_groups = [&]<typename T, int HD>() {
     if (G <= 2) f.template operator()<T, HD, 2>(); else f.template operator()<T, HD, 8>();
   };
   auto by_dim = [&]<typename T>() {
     if (D == 64) by_groups.template operator()<T, 64>(); else by_groups.template operator()<T, 128>();
   };
-  switch (q.scalar_type()) {
-    case at::kFloat: by_dim.template operator()<float>(); break;
-    case at::kBFloat16: by_dim.template operator()<__nv_bfloat16>(); break;
-    case at::kHalf: by_dim.template operator()<__half>(); break;
-    default: TORCH_CHECK(false, "attention_mass: dtype ", q.scalar_type(), " not supported");
+  if ((D != 64 && D != 128) || dtype < 0 || dtype > 2 || G < 1 || G > MAXG) return false;
+  if (dtype == 0) by_dim.template operator()<float>();
+  else if (dtype == 1) by_dim.template operator()<__nv_bfloat16>();
+  else by_dim.template operator()<__half>();
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+#ifndef EMULATE_ON_CPU
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+static int dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: TORCH_CHECK(false, "attention_mass: dtype ", x.scalar_type(), " not supported (fp32, bf16, fp16)");
   }
 }
 
@@ -316,6 +345,7 @@ static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "attention_mass: Hq must be a multiple of Hkv");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "attention_mass: q and k dtypes differ");
   TORCH_CHECK(q_pos.scalar_type() == at::kInt && grp.scalar_type() == at::kByte, "attention_mass: q_pos int32, key_groups uint8");
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "attention_mass: head dim ", q.size(3), " not compiled (64, 128)");
   TORCH_CHECK(G >= 1 && G <= MAXG, "attention_mass: 1 to 8 groups");
 }
 
@@ -327,7 +357,7 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at
   auto lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   if (mass.numel() == 0) return {mass, lse};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(q, G, [&]<typename T, int HD, int NG>() {
+  dispatch(dtype_code(q), q.size(3), G, [&]<typename T, int HD, int NG>() {
     auto kernel = mass_forward<T, HD, NG>;
     const int smem = Smem<T, HD>::bytes(false);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -347,25 +377,24 @@ std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, a
   dmass = dmass.contiguous().to(at::kFloat);
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
   auto dq_acc = at::zeros({B, Hq, Nq, q.size(3)}, q.options().dtype(at::kFloat));
-  auto dk_heads = at::empty({B, Hq, Tk, q.size(3)}, q.options().dtype(at::kFloat));  // every element written
+  auto dk = at::empty_like(k);  // every element written
   if (q.numel() == 0 || k.numel() == 0) return {at::zeros_like(q), at::zeros_like(k)};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(q, G, [&]<typename T, int HD, int NG>() {
+  dispatch(dtype_code(q), q.size(3), G, [&]<typename T, int HD, int NG>() {
     auto kernel = mass_backward<T, HD, NG>;
     const int smem = Smem<T, HD>::bytes(true);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    kernel<<<dim3((Tk + Bc - 1) / Bc, Hq, B), NT, smem, stream>>>(
+    kernel<<<dim3((Tk + Bc - 1) / Bc, Hkv, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
         mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dq_acc.data_ptr<float>(),
-        dk_heads.data_ptr<float>(), Hq, Hkv, Nq, Tk, G, scale);
+        (T*)dk.data_ptr(), Hq, Hkv, Nq, Tk, G, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  auto dq = (dq_acc * scale).to(q.scalar_type());
-  auto dk = dk_heads.view({B, Hkv, Hq / Hkv, Tk, q.size(3)}).sum(2).to(k.scalar_type());
-  return {dq, dk};
+  return {dq_acc.to(q.scalar_type()), dk};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "attention mass forward: (mass (B,Hq,Nq,G) fp32, lse (B,Hq,Nq) fp32)");
   m.def("backward", &backward, "attention mass backward: (dq, dk)");
 }
+#endif
