@@ -238,9 +238,11 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
     const size_t bh = (size_t)b * Hq + h;
     for (int row0 = 0; row0 < Nq; row0 += Br) {
       __syncthreads();  // the previous Q and dS tiles are no longer read
+      bool sees_keys = false;
       for (int r = threadIdx.x; r < Br; r += NT) {  // per row: position, L (base 2), dm, c = dm . m
         const int i = row0 + r;
         sm.pos[r] = i < Nq ? min(q_pos[(size_t)b * Nq + i], Tk - 1) : -1;
+        sees_keys |= sm.pos[r] >= k0;
         sm.row_L[r] = i < Nq ? lse[bh * Nq + i] * LOG2E : INFINITY;
         float c = 0.f;
         for (int q = 0; q < MAXG; q++) {
@@ -250,10 +252,7 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
         }
         sm.row_c[r] = c;
       }
-      __syncthreads();
-      int last_pos = -1;
-      for (int r = 0; r < Br; r++) last_pos = max(last_pos, sm.pos[r]);
-      if (last_pos < k0) continue;  // no row of this tile sees these keys (uniform over the block)
+      if (!__syncthreads_or(sees_keys)) continue;  // no row of this tile sees these keys
       load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
       __syncthreads();
 

@@ -59,6 +59,16 @@ uint16_t half_of(uint32_t reg, int which) { return which ? reg >> 16 : reg & 0xf
 }  // namespace emu
 
 void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+int __syncthreads_or(int predicate) {  // a barrier that also tells every thread whether any predicate held
+  static std::atomic<int> any;
+  if (threadIdx.x == 0) any = 0;
+  __syncthreads();
+  if (predicate) any = 1;
+  __syncthreads();
+  const int result = any;
+  __syncthreads();  // nobody resets `any` before everyone has read it
+  return result;
+}
 void __syncwarp() { emu::warp_sync(); }
 
 float __shfl_xor_sync(unsigned, float x, int lane_mask) {
