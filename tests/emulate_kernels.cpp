@@ -87,7 +87,8 @@ float atomicAdd(float* p, float x) { return std::atomic_ref<float>(*p).fetch_add
 template <bool trans> void ldmatrix_x4(uint32_t (&reg)[4], const void* smem_row) {
   const int w = emu::warp(), l = emu::lane(), g = l / 4, t = l % 4;
   const char* p = static_cast<const char*>(smem_row);  // the hardware's rules: shared memory, 16-byte rows
-  if (p < smem || p + 16 > smem + smem_bytes || (p - smem) % 16) fail("ldmatrix: row address outside the block's shared memory or not 16-byte aligned");
+  if (p < smem || p + 16 > smem + smem_bytes || (p - smem) % 16)
+    fail("ldmatrix: a row address outside the block's shared memory or not 16-byte aligned");
   emu::lane_ptr[w][l] = smem_row;
   emu::warp_sync();
   for (int r = 0; r < 4; r++) {
@@ -123,6 +124,7 @@ template <typename T> void mma16816(float (&d)[4], const uint32_t (&a)[4], uint3
 }
 
 #include "../kernels.cu"
+static_assert(NT == 32 * emu::WARPS, "the emulator's warp barriers assume kernels.cu's block size");
 
 template <typename Kernel, typename... Args> void launch(Index grid, int bytes, Kernel kernel, Args... args) {
   if (bytes > (int)sizeof(smem)) fail("more shared memory than the emulator has");
