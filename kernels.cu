@@ -7,6 +7,7 @@
 //   L_i = m_i + log l_i (the row log-sum-exp).
 // Backward: p_ij = exp(s_ij - L_i) recomputed from q, k, L (no V, no dO). With upstream dm_i(g):
 //   dS_ij = p_ij * (sum_g dm_i(g) [j in g] - sum_g dm_i(g) m_i(g));  dQ = scale dS K;  dK = scale dS^T Q
+//   c_i = sum_g dm_i(g) m_i(g) is one number per row, computed once on the host.
 //   One block per (key tile, kv head) loops over the query heads that share it (GQA) and their query
 //   tiles: dK stays in registers; dS K goes to an fp32 dQ with atomics (all key tiles add to a row).
 // Names follow the flash-attention papers: Br x Bc tiles, S the score tile, P the dS tile.
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
 // query rows, added to the fp32 dq_acc with atomics.
 template <typename T, int D, int NG>
 __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                                    const float* mass, const float* lse, const float* dmass, float* dq_acc,
+                                                    const float* row_c, const float* lse, const float* dmass, float* dq_acc,
                                                     T* dk, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
@@ -239,18 +240,13 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
     for (int row0 = 0; row0 < Nq; row0 += Br) {
       __syncthreads();  // the previous Q and dS tiles are no longer read
       bool sees_keys = false;
-      for (int r = threadIdx.x; r < Br; r += NT) {  // per row: position, L (base 2), dm, c = dm . m
+      for (int r = threadIdx.x; r < Br; r += NT) {  // per row: position, L (base 2), dm, c
         const int i = row0 + r;
         sm.pos[r] = i < Nq ? min(q_pos[(size_t)b * Nq + i], Tk - 1) : -1;
         sees_keys |= sm.pos[r] >= k0;
         sm.row_L[r] = i < Nq ? lse[bh * Nq + i] * LOG2E : INFINITY;
-        float c = 0.f;
-        for (int q = 0; q < MAXG; q++) {
-          const float dm = i < Nq && q < G ? dmass[(bh * Nq + i) * G + q] : 0.f;
-          sm.row_dm[r * MAXG + q] = dm;
-          c += i < Nq && q < G ? dm * mass[(bh * Nq + i) * G + q] : 0.f;
-        }
-        sm.row_c[r] = c;
+        for (int q = 0; q < MAXG; q++) sm.row_dm[r * MAXG + q] = i < Nq && q < G ? dmass[(bh * Nq + i) * G + q] : 0.f;
+        sm.row_c[r] = i < Nq ? row_c[bh * Nq + i] : 0.f;
       }
       if (!__syncthreads_or(sees_keys)) continue;  // no row of this tile sees these keys
       load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
@@ -374,6 +370,7 @@ std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, a
   q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
   dmass = dmass.contiguous().to(at::kFloat);
+  auto row_c = (dmass * mass).sum(-1).contiguous();  // (B, Hq, Nq): the same for every key tile
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
   auto dq_acc = at::zeros({B, Hq, Nq, q.size(3)}, q.options().dtype(at::kFloat));
   auto dk = at::empty_like(k);  // every element written
@@ -385,7 +382,7 @@ std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, a
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     kernel<<<dim3((Tk + Bc - 1) / Bc, Hkv, B), NT, smem, stream>>>(
         (const T*)q.data_ptr(), (const T*)k.data_ptr(), q_pos.data_ptr<int>(), key_groups.data_ptr<uint8_t>(),
-        mass.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dq_acc.data_ptr<float>(),
+        row_c.data_ptr<float>(), lse.data_ptr<float>(), dmass.data_ptr<float>(), dq_acc.data_ptr<float>(),
         (T*)dk.data_ptr(), Hq, Hkv, Nq, Tk, G, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

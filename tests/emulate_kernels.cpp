@@ -156,9 +156,12 @@ extern "C" int emulate_forward(int dtype, const void* q, const void* k, const in
 extern "C" int emulate_backward(int dtype, const void* q, const void* k, const int* q_pos, const uint8_t* key_groups,
                                 const float* mass, const float* lse, const float* dmass, float* dq_acc, void* dk,
                                 int B, int Hq, int Hkv, int Nq, int Tk, int D, int G, float scale) {
+  std::vector<float> row_c((size_t)B * Hq * Nq);  // (dmass * mass).sum(-1), as the host code does
+  for (size_t i = 0; i < row_c.size(); i++)
+    for (int g = 0; g < G; g++) row_c[i] += dmass[i * G + g] * mass[i * G + g];
   return dispatch(dtype, D, G, [&]<typename T, int HD, int NG>() {
     launch({unsigned((Tk + Bc - 1) / Bc), unsigned(Hkv), unsigned(B)}, Smem<T, HD>::bytes(true), mass_backward<T, HD, NG>,
-           (const T*)q, (const T*)k, q_pos, key_groups, mass, lse, dmass, dq_acc, (T*)dk, Hq, Hkv, Nq, Tk, G, scale);
+           (const T*)q, (const T*)k, q_pos, key_groups, row_c.data(), lse, dmass, dq_acc, (T*)dk, Hq, Hkv, Nq, Tk, G, scale);
   });
 }
 
