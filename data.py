@@ -14,19 +14,24 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 MAX_IMAGE_SIDE = 4096  # transformers' absolute cap after the first resize
 SPECIAL = {"image": "<image>", "fake": "<fake_token_around_image>", "global": "<global-img>",
            "eou": "<end_of_utterance>"}
 
 
+class DataError(ValueError):
+    """Bad input (a data file, a record, a processor folder): the message names it, and the command
+    line prints it alone, without a traceback."""
+
+
 def _read_json(path):
     with open(path) as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def _token_text(t):  # special tokens are stored as "..." or {"content": "..."}
@@ -42,7 +47,7 @@ def load_image(image, source=None):
             im.load()
             return im
     except (OSError, ValueError) as e:
-        raise ValueError(f"{source or image}: cannot read image {image!r} ({e})") from None
+        raise DataError(f"{source or image}: cannot read image {image!r} ({e})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +184,10 @@ class Processor:
         f = lambda name: os.path.join(path, name)
         if not os.path.exists(f("tokenizer.json")):
             raise FileNotFoundError(f"{f('tokenizer.json')}: not found (the processor needs the tokenizer file)")
-        tokenizer = Tokenizer.from_file(f("tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(f("tokenizer.json"))
+        except Exception as e:  # tokenizers raises its own exception type for a corrupt file
+            raise DataError(f"{f('tokenizer.json')}: cannot read the tokenizer ({e})") from None
         tc = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if os.path.exists(f(name)):
@@ -197,7 +205,10 @@ class Processor:
             template = open(f("chat_template.jinja")).read()
         elif os.path.exists(f("chat_template.json")):
             template = _read_json(f("chat_template.json"))["chat_template"]
-        return cls(tokenizer, ImageProcessor(image_cfg), pc.get("image_seq_len", 64), template, tc)
+        try:
+            return cls(tokenizer, ImageProcessor(image_cfg), pc.get("image_seq_len", 64), template, tc)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: unsupported processor files ({type(e).__name__}: {e})") from None
 
     def save_pretrained(self, path):
         """The transformers-5 layout: tokenizer files, processor_config.json, chat_template.jinja."""
@@ -333,11 +344,32 @@ def new_processor(texts, tile, image_seq_len, vocab_size=1000, split=False):
 P, V, R, A = 1, 2, 3, 4  # span ids: prompt text, visual (<image>) tokens, rationale, answer; 0 = padding
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record that cannot be used; .reason is the short cause, counted when records are skipped."""
     def __init__(self, where, reason, detail=""):
         super().__init__(f"{where}: {reason}{detail}")
         self.reason = reason
+
+
+class Skips(collections.Counter):
+    """Records that could not be used, counted by reason, with the first few messages ("file:line:
+    reason") for the log. strict: the first one raises instead."""
+    def __init__(self, strict=False):
+        super().__init__()
+        self.strict, self.examples = strict, []
+
+    def add(self, err):
+        if self.strict:
+            raise err
+        self[err.reason] += 1
+        if len(self.examples) < 3:
+            self.examples.append(str(err))
+
+    def __str__(self):
+        if not self:
+            return "none skipped"
+        return (f"{self.total()} skipped (" + ", ".join(f"{r}: {n}" for r, n in self.most_common())
+                + "); first: " + "; ".join(self.examples))
 
 
 def split_reply(reply, marker="Answer:"):
@@ -348,33 +380,82 @@ def split_reply(reply, marker="Answer:"):
     return reply.rfind(marker)
 
 
-def read_records(path):
+def _text(r, key, where):  # a field that must be a non-empty string (numbers allowed for answers)
+    value = r.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(where, f"no {key}", f" (missing or empty {key!r})")
+    return value
+
+
+def _images(r, base, where):
+    im = r.get("image")
+    ims = [] if im is None else [im] if isinstance(im, str) else im
+    if not isinstance(ims, list) or not all(isinstance(p, str) and p for p in ims):
+        raise RecordError(where, "bad image field", f" ({im!r}: a path or a list of paths)")
+    return [os.path.join(base, p) for p in ims]
+
+
+def _jsonl_record(line, where, base):
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(where, "bad JSON", f" ({e})") from None
+    if not isinstance(r, dict):
+        raise RecordError(where, "bad JSON", " (a line must be one JSON object)")
+    question, answer = _text(r, "question", where), _text(r, "answer", where)
+    choices = r.get("choices") or []
+    if not isinstance(choices, list):
+        raise RecordError(where, "bad choices field", f" ({choices!r}: a list of options)")
+    reply = f"{str(r.get('rationale') or '').strip()} Answer: {answer.strip()}".strip()
+    return {**r, "images": _images(r, base, where), "question": question + "".join(f"\n{c}" for c in choices),
+            "answer": answer.strip(), "reply": reply, "source": where}
+
+
+def _llava_record(r, where, base):
+    turns = r.get("conversations") if isinstance(r, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise RecordError(where, "no conversations", " (a LLaVA record needs a list of {from, value} turns)")
+    human = next((t for t in turns if t.get("from") == "human"), {})
+    gpt = next((t for t in turns if t.get("from") == "gpt"), {})
+    question, reply = _text(human, "value", where + " human turn"), _text(gpt, "value", where + " gpt turn")
+    cut = split_reply(reply)
+    if cut < 0:
+        raise RecordError(where, "no answer", " (the gpt turn has no 'Answer:' or <answer>)")
+    answer = reply[cut:].replace("<answer>", "").replace("</answer>", "").removeprefix("Answer:").strip()
+    return {"images": _images(r, base, where), "question": question, "reply": reply, "answer": answer,
+            "source": where}
+
+
+def read_records(path, skips=None):
     """JSONL ({image, question, rationale, answer, choices?}) or LLaVA-style JSON ({image,
     conversations: [{from: human, value: "<image>..."}, {from: gpt, value}]}) -> list of dicts with
-    images (absolute paths), question, reply, and source ("file:line") for error messages."""
+    images (absolute paths), question, reply, answer, and source ("file:line") for messages. A record
+    that cannot be used (bad JSON, a missing or empty field, no answer) goes to skips (a Skips);
+    with skips None the first one raises."""
+    skips = Skips(strict=True) if skips is None else skips
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
     base = os.path.dirname(os.path.abspath(path))
-    paths = lambda im: [os.path.join(base, p) for p in ([im] if isinstance(im, str) else im or [])]
     out = []
     if path.endswith(".jsonl"):
         with open(path) as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
                 try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                question = r["question"] + ("".join(f"\n{c}" for c in r["choices"]) if r.get("choices") else "")
-                reply = f"{r.get('rationale', '').strip()} Answer: {r.get('answer', '')}".strip()
-                out.append({**r, "images": paths(r.get("image")), "question": question, "reply": reply,
-                            "has_answer": bool(str(r.get("answer", "")).strip()), "source": f"{path}:{n}"})
-    else:
-        for n, r in enumerate(_read_json(path), 1):
-            turns = r["conversations"]
-            human = next(t["value"] for t in turns if t["from"] == "human")
-            gpt = next(t["value"] for t in turns if t["from"] == "gpt")
-            out.append({"images": paths(r.get("image")), "question": human, "reply": gpt,
-                        "has_answer": split_reply(gpt) >= 0, "source": f"{path}:record {n}"})
+                    if line.strip():
+                        out.append(_jsonl_record(line, f"{path}:{n}", base))
+                except RecordError as e:
+                    skips.add(e)
+        return out
+    rows = _read_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of LLaVA-style records (or a .jsonl file)")
+    for n, r in enumerate(rows, 1):
+        try:
+            out.append(_llava_record(r, f"{path}:record {n}", base))
+        except RecordError as e:
+            skips.add(e)
     return out
 
 
@@ -388,15 +469,13 @@ def record_prompt(proc, rec):
 
 
 def encode_record(proc, rec, max_len=2048, marker="Answer:"):
-    """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises ValueError naming
-    the record for a missing or unreadable image, an empty answer, or an image without a place.
+    """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises RecordError naming
+    the record for a missing or unreadable image, an image without a place, or too many tokens.
     Length policy: a record longer than max_len is rejected (the answer is never cut)."""
     where = rec["source"]
-    if not rec["has_answer"]:
-        raise RecordError(where, "empty answer")
     try:
         images = [load_image(p, where) for p in rec["images"]]
-    except ValueError as e:
+    except DataError as e:
         raise RecordError(where, "cannot read image", f" ({e})") from None
     prompt = record_prompt(proc, rec)
     if prompt.count(SPECIAL["image"]) != len(images):
@@ -449,166 +528,13 @@ def collate(examples, pad_id):
     return batch
 
 
-def encode_all(proc, records, max_len=2048, strict=False):
-    """Encodes every record; bad ones are skipped and counted by reason (strict: the first raises)."""
-    kept, skipped = [], {}
+def encode_all(proc, records, max_len=2048, skips=None):
+    """Encodes every record; one that cannot be used goes to skips (None: the first one raises)."""
+    skips = Skips(strict=True) if skips is None else skips
+    kept = []
     for rec in records:
         try:
             kept.append(encode_record(proc, rec, max_len))
         except RecordError as e:
-            if strict:
-                raise
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-    return kept, skipped
-
-
-# -----------------------------------------------------------------------------
-# a synthetic visual reasoning set: shapes in a 3x3 grid, questions that need looking
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-KINDS, GRID = ("circle", "square", "triangle"), 3
-
-
-def _render(grid, size):
-    """grid: GRID x GRID of None or (colour, kind, large) -> RGB image; cell boxes are size / GRID."""
-    im = Image.new("RGB", (size, size), (235, 235, 235))
-    draw, cell = ImageDraw.Draw(im), size / GRID
-    for r in range(GRID):
-        for c in range(GRID):
-            if grid[r][c] is None:
-                continue
-            colour, kind, large = grid[r][c]
-            half = cell * (0.4 if large else 0.22)
-            cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
-            box = [cx - half, cy - half, cx + half, cy + half]
-            if kind == "circle":
-                draw.ellipse(box, fill=COLOURS[colour])
-            elif kind == "square":
-                draw.rectangle(box, fill=COLOURS[colour])
-            else:
-                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLOURS[colour])
-    return im
-
-
-def _describe(item):
-    return "nothing" if item is None else f"a {'large' if item[2] else 'small'} {item[0]} {item[1]}"
-
-
-def _solve(grid, q):
-    """(answer, rationale, cells the answer depends on) for question q on grid. The rationale walks
-    the cells row by row (a cell question stops at its cell) and keeps a running tally of the shapes
-    the question asks about, so each step is one look and the summary copies the latest one."""
-    tally = collections.Counter()
-
-    def tag(r, c):  # what this cell adds to the tally, if anything
-        item = grid[r][c]
-        if item and item[1] in q.get("kinds", ()):  # count and compare: the shape word just said decides
-            key = item[1]
-        elif q["type"] == "cell" and (r, c) == tuple(q["cell"]):
-            return " (this one)"
-        else:
-            return ""
-        tally[key] += 1
-        return f" ({key} {tally[key]})"
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells  # up to the asked cell
-    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked if rr == r) + "."
-                    for r in sorted({r for r, _ in walked}))
-    if q["type"] == "count":
-        hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
-        return str(len(hits)), f"{walk} So {len(hits)} {q['kinds'][0]}s.", hits
-    if q["type"] == "compare":
-        k1, k2 = q["kinds"]
-        a, b = ([(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == k] for k in (k1, k2))
-        ans = "yes" if len(a) > len(b) else "no"
-        return ans, f"{walk} So {len(a)} {k1}s and {len(b)} {k2}s.", a + b
-    r, c = q["cell"]
-    return grid[r][c][0], f"{walk} So the colour is {grid[r][c][0]}.", [(r, c)]
-
-
-def _question_text(q):
-    if q["type"] == "count":
-        return f"How many {q['kinds'][0]}s are there?"
-    if q["type"] == "compare":
-        return f"Are there more {q['kinds'][0]}s than {q['kinds'][1]}s?"
-    return f"What colour is the shape in row {q['cell'][0] + 1}, column {q['cell'][1] + 1}?"
-
-
-def _random_item(rng, colours=tuple(COLOURS), kinds=KINDS):
-    return (colours[rng.integers(len(colours))], kinds[rng.integers(len(kinds))], bool(rng.integers(2)))
-
-
-def _sample(rng, qtype, skewed):
-    """A grid and question whose answer follows a skewed (training text prior) or uniform distribution."""
-    grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)] for _ in range(GRID)]
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    order = [cells[i] for i in rng.permutation(len(cells))]
-    if qtype == "count":
-        kind = KINDS[rng.integers(3)]
-        n = int(rng.choice(5, p=[0.1, 0.6, 0.1, 0.1, 0.1] if skewed else None))
-        others = tuple(k for k in KINDS if k != kind)
-        for i, (r, c) in enumerate(order):  # exactly n shapes of that kind
-            if i < n:
-                grid[r][c] = _random_item(rng, kinds=(kind,))
-            elif grid[r][c] and grid[r][c][1] == kind:
-                grid[r][c] = _random_item(rng, kinds=others)
-        q = {"type": "count", "kinds": (kind,)}
-    elif qtype == "compare":
-        k1, k2 = (KINDS[i] for i in rng.permutation(3)[:2])
-        yes = rng.random() < (0.8 if skewed else 0.5)
-        n1, n2 = sorted(rng.choice(4, 2, replace=False))[::-1] if yes else sorted(rng.choice(4, 2))
-        for i, (r, c) in enumerate(order):
-            kind = k1 if i < n1 else k2 if i < n1 + n2 else KINDS[3 - KINDS.index(k1) - KINDS.index(k2)]
-            grid[r][c] = _random_item(rng, kinds=(kind,)) if i < n1 + n2 or grid[r][c] else None
-        q = {"type": "compare", "kinds": (k1, k2)}
-    else:
-        r, c = order[0]
-        colour = "red" if skewed and rng.random() < 0.6 else list(COLOURS)[rng.integers(4)]
-        grid[r][c] = _random_item(rng, (colour,))
-        q = {"type": "cell", "cell": (r, c)}
-    return grid, q
-
-
-def _twin(rng, grid, q):
-    """The counterfactual: the same question on a minimally edited grid whose answer differs."""
-    answer = _solve(grid, q)[0]
-    for _ in range(100):
-        g = [row[:] for row in grid]
-        r, c = int(rng.integers(GRID)), int(rng.integers(GRID))
-        if q["type"] == "cell":
-            r, c = q["cell"]
-        g[r][c] = _random_item(rng) if q["type"] != "count" or rng.random() < 0.7 else None
-        if _solve(g, q)[0] != answer:
-            return g
-    return None
-
-
-def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
-    """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
-    (balanced, each item with a counterfactual twin: same question, edited image, other answer),
-    with PNGs under images/. Each record keeps the boxes of the cells its answer depends on."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    cell = image_size / GRID
-    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell), round((rc[0] + 1) * cell)]
-
-    def record(name, grid, q, **extra):
-        _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
-        answer, rationale, cells = _solve(grid, q)
-        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q), "rationale": rationale,
-                "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
-
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
-            i = 0
-            while i < n:
-                qtype = ("count", "compare", "cell")[i % 3]
-                grid, q = _sample(rng, qtype, skewed=split == "train")
-                if split == "eval":
-                    twin = _twin(rng, grid, q)
-                    if twin is None:
-                        continue
-                    f.write(json.dumps(record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")) + "\n")
-                f.write(json.dumps(record(f"{split}{i:05d}", grid, q)) + "\n")
-                i += 1
-    return os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
+            skips.add(e)
+    return kept

@@ -67,7 +67,7 @@ def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
     {"vas_sum", "r_count"} for a teacher-forced batch (nanoattcot.loss_terms computes them)."""
     model.eval()
     device = next(model.parameters()).device
-    examples, _ = data.encode_all(proc, records)
+    examples = data.encode_all(proc, records, skips=data.Skips())  # too long to teacher-force: left out
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id).items()}
@@ -78,12 +78,14 @@ def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
 
 def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=64, max_new_tokens=160):
     """-> dict with accuracy_cot, text_prior_accuracy, counterfactual_consistency, vas_rationale, n."""
+    if not eval_records:
+        raise data.DataError("evaluate: no evaluation records")
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens)
     right = {r["id"] if "id" in r else i: is_correct(extract_answer(t), r["answer"], r.get("choices"))
              for i, (r, t) in enumerate(zip(eval_records, texts))}
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
-    pairs = [(r["twin_of"], r["id"]) for r in eval_records if "twin_of" in r]
+    pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),

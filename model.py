@@ -21,6 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded (a missing or corrupt file, a missing key, an
+    unsupported config): the message names the file and the key."""
+
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -66,20 +72,24 @@ class VLMConfig:
 
     @classmethod
     def from_hf(cls, d: dict, source="config.json"):
-        if d.get("model_type") not in ("idefics3", "smolvlm"):
-            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not 'idefics3' or 'smolvlm'")
-        v, t = d.get("vision_config", {}), d.get("text_config", {})
+        if not isinstance(d, dict) or d.get("model_type") not in ("idefics3", "smolvlm"):
+            got = d.get("model_type") if isinstance(d, dict) else d
+            raise CheckpointError(f"{source}: model_type {got!r} is not 'idefics3' or 'smolvlm'")
+        v, t = d.get("vision_config", {}), d.get("text_config")
+        if not isinstance(t, dict):
+            raise CheckpointError(f"{source}: no text_config (the language model's settings)")
+        need = lambda key: t[key] if key in t else _missing(source, "text_config", key)
         if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or t.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: only gelu_pytorch_tanh (vision) and silu (text) activations are implemented")
+            raise CheckpointError(f"{source}: only gelu_pytorch_tanh (vision) and silu (text) activations are implemented")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope type {rope.get('rope_type')!r} is not implemented (only 'default')")
+            raise CheckpointError(f"{source}: rope type {rope.get('rope_type')!r} is not implemented (only 'default')")
         heads = t.get("num_attention_heads", 32)  # the Llama default; SmolVLM2-2.2B leaves it out
         text = TextConfig(
-            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-            num_hidden_layers=t["num_hidden_layers"], num_attention_heads=heads,
+            vocab_size=need("vocab_size"), hidden_size=need("hidden_size"), intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"), num_attention_heads=heads,
             num_key_value_heads=t.get("num_key_value_heads") or heads,
-            head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+            head_dim=t.get("head_dim") or need("hidden_size") // heads,
             rope_theta=t.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
             max_position_embeddings=t.get("max_position_embeddings", 2048))
@@ -408,7 +418,7 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         config = VLMConfig.from_hf(_read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
         hf = _load_safetensors(path)
-        stored_dtype = next(iter(hf.values())).dtype
+        stored_dtype = next(iter(hf.values())).dtype if hf else torch.float32
         with torch.device("meta"):
             model = cls(config)
         names = key_map(config)  # ours -> HF
@@ -419,7 +429,7 @@ class VLM(nn.Module):
         shapes = [f"{names[k]}: checkpoint {tuple(hf[names[k]].shape)}, model {tuple(v.shape)}"
                   for k, v in ours.items() if k in names and names[k] in hf and hf[names[k]].shape != v.shape]
         if missing or unexpected or shapes:
-            raise ValueError(f"checkpoint {path} does not fit its config.json:"
+            raise CheckpointError(f"checkpoint {path} does not fit its config.json:"
                              + "".join(f"\n  missing: {k}" for k in missing)
                              + "".join(f"\n  unexpected: {k}" for k in unexpected)
                              + "".join(f"\n  shape mismatch: {s}" for s in shapes))
@@ -499,25 +509,42 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):  # (B, V) -> (B,
 # file helpers
 
 
+def _missing(source, section, key):
+    raise CheckpointError(f"{source}: {section} has no {key!r}")
+
+
 def _read_json(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found")
     with open(path) as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_file(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:  # truncated, corrupt or not safetensors at all
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _load_safetensors(path):
-    from safetensors.torch import load_file
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _load_file(single)
     if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            _missing(index, "the index", "weight_map")
         tensors = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            tensors.update(load_file(os.path.join(path, shard)))
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_load_file(os.path.join(path, shard)))
         return tensors
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 

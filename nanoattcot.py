@@ -28,8 +28,9 @@ import torch.nn.functional as F
 import data
 import eval as eval_mod
 import kernels
+import synthetic
 from data import Processor
-from model import VLM, TextConfig, VisionConfig, VLMConfig
+from model import VLM, CheckpointError, TextConfig, VisionConfig, VLMConfig
 
 
 def pick_device(name):
@@ -135,13 +136,24 @@ def total_loss(terms, counts, cfg):
 # training
 
 
+class ConfigError(ValueError):
+    """A flag value out of its range or choices: the command line prints the message alone."""
+
+
+OBJECTIVES, MASS_IMPLS = ("sft", "attcot"), ("auto", "cuda", "reference")
+# fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
+# faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
+# nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
+FINETUNE_LR, FINETUNE_LR_CONNECTOR, SCRATCH_LR, SCRATCH_WARMUP = 1e-5, 1e-4, 3e-3, 30
+
+
 @dataclass
 class TrainConfig:
     out: str = "out"
     data: str = ""                  # train JSONL/JSON; empty: generate the synthetic set under out/data
     eval_data: str = ""             # eval JSONL; empty with the synthetic set: its eval split
     init: str = ""                  # a SmolVLM folder to fine-tune; empty: the small from-scratch config
-    objective: str = "attcot"       # sft | attcot
+    objective: str = "attcot"       # one of OBJECTIVES
     lambda_vis: float = 0.1
     lambda_ans: float = 0.1
     vis_target: float = 0.5         # floor t: only rationale steps with m(V) < t are pushed (None: all)
@@ -152,11 +164,11 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 1200
-    lr: float = 3e-3                # language model
-    lr_vision: float = 3e-3
-    lr_connector: float = 3e-3
+    lr: float = None                # language model; None: 3e-3 from scratch, 1e-5 with --init
+    lr_vision: float = None         # None: 3e-3 from scratch, 1e-5 with --init
+    lr_connector: float = None      # None: 3e-3 from scratch, 1e-4 with --init
     weight_decay: float = 0.01
-    warmup: int = 30
+    warmup: int = None              # None: 30 steps from scratch, 3% of max_steps with --init
     grad_clip: float = 1.0
     max_len: int = 2048
     freeze_vision: bool = False
@@ -173,6 +185,36 @@ class TrainConfig:
     skip_nonfinite: bool = False
     strict: bool = False
     log_every: int = 10
+
+    def __post_init__(self):
+        ft = bool(self.init)
+        self.lr = (FINETUNE_LR if ft else SCRATCH_LR) if self.lr is None else self.lr
+        self.lr_vision = (FINETUNE_LR if ft else SCRATCH_LR) if self.lr_vision is None else self.lr_vision
+        self.lr_connector = (FINETUNE_LR_CONNECTOR if ft else SCRATCH_LR) if self.lr_connector is None else self.lr_connector
+        self.warmup = (max(1, round(0.03 * self.max_steps)) if ft else SCRATCH_WARMUP) if self.warmup is None else self.warmup
+        layers_ok = self.layers == "all" or all(x.strip().isdigit() for x in self.layers.split(","))
+        checks = [("objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+                  ("mass_impl", self.mass_impl in MASS_IMPLS, f"one of {', '.join(MASS_IMPLS)}"),
+                  ("vis_target", self.vis_target is None or 0 < self.vis_target <= 1, "in (0, 1] or none"),
+                  ("layers", layers_ok, '"all" or comma-separated layer indices'),
+                  ("eps", self.eps > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
+                  *[(k, getattr(self, k) > 0, "> 0") for k in ("lr", "lr_vision", "lr_connector")],
+                  *[(k, getattr(self, k) >= 1, ">= 1") for k in ("batch_size", "grad_accum", "max_len", "log_every",
+                                                                   "n_train", "n_eval")],
+                  *[(k, getattr(self, k) >= 0, ">= 0") for k in ("lambda_vis", "lambda_ans", "weight_decay", "warmup",
+                                                                   "max_steps", "save_every", "eval_every", "eval_limit",
+                                                                   "peak_tflops")]]
+        checks.append(("eval_data", bool(self.eval_data or not self.data), "given with --data (every run ends in an evaluation)"))
+        checks.append(("init", not self.init or os.path.isdir(self.init), "an existing checkpoint folder"))
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be {want}")
+        try:
+            device = pick_device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"--device {self.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: no CUDA GPU here")
 
 
 def small_config(vocab_size, image_token_id):
@@ -202,9 +244,12 @@ def lr_at(step, cfg):  # linear warmup, cosine to 10%
 
 
 def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
-    """HF-format model + processor + trainer state, written in a temp folder then swapped in."""
+    """HF-format model + processor + trainer state (tensors and plain values only: it loads with
+    weights_only), written whole in path.tmp, then swapped in by two renames. A process killed at any
+    point leaves a whole checkpoint at path, or at path.old between the renames (find_checkpoint)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up leaves it
     model.save_pretrained(tmp)
     proc.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
@@ -213,6 +258,25 @@ def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """True if path holds a whole checkpoint; a save killed between its two renames left it at
+    path.old, which is moved back first."""
+    state = lambda p: os.path.exists(os.path.join(p, "trainer_state.pt"))
+    if not state(path) and state(path + ".old"):
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".old", path)
+    return state(path)
+
+
+def load_trainer_state(path):
+    """trainer_state.pt with weights_only=True: a checkpoint from elsewhere cannot run code on load."""
+    file = os.path.join(path, "trainer_state.pt")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values; a corrupt file
+        raise CheckpointError(f"{file}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -254,13 +318,17 @@ def train(cfg: TrainConfig):
     if not train_path:
         data_dir = os.path.join(cfg.out, "data")
         if rank == 0 and not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
-            data.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+            synthetic.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
         if world > 1:
             torch.distributed.barrier()
         train_path, eval_path = os.path.join(data_dir, "train.jsonl"), eval_path or os.path.join(data_dir, "eval.jsonl")
-    train_records = data.read_records(train_path)
+    skips = data.Skips(cfg.strict)
+    train_records = data.read_records(train_path, skips)
+    eval_records = read_eval_records(eval_path, cfg, log) if eval_path else None  # bad eval data fails now, not after training
     ckpt = os.path.join(cfg.out, "checkpoint")
-    resuming = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    resuming = cfg.resume and find_checkpoint(ckpt)
+    if cfg.resume and not resuming:
+        log(f"--resume: no checkpoint in {ckpt}; starting at step 0")
     if resuming:
         proc, model = Processor.from_pretrained(ckpt), VLM.from_pretrained(ckpt, dtype=torch.float32)
     elif cfg.init:
@@ -270,10 +338,15 @@ def train(cfg: TrainConfig):
         proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
         model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
     model.to(device)
-    examples, reasons = data.encode_all(proc, train_records, cfg.max_len, cfg.strict)
-    skipped = len(train_records) - len(examples)
-    log(f"data: {len(examples)} training records from {train_path}, {skipped} skipped {reasons or ''}")
-    layers = list(range(model.config.text.num_hidden_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
+    examples = data.encode_all(proc, train_records, cfg.max_len, skips)
+    if not examples:
+        raise data.DataError(f"{train_path}: no usable training record ({skips})")
+    skipped = skips.total()
+    log(f"data: {len(examples)} training records from {train_path}; {skips}")
+    n_layers = model.config.text.num_hidden_layers
+    layers = list(range(n_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
+    if not all(0 <= i < n_layers for i in layers):
+        raise ConfigError(f"--layers {cfg.layers}: the model has {n_layers} layers (0 to {n_layers - 1})")
 
     # optimizer: separate learning rates for the vision tower, the connector and the language model
     if cfg.freeze_vision:
@@ -288,7 +361,7 @@ def train(cfg: TrainConfig):
     step, metrics = 0, []
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if resuming:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = load_trainer_state(ckpt)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -366,7 +439,7 @@ def train(cfg: TrainConfig):
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:
-                log(f"eval at step {step}: " + json.dumps(run_eval(model, proc, cfg, eval_path, train_records, layers)))
+                log(f"eval at step {step}: " + json.dumps(run_eval(model, proc, cfg, eval_records, train_records, layers)))
     except KeyboardInterrupt:
         if rank == 0:
             save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
@@ -381,13 +454,21 @@ def train(cfg: TrainConfig):
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"model": model, "proc": proc, "metrics": metrics, "nonfinite_skipped": nonfinite,
-            "records_skipped": skipped, "eval_path": eval_path, "train_records": train_records, "layers": layers}
+            "records_skipped": skipped, "eval_records": eval_records, "train_records": train_records, "layers": layers}
 
 
-def run_eval(model, proc, cfg, eval_path, train_records, layers):
-    records = data.read_records(eval_path)
-    if cfg.eval_limit:
-        records = records[:cfg.eval_limit]
+def read_eval_records(path, cfg, log=print):
+    """The evaluation records (skipped and counted like training ones); none usable is an error."""
+    skips = data.Skips(cfg.strict)
+    records = data.read_records(path, skips)
+    if skips:
+        log(f"eval data: {len(records)} records from {path}; {skips}")
+    if not records:
+        raise data.DataError(f"{path}: no usable evaluation record ({skips})")
+    return records[:cfg.eval_limit] if cfg.eval_limit else records
+
+
+def run_eval(model, proc, cfg, records, train_records, layers):
     vas_cfg = TrainConfig(**{**asdict(cfg), "objective": "sft", "measure_vas": True})
 
     def vas_fn(m, batch):
@@ -402,7 +483,7 @@ def run(cfg, compare=False):
     """Train, evaluate, print the table, write summary.json (both objectives side by side with compare)."""
     objectives = ["sft", "attcot"] if compare else [cfg.objective]
     if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
-        train_path, eval_path = data.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
+        train_path, eval_path = synthetic.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
         cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
     summaries = {}
     for objective in objectives:
@@ -412,7 +493,7 @@ def run(cfg, compare=False):
         result = train(c)
         if int(os.environ.get("RANK", 0)) != 0:
             continue
-        ev = run_eval(result["model"], result["proc"], c, result["eval_path"], result["train_records"], result["layers"])
+        ev = run_eval(result["model"], result["proc"], c, result["eval_records"], result["train_records"], result["layers"])
         summary = {"objective": objective, **{k: ev[k] for k in ("accuracy_cot", "text_prior_accuracy",
                    "counterfactual_consistency", "vas_rationale", "accuracy_by_type", "n")},
                    "final_loss": result["metrics"][-1]["loss"] if result["metrics"] else None,
@@ -431,17 +512,28 @@ def run(cfg, compare=False):
 
 
 def add_config_args(p):
+    choices = {"objective": OBJECTIVES, "mass_impl": MASS_IMPLS}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
+        if f.type is bool:
             p.add_argument(flag, action="store_true", default=f.default)
         else:
-            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.name == "vis_target" else type(f.default)
-            p.add_argument(flag, type=kind, default=f.default)
+            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.name == "vis_target" else f.type
+            p.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name))
+
+
+# the errors a user can cause (a bad file, flag or checkpoint): one line, no traceback; anything else is a bug
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, FileNotFoundError, FloatingPointError)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+
+
+def _main(argv):
     if argv[:1] == ["generate"]:
         return main_generate(argv[1:])
     p = argparse.ArgumentParser(description="Att-CoT training. With no arguments: the synthetic experiment end to "

@@ -16,7 +16,7 @@ def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
     IMAGES[1].save(tmp_path / "photo.png")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "generate", "--model", str(path),
                           "--image", str(tmp_path / "photo.png"), "--prompt", "How many circles?",
-                          "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "6", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     proc = data.Processor.from_pretrained(path)
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
@@ -30,5 +30,114 @@ def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
 
 def test_generate_names_a_missing_model(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "generate", "--model",
-                          str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "nope"), "--prompt", "hi", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "nope/config.json: not found" in run.stderr
+
+
+# --- what a user sees for bad input: one line "error: ..." naming the file, key or flag, no traceback
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+import nanoattcot  # noqa: E402
+
+GOOD = {"question": "How many circles are there?", "rationale": "Row 1: a circle.", "answer": "1"}
+TRAIN = ["--n-train", "8", "--batch-size", "2", "--max-steps", "1", "--log-every", "1", "--save-every", "0",
+         "--device", "cpu"]
+
+
+def jsonl(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return str(path)
+
+
+def user_error(argv):
+    """Runs the command line in this process; returns the message it exits with."""
+    with pytest.raises(SystemExit) as e:
+        nanoattcot.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    return e.value.code
+
+
+def test_bad_training_data_is_one_line(tmp_path):
+    ev = jsonl(tmp_path / "eval.jsonl", [GOOD])
+    out = ["--out", str(tmp_path / "out")]
+    empty = jsonl(tmp_path / "empty.jsonl", [])
+    assert user_error(["train", "--data", empty, "--eval-data", ev, *out, *TRAIN]) == \
+        f"error: {empty}: no usable training record (none skipped)"
+    bad = jsonl(tmp_path / "bad.jsonl", ['{"question": "q"', {k: v for k, v in GOOD.items() if k != "question"}])
+    msg = user_error(["train", "--data", bad, "--eval-data", ev, *out, *TRAIN])
+    assert msg.startswith(f"error: {bad}: no usable training record (2 skipped (bad JSON: 1, no question: 1); "
+                          f"first: {bad}:1: bad JSON")
+    assert user_error(["train", "--data", bad, "--eval-data", ev, "--strict", *out, *TRAIN]).startswith(
+        f"error: {bad}:1: bad JSON")
+    assert user_error(["train", "--data", str(tmp_path / "nope.jsonl"), "--eval-data", ev, *out, *TRAIN]) == \
+        f"error: {tmp_path / 'nope.jsonl'}: data file not found"
+    good = jsonl(tmp_path / "good.jsonl", [GOOD] * 4)
+    assert user_error(["train", "--data", good, "--eval-data", empty, *out, *TRAIN]) == \
+        f"error: {empty}: no usable evaluation record (none skipped)"
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Which?"}]}]))
+    assert "llava.json:record 1 gpt turn: no value" in user_error(
+        ["train", "--data", str(llava), "--eval-data", ev, *out, *TRAIN])
+
+
+def test_a_malformed_line_is_skipped_and_counted(tmp_path, capsys):
+    data_file = jsonl(tmp_path / "d.jsonl", [GOOD, "{oops", GOOD, GOOD])
+    ev = jsonl(tmp_path / "eval.jsonl", [GOOD])
+    nanoattcot.main(["train", "--data", data_file, "--eval-data", ev, "--out", str(tmp_path / "out"), *TRAIN,
+                     "--eval-limit", "1"])
+    assert f"data: 3 training records from {data_file}; 1 skipped (bad JSON: 1); first: {data_file}:2: bad JSON" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--vis-target", "2"], "error: --vis-target 2.0: must be in (0, 1] or none"),
+    (["--batch-size", "0"], "error: --batch-size 0: must be >= 1"),
+    (["--lr", "-1"], "error: --lr -1.0: must be > 0"),
+    (["--layers", "1,x"], "error: --layers '1,x': must be \"all\" or comma-separated layer indices"),
+    (["--layers", "0,7"], "error: --layers 0,7: the model has 4 layers (0 to 3)"),
+    (["--data", "train.jsonl"], "error: --eval-data '': must be given with --data (every run ends in an evaluation)"),
+    (["--device", "tpu9"], "error: --device 'tpu9': not a device (auto, cpu, cuda, cuda:N)"),
+])
+def test_bad_flag_values_are_one_line(tmp_path, flags, message):
+    assert user_error(["train", "--out", str(tmp_path), *TRAIN, *flags]) == message
+
+
+def test_unknown_objective_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        nanoattcot.main(["train", "--objective", "avar"])
+    assert e.value.code == 2 and "invalid choice: 'avar'" in capsys.readouterr().err
+    with pytest.raises(nanoattcot.ConfigError, match="--objective 'avar': must be one of sft, attcot"):
+        nanoattcot.TrainConfig(objective="avar")  # from Python too
+
+
+def test_fine_tuning_defaults(tmp_path):
+    """--init without explicit rates: fine-tuning ones and a short warmup; from scratch: the fast ones."""
+    ft, scratch = nanoattcot.TrainConfig(init=str(tmp_path), max_steps=1000), nanoattcot.TrainConfig()
+    assert (ft.lr, ft.lr_vision, ft.lr_connector, ft.warmup) == (1e-5, 1e-5, 1e-4, 30)
+    assert (scratch.lr, scratch.lr_vision, scratch.lr_connector, scratch.warmup) == (3e-3, 3e-3, 3e-3, 30)
+    assert nanoattcot.TrainConfig(init=str(tmp_path), lr=2e-5, warmup=0).lr == 2e-5
+
+
+def test_bad_checkpoint_folders_are_one_line(checkpoints, tmp_path):
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    d = tmp_path / "ckpt"
+    shutil.copytree(path, d)
+    generate = ["generate", "--model", str(d), "--prompt", "hi", "--device", "cpu"]
+    (d / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    assert user_error(generate).startswith(f"error: {d / 'model.safetensors'}: not a readable safetensors file")
+    shutil.copy(path / "model.safetensors", d / "model.safetensors")
+    (d / "tokenizer.json").write_text("{}")
+    assert user_error(generate).startswith(f"error: {d / 'tokenizer.json'}: cannot read the tokenizer")
+    assert user_error(["train", "--init", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *TRAIN]) == \
+        f"error: --init '{tmp_path / 'none'}': must be an existing checkpoint folder"
+
+
+def test_no_traceback_end_to_end(tmp_path):
+    """The same through a real process: one line on stderr, exit status 1."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "train", "--vis-target", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr == "error: --vis-target 0.0: must be in (0, 1] or none\n"

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -60,26 +61,65 @@ def test_long_rationale_and_length_policy(proc, tmp_path):
 
 
 def test_bad_records_are_counted_or_named(proc, tmp_path):
+    """One rule for every record that cannot be used: skipped and counted by reason, the first few
+    named by file:line; strict stops at the first with that message."""
     Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"junk")
-    rows = [{"image": "ok.png", "question": "q", "rationale": "r", "answer": "1"},
-            {"image": "missing.png", "question": "q", "rationale": "r", "answer": "1"},
-            {"image": "broken.png", "question": "q", "rationale": "r", "answer": "1"},
-            {"image": "ok.png", "question": "q", "rationale": "r", "answer": ""},
-            {"image": ["ok.png", "ok.png"], "question": "<image> only one place", "rationale": "r", "answer": "1"}]
-    path = write(tmp_path, "d.jsonl", rows)
-    kept, skipped = data.encode_all(proc, data.read_records(path))
-    assert len(kept) == 1
-    assert skipped == {"cannot read image": 2, "empty answer": 1, "no <image> place for each image": 1}
+    ok = {"image": "ok.png", "question": "q", "rationale": "r", "answer": "1"}
+    lines = [json.dumps(ok),
+             json.dumps({**ok, "image": "missing.png"}),
+             json.dumps({**ok, "image": "broken.png"}),
+             json.dumps({**ok, "answer": ""}),
+             json.dumps({**ok, "image": ["ok.png", "ok.png"], "question": "<image> only one place"}),
+             '{"image": "ok.png", "question": "q"',                     # cut off: bad JSON
+             json.dumps({k: v for k, v in ok.items() if k != "question"}),
+             json.dumps([ok]),                                          # not an object
+             json.dumps({**ok, "image": 3}),
+             json.dumps({**ok, "answer": 0})]                           # 0 is an answer
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    skips = data.Skips()
+    records = data.read_records(str(path), skips)
+    kept = data.encode_all(proc, records, skips=skips)
+    assert len(kept) == 2
+    assert skips == {"cannot read image": 2, "no answer": 1, "no <image> place for each image": 1, "bad JSON": 2,
+                     "no question": 1, "bad image field": 1}
+    assert skips.examples[0].startswith(f"{path}:4: no answer") and len(skips.examples) == 3
+    assert "8 skipped (bad JSON: 2, cannot read image: 2" in str(skips) and f"{path}:6: bad JSON" in str(skips)
     with pytest.raises(data.RecordError, match=r"d.jsonl:2: cannot read image"):
-        data.encode_all(proc, data.read_records(path), strict=True)
+        data.encode_all(proc, data.read_records(str(path), data.Skips()), skips=data.Skips(strict=True))
+    with pytest.raises(data.RecordError, match=r"d.jsonl:4: no answer"):
+        data.read_records(str(path))  # no Skips given: strict
+
+
+def test_bad_llava_records(tmp_path):
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": "look Answer: B"}]},
+        {"conversations": [{"from": "human", "value": "Which?"}]},                                 # no gpt turn
+        {"conversations": [{"from": "gpt", "value": "Answer: B"}]},                                # no question
+        {"conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": "B"}]},  # no marker
+        {"image": "x.png"}, "text"]))
+    skips = data.Skips()
+    records = data.read_records(str(path), skips)
+    assert [r["answer"] for r in records] == ["B"]
+    assert skips == {"no value": 2, "no answer": 1, "no conversations": 2}
+    assert "l.json:record 2 gpt turn: no value" in skips.examples[0]
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(data.DataError, match="l.json: expected a JSON list"):
+        data.read_records(str(path), data.Skips())
+    path.write_text("[{")
+    with pytest.raises(data.DataError, match="l.json: not valid JSON"):
+        data.read_records(str(path), data.Skips())
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: data file not found"):
+        data.read_records(str(tmp_path / "nope.jsonl"))
 
 
 def test_collate_mixed_image_counts(proc, tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     rows = [{"image": ["a.png", "a.png"], "question": "two", "rationale": "r", "answer": "1"},
             {"question": "text only", "rationale": "longer rationale here", "answer": "2"}]
-    kept, _ = data.encode_all(proc, data.read_records(write(tmp_path, "d.jsonl", rows)))
+    kept = data.encode_all(proc, data.read_records(write(tmp_path, "d.jsonl", rows)))
     b = data.collate(kept, proc.pad_token_id)
     assert b["pixel_values"].shape[:2] == (2, 2) and (b["pixel_values"][1] == 0).all()
     assert b["attention_mask"].sum(1).tolist() == [len(e["input_ids"]) for e in kept]
@@ -93,7 +133,7 @@ def read_grid(path, grid=3):
     (bottom left only) from a circle (neither)."""
     im = Image.open(path).convert("RGB")
     cell = im.size[0] / grid
-    colour_of = {v: k for k, v in data.COLOURS.items()}
+    colour_of = {v: k for k, v in synthetic.COLOURS.items()}
     cells = []
     for r in range(grid):
         for c in range(grid):
@@ -113,7 +153,7 @@ def read_grid(path, grid=3):
 def test_synthetic_set(tmp_path):
     """Every answer and every rationale agrees with what the rendered image shows; the training
     answers carry a prior; each evaluation item has a twin with the same question and another answer."""
-    train, evaluation = data.make_synthetic(tmp_path, n_train=90, n_eval=30, seed=1, image_size=192)
+    train, evaluation = synthetic.make_synthetic(tmp_path, n_train=90, n_eval=30, seed=1, image_size=192)
     tr = [json.loads(l) for l in open(train)]
     ev = [json.loads(l) for l in open(evaluation)]
     for r in tr + ev:

@@ -1,6 +1,7 @@
 """attention_mass: the reference against brute force on CPU; the CUDA op against the reference on GPU."""
 import ctypes
 import math
+import os
 import pathlib
 import shutil
 import subprocess
@@ -101,7 +102,10 @@ EMULATOR = pathlib.Path(__file__).with_name("emulate_kernels.cpp")
 def compile_emulator(out, *flags):
     cuda_home = kernels._find_cuda_home()
     if cuda_home is None or shutil.which("g++") is None:
-        pytest.skip("the kernel emulator needs g++ and the CUDA headers (cuda_bf16.h)")
+        why = "the kernel emulator needs g++ and the CUDA headers (cuda_bf16.h)"
+        if os.environ.get("CI") == "true":  # CI must check kernels.cu, never skip it
+            pytest.fail(why)
+        pytest.skip(why)
     build = subprocess.run(["g++", "-std=c++20", "-pthread", f"-I{cuda_home}/include", *flags, str(EMULATOR), "-o", str(out)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]

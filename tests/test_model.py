@@ -6,7 +6,7 @@ import torch
 
 import data
 from conftest import MODEL_CONFIGS, make_hf_processor, tile_size
-from model import VLM
+from model import VLM, CheckpointError
 from test_processor import IMAGES
 
 TEXTS = ["User:<image>How many circles?<end_of_utterance>\nAssistant:",
@@ -89,7 +89,7 @@ def test_config_variants():
                                                    "tie_word_embeddings": True}})
     assert (c.text.rope_theta, c.text.head_dim, c.tie_word_embeddings) == (5.0, 16, True)
     assert VLMConfig.from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
-    with pytest.raises(ValueError, match="model_type 'llava'"):
+    with pytest.raises(CheckpointError, match="model_type 'llava'"):
         VLMConfig.from_hf({**base, "model_type": "llava"})
 
 
@@ -109,8 +109,62 @@ def test_bad_checkpoints_name_the_keys(checkpoints, tmp_path):
     assert "unexpected: model.text_model.extra.weight" in msg
     assert "shape mismatch: lm_head.weight" in msg
     (tmp_path / "config.json").write_text("{broken")
-    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         VLM.from_pretrained(tmp_path)
+
+
+def test_bad_files_name_the_file_and_key(checkpoints, tmp_path):
+    """A config without a text key, one without text_config, a truncated safetensors file, an index
+    without weight_map or with a missing shard: each error names the file (and the key)."""
+    import shutil
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    shutil.copytree(path, tmp_path / "c")
+    d = tmp_path / "c"
+    config = json.loads((path / "config.json").read_text())
+    del config["text_config"]["vocab_size"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"c/config.json: text_config has no 'vocab_size'"):
+        VLM.from_pretrained(d)
+    del config["text_config"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"c/config.json: no text_config"):
+        VLM.from_pretrained(d)
+    shutil.copy(path / "config.json", d / "config.json")
+    blob = (path / "model.safetensors").read_bytes()
+    for cut in (len(blob) // 2, 6):  # cut in the tensors, cut in the header
+        (d / "model.safetensors").write_bytes(blob[:cut])
+        with pytest.raises(CheckpointError, match=r"c/model.safetensors: not a readable safetensors file"):
+            VLM.from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: the index has no 'weight_map'"):
+        VLM.from_pretrained(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "shard-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"c/shard-1.safetensors: not found"):
+        VLM.from_pretrained(d)
+
+
+def test_sampling_follows_temperature_and_top_p():
+    """Frequencies of 40,000 seeded draws against the definition: p = softmax(logits / T), then the
+    smallest set of most likely tokens whose mass reaches top_p, renormalised. Greedy at T = 0."""
+    from model import sample
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.2])
+    n = 40000
+    for T, top_p in ((1.0, 1.0), (0.5, 1.0), (1.5, 0.8), (1.0, 0.5), (2.0, 0.95)):
+        p = torch.softmax(logits.double() / T, -1)
+        keep, mass = [], 0.0
+        for i in p.argsort(descending=True).tolist():
+            keep.append(i)
+            mass += float(p[i])
+            if mass >= top_p:
+                break
+        want = torch.zeros_like(p)
+        want[keep] = p[keep] / p[keep].sum()
+        draws = sample(logits.expand(n, -1).clone(), T, top_p, torch.Generator().manual_seed(0))
+        freq = torch.bincount(draws, minlength=len(logits)).double() / n
+        assert (freq[want == 0] == 0).all(), (T, top_p, freq)
+        assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-9).all(), (T, top_p, freq, want)
+    assert (sample(logits.expand(3, -1), 0.0) == 0).all()
 
 
 def test_image_token_count_mismatch(checkpoints):

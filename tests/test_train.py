@@ -1,5 +1,7 @@
-"""The Att-CoT objective against materialised attention, and the training loop: loss falls, resume
-matches an uninterrupted run, 2-process DDP matches one process, the output loads in transformers."""
+"""The Att-CoT objective against materialised attention, and the training loop: loss falls, the loss
+assembly by hand, resume (after Ctrl-C, a crash, or a SIGKILL inside a checkpoint save) ends bit for
+bit where an uninterrupted run does, gradient accumulation and 2-process DDP match one batch, the
+output loads in transformers."""
 import json
 import os
 import re
@@ -18,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def config(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), n_train=64, n_eval=6, batch_size=8, max_steps=6, warmup=2,
-                save_every=0, log_every=100)
+                save_every=0, log_every=100, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
@@ -51,7 +53,7 @@ def test_loss_terms_match_materialised_attention(trained):
     from transformers import AutoModelForImageTextToText
     cfg, result = trained
     model, proc = result["model"], result["proc"]
-    examples, _ = data.encode_all(proc, result["train_records"][:4])
+    examples = data.encode_all(proc, result["train_records"][:4])
     batch = data.collate(examples, proc.pad_token_id)
     layers = [0, 2, 3]
     hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
@@ -82,7 +84,7 @@ def test_hf_format_output_loads_in_transformers(trained):
     hf = AutoModelForImageTextToText.from_pretrained(path).eval()
     ours = VLM.from_pretrained(path).eval()
     proc = data.Processor.from_pretrained(path)
-    examples, _ = data.encode_all(proc, result["train_records"][:2])
+    examples = data.encode_all(proc, result["train_records"][:2])
     b = data.collate(examples, proc.pad_token_id)
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
     with torch.no_grad():
@@ -98,8 +100,48 @@ def test_hf_format_output_loads_in_transformers(trained):
     assert (want["pixel_values"] - got["pixel_values"]).abs().max() <= 1e-6
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    straight = nanoattcot.train(config(tmp_path / "a", max_steps=8))["metrics"]
+def test_total_loss_by_hand():
+    terms = {"ce_sum": torch.tensor(6.0), "vis_sum": torch.tensor(3.0), "ans_sum": torch.tensor(2.0)}
+    counts = {"n_label": torch.tensor(4.0), "r_count": torch.tensor(2.0), "a_count": torch.tensor(1.0)}
+    attcot = TrainConfig(objective="attcot", lambda_vis=0.1, lambda_ans=0.3)
+    assert float(nanoattcot.total_loss(terms, counts, attcot)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
+    assert float(nanoattcot.total_loss(terms, counts, TrainConfig(objective="sft"))) == pytest.approx(6 / 4)
+
+
+def final_state(out):
+    """The weights and optimizer state of a run's last checkpoint."""
+    from safetensors.torch import load_file
+    ckpt = os.path.join(out, "checkpoint")
+    return load_file(os.path.join(ckpt, "model.safetensors")), nanoattcot.load_trainer_state(ckpt)["optimizer"]
+
+
+def assert_bitwise_equal(a, b):
+    (wa, oa), (wb, ob) = a, b
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, s in oa["state"].items():
+        assert all(torch.equal(v, ob["state"][i][k]) for k, v in s.items())
+
+
+def count_steps(monkeypatch):
+    """Counts the micro-batches the training loop computes (one per step at grad_accum 1)."""
+    real, calls = nanoattcot.loss_terms, []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(nanoattcot, "loss_terms", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 8-step run with checkpoints every 3 steps: what every resumed run must equal."""
+    cfg = config(tmp_path_factory.mktemp("straight"), max_steps=8, save_every=3)
+    return nanoattcot.train(cfg)["metrics"], final_state(cfg.out)
+
+
+def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsys, straight):
     real, calls = nanoattcot.loss_terms, {"n": 0}
 
     def interrupted(*args):  # Ctrl-C during step 5
@@ -109,12 +151,146 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
         return real(*args)
     monkeypatch.setattr(nanoattcot, "loss_terms", interrupted)
     with pytest.raises(SystemExit):
-        nanoattcot.train(config(tmp_path / "b", max_steps=8))
-    monkeypatch.setattr(nanoattcot, "loss_terms", real)
-    resumed = nanoattcot.train(config(tmp_path / "b", max_steps=8, resume=True))["metrics"]
-    assert [m["step"] for m in resumed] == list(range(1, 9))
-    for a, b in zip(straight, resumed):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
+    steps = count_steps(monkeypatch)
+    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))["metrics"]
+    assert "resumed from" in capsys.readouterr().out and len(steps) == 4  # steps 5 to 8 only
+    assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed == straight[0]
+    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
+
+
+def test_crash_resumes_from_the_periodic_checkpoint(tmp_path, monkeypatch, straight):
+    """A crash after step 5 (no save on the way down): resume from the step-3 checkpoint, drop the
+    metrics rows logged after it, redo steps 4 to 8."""
+    real, calls = nanoattcot.loss_terms, {"n": 0}
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("power cut")
+        return real(*args)
+    monkeypatch.setattr(nanoattcot, "loss_terms", crash)
+    with pytest.raises(RuntimeError):
+        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 5
+    steps = count_steps(monkeypatch)
+    nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(steps) == 5 and rows == straight[0]
+    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import nanoattcot
+point, ckpt, real, writes = sys.argv[2], sys.argv[3], os.replace, [0]
+
+def replace(src, dst):  # SIGKILL this process at one point of the second checkpoint save (step 6)
+    dst = str(dst)
+    writes[0] += dst == os.path.join(ckpt + ".tmp", "model.safetensors")
+    if writes[0] == 2 and (point == "writing" and dst.endswith("model.safetensors") or point == "swap" and dst == ckpt):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+    if writes[0] == 2 and point == "cleanup" and dst == ckpt:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+nanoattcot.main(sys.argv[4:])
+"""
+
+
+@pytest.mark.parametrize("point,step", [("writing", 3), ("swap", 3), ("cleanup", 6)])
+def test_sigkill_during_a_checkpoint_save(tmp_path, monkeypatch, capsys, straight, point, step):
+    """Killed while writing the new checkpoint, between its two renames, or while removing the old
+    one: the folder left is the old or the new checkpoint, whole, and the resumed run ends equal."""
+    out = tmp_path / "run"
+    flags = ["train", "--out", str(out), "--n-train", "64", "--n-eval", "6", "--batch-size", "8", "--max-steps", "8",
+             "--warmup", "2", "--save-every", "3", "--log-every", "100", "--device", "cpu"]
+    run = subprocess.run([sys.executable, "-c", KILLER, ROOT, point, str(out / "checkpoint"), *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -9, run.stderr[-2000:]
+    steps = count_steps(monkeypatch)
+    nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))
+    assert f"at step {step}" in capsys.readouterr().out and len(steps) == 8 - step
+    assert_bitwise_equal(final_state(out), straight[1])
+    assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "data", "metrics.jsonl", "model"]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    nanoattcot.train(config(tmp_path, max_steps=1, resume=True))
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+def test_tampered_trainer_state_is_refused(tmp_path):
+    """trainer_state.pt loads with weights_only: a pickle that would run code is refused, unrun."""
+    nanoattcot.train(config(tmp_path, max_steps=1))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    torch.save({"step": Payload()}, tmp_path / "run" / "checkpoint" / "trainer_state.pt")
+    with pytest.raises(nanoattcot.CheckpointError, match="trainer_state.pt: refused to load"):
+        nanoattcot.train(config(tmp_path, max_steps=2, resume=True))
+    assert not marker.exists()
+
+
+GRAD_DUMP = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import nanoattcot
+dump, real = sys.argv[2], torch.nn.utils.clip_grad_norm_
+
+def clip(params, *args):  # the gradients of the first step as the optimizer gets them (summed, before clipping)
+    params = list(params)
+    if not os.path.exists(dump) and os.environ.get("RANK", "0") == "0":
+        torch.save([p.grad.clone() for p in params], dump)
+    return real(params, *args)
+torch.nn.utils.clip_grad_norm_ = clip
+nanoattcot.main(sys.argv[3:])
+"""
+
+
+def run_dumping_grads(tmp_path, name, flags, launcher=()):
+    """Trains through the command line and returns (metrics rows, first-step gradients)."""
+    script = tmp_path / "grad_dump.py"
+    script.write_text(GRAD_DUMP)
+    run = subprocess.run([sys.executable, *launcher, str(script), ROOT, str(tmp_path / f"{name}.pt"), "train",
+                          "--out", str(tmp_path / name), *flags], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")], torch.load(tmp_path / f"{name}.pt")
+
+
+def assert_same_training(a, b):
+    (rows_a, grads_a), (rows_b, grads_b) = a, b
+    assert len(rows_a) == len(rows_b) == 3
+    for x, y in zip(rows_a, rows_b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+    assert all((ga - gb).norm() <= 1e-5 * ga.norm() + 1e-9 for ga, gb in zip(grads_a, grads_b))
+
+
+COMMON = ["--n-train", "64", "--n-eval", "4", "--max-steps", "3", "--warmup", "1", "--save-every", "0",
+          "--eval-limit", "2", "--device", "cpu"]
+
+
+def test_grad_accum_equals_one_batch_twice_the_size(tmp_path):
+    """Two micro-batches of 8 give the gradient of one batch of 16 (each loss term is divided by its
+    count over the whole step, not per micro-batch)."""
+    one = run_dumping_grads(tmp_path, "one", ["--batch-size", "16", *COMMON])
+    accum = run_dumping_grads(tmp_path, "accum", ["--batch-size", "8", "--grad-accum", "2", *COMMON])
+    assert_same_training(one, accum)
+
+
+def test_two_process_ddp_with_grad_accum_matches_one_process(tmp_path):
+    """2 gloo processes x 2 micro-batches of 2 (the no_sync path) against one process with batch 8:
+    the same losses and the same summed gradients."""
+    flags = [*COMMON, "--vis-target", "none"]
+    one = run_dumping_grads(tmp_path, "one", ["--batch-size", "8", *flags])
+    two = run_dumping_grads(tmp_path, "two", ["--batch-size", "2", "--grad-accum", "2", *flags],
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"))
+    assert_same_training(one, two)
+    summary = json.load(open(tmp_path / "two" / "summary.json"))
+    assert summary["objective"] == "attcot" and summary["config"]["vis_target"] is None
 
 
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
@@ -135,20 +311,3 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     assert result["nonfinite_skipped"] == 1 and len(result["metrics"]) == 3
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    common = ["--n-train", "64", "--n-eval", "4", "--max-steps", "3", "--warmup", "1", "--save-every", "0",
-              "--eval-limit", "2", "--vis-target", "none"]
-    one = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "train", "--out", str(tmp_path / "one"),
-                          "--batch-size", "8", *common], capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          os.path.join(ROOT, "nanoattcot.py"), "train", "--out", str(tmp_path / "two"),
-                          "--batch-size", "4", *common], capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    read = lambda p: [json.loads(l) for l in open(p / "metrics.jsonl")]
-    a, b = read(tmp_path / "one"), read(tmp_path / "two")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
-    summary = json.load(open(tmp_path / "two" / "summary.json"))
-    assert summary["objective"] == "attcot" and summary["config"]["vis_target"] is None

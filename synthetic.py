@@ -1,0 +1,165 @@
+"""
+A synthetic visual reasoning set: shapes in a 3x3 grid, and questions that need looking.
+
+Each record has a rationale that walks the grid one cell per step with a running tally, an answer,
+a question type, and the boxes of the cells the answer depends on. The training split carries a
+text prior (answers skewed per question type: what a model can exploit without looking); the
+evaluation split is balanced and gives each item a counterfactual twin (the same question on a
+minimally edited image whose answer differs).
+
+    python -c "import synthetic; synthetic.make_synthetic('out/data')"
+"""
+import collections
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+KINDS, GRID = ("circle", "square", "triangle"), 3
+
+
+def _render(grid, size):
+    """grid: GRID x GRID of None or (colour, kind, large) -> RGB image; cell boxes are size / GRID."""
+    im = Image.new("RGB", (size, size), (235, 235, 235))
+    draw, cell = ImageDraw.Draw(im), size / GRID
+    for r in range(GRID):
+        for c in range(GRID):
+            if grid[r][c] is None:
+                continue
+            colour, kind, large = grid[r][c]
+            half = cell * (0.4 if large else 0.22)
+            cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
+            box = [cx - half, cy - half, cx + half, cy + half]
+            if kind == "circle":
+                draw.ellipse(box, fill=COLOURS[colour])
+            elif kind == "square":
+                draw.rectangle(box, fill=COLOURS[colour])
+            else:
+                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLOURS[colour])
+    return im
+
+
+def _describe(item):
+    return "nothing" if item is None else f"a {'large' if item[2] else 'small'} {item[0]} {item[1]}"
+
+
+def _solve(grid, q):
+    """(answer, rationale, cells the answer depends on) for question q on grid. The rationale walks
+    the cells row by row (a cell question stops at its cell) and keeps a running tally of the shapes
+    the question asks about, so each step is one look and the summary copies the latest one."""
+    tally = collections.Counter()
+
+    def tag(r, c):  # what this cell adds to the tally, if anything
+        item = grid[r][c]
+        if item and item[1] in q.get("kinds", ()):  # count and compare: the shape word just said decides
+            key = item[1]
+        elif q["type"] == "cell" and (r, c) == tuple(q["cell"]):
+            return " (this one)"
+        else:
+            return ""
+        tally[key] += 1
+        return f" ({key} {tally[key]})"
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells  # up to the asked cell
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked if rr == r) + "."
+                    for r in sorted({r for r, _ in walked}))
+    if q["type"] == "count":
+        hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
+        return str(len(hits)), f"{walk} So {len(hits)} {q['kinds'][0]}s.", hits
+    if q["type"] == "compare":
+        k1, k2 = q["kinds"]
+        a, b = ([(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == k] for k in (k1, k2))
+        ans = "yes" if len(a) > len(b) else "no"
+        return ans, f"{walk} So {len(a)} {k1}s and {len(b)} {k2}s.", a + b
+    r, c = q["cell"]
+    return grid[r][c][0], f"{walk} So the colour is {grid[r][c][0]}.", [(r, c)]
+
+
+def _question_text(q):
+    if q["type"] == "count":
+        return f"How many {q['kinds'][0]}s are there?"
+    if q["type"] == "compare":
+        return f"Are there more {q['kinds'][0]}s than {q['kinds'][1]}s?"
+    return f"What colour is the shape in row {q['cell'][0] + 1}, column {q['cell'][1] + 1}?"
+
+
+def _random_item(rng, colours=tuple(COLOURS), kinds=KINDS):
+    return (colours[rng.integers(len(colours))], kinds[rng.integers(len(kinds))], bool(rng.integers(2)))
+
+
+def _sample(rng, qtype, skewed):
+    """A grid and question whose answer follows a skewed (training text prior) or uniform distribution."""
+    grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)] for _ in range(GRID)]
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    order = [cells[i] for i in rng.permutation(len(cells))]
+    if qtype == "count":
+        kind = KINDS[rng.integers(3)]
+        n = int(rng.choice(5, p=[0.1, 0.6, 0.1, 0.1, 0.1] if skewed else None))
+        others = tuple(k for k in KINDS if k != kind)
+        for i, (r, c) in enumerate(order):  # exactly n shapes of that kind
+            if i < n:
+                grid[r][c] = _random_item(rng, kinds=(kind,))
+            elif grid[r][c] and grid[r][c][1] == kind:
+                grid[r][c] = _random_item(rng, kinds=others)
+        q = {"type": "count", "kinds": (kind,)}
+    elif qtype == "compare":
+        k1, k2 = (KINDS[i] for i in rng.permutation(3)[:2])
+        yes = rng.random() < (0.8 if skewed else 0.5)
+        n1, n2 = sorted(rng.choice(4, 2, replace=False))[::-1] if yes else sorted(rng.choice(4, 2))
+        for i, (r, c) in enumerate(order):
+            kind = k1 if i < n1 else k2 if i < n1 + n2 else KINDS[3 - KINDS.index(k1) - KINDS.index(k2)]
+            grid[r][c] = _random_item(rng, kinds=(kind,)) if i < n1 + n2 or grid[r][c] else None
+        q = {"type": "compare", "kinds": (k1, k2)}
+    else:
+        r, c = order[0]
+        colour = "red" if skewed and rng.random() < 0.6 else list(COLOURS)[rng.integers(4)]
+        grid[r][c] = _random_item(rng, (colour,))
+        q = {"type": "cell", "cell": (r, c)}
+    return grid, q
+
+
+def _twin(rng, grid, q):
+    """The counterfactual: the same question on a minimally edited grid whose answer differs."""
+    answer = _solve(grid, q)[0]
+    for _ in range(100):
+        g = [row[:] for row in grid]
+        r, c = int(rng.integers(GRID)), int(rng.integers(GRID))
+        if q["type"] == "cell":
+            r, c = q["cell"]
+        g[r][c] = _random_item(rng) if q["type"] != "count" or rng.random() < 0.7 else None
+        if _solve(g, q)[0] != answer:
+            return g
+    return None
+
+
+def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
+    """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
+    (balanced, each item with a counterfactual twin: same question, edited image, other answer),
+    with PNGs under images/. Each record keeps the boxes of the cells its answer depends on."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    cell = image_size / GRID
+    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell), round((rc[0] + 1) * cell)]
+
+    def record(name, grid, q, **extra):
+        _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
+        answer, rationale, cells = _solve(grid, q)
+        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q), "rationale": rationale,
+                "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
+
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+            i = 0
+            while i < n:
+                qtype = ("count", "compare", "cell")[i % 3]
+                grid, q = _sample(rng, qtype, skewed=split == "train")
+                if split == "eval":
+                    twin = _twin(rng, grid, q)
+                    if twin is None:
+                        continue
+                    f.write(json.dumps(record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")) + "\n")
+                f.write(json.dumps(record(f"{split}{i:05d}", grid, q)) + "\n")
+                i += 1
+    return os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
