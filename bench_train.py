@@ -1,13 +1,19 @@
 """
 Training-step cost of the Att-CoT objective next to CoT-SFT: a SmolVLM-256M-shaped model (random
 init), bf16 autocast, sequence 2048 with 1088 image tokens (17 tiles of 64), batch 8. Tokens/s and
-peak memory for sft, attcot with the CUDA kernel, and attcot with the PyTorch reference path.
+peak memory for sft, attcot with the CUDA kernel, attcot with the PyTorch reference path, and
+attcot with the stock SDPA route (V = the group bits). Each objective runs in its own process, so
+one's allocator state never inflates the next one's peak.
 
     python bench_train.py               # GPU
+    python bench_train.py --activation-checkpointing --batch 8
     python bench_train.py --tiny        # a quick check of the script on CPU
     python bench_train.py --cpu --batch 1 --steps 1   # the activation memory ratio without a GPU
 """
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -47,12 +53,19 @@ def saved_for_backward(model, fn):
     return out, sum(storages.values())
 
 
+RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"),
+        "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa")}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8, help="8 is the target shape; it needs more than 80 GB for attcot here")
+    p.add_argument("--batch", type=int, default=8, help="8 is the target shape")
     p.add_argument("--cpu", action="store_true", help="the 256M shape on CPU (slow: use --batch 1 --steps 1)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated, from: " + ", ".join(RUNS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this one objective and print its row as JSON
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.tiny or args.cpu) else "cpu")
     if args.tiny:
@@ -60,54 +73,64 @@ def main():
         B, T, tiles = 2, 128, 4
     else:  # REFERENCE.md section 1: SmolVLM-256M
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch, 2048, 17
-    batch = make_batch(cfg, B, T, tiles, device)
     layers = list(range(cfg.text.num_hidden_layers))
+    if args.one is None:  # each objective in a fresh process
+        rows = []
+        for name in args.runs.split(","):
+            if device.type != "cuda" and name == "attcot (kernel)":
+                continue  # the kernel needs a GPU
+            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], capture_output=True, text=True)
+            sys.stdout.write(run.stdout.split("ROW ")[0])
+            rows.append(json.loads(run.stdout.split("ROW ")[1]) if "ROW " in run.stdout else
+                        [name, *[float("nan")] * 5])
+            if run.returncode:
+                print(f"  {name}: failed\n{run.stderr[-1500:]}")
+        return print_table(rows, device, B, T, tiles, cfg, layers, args)
+    batch = make_batch(cfg, B, T, tiles, device)
     peak_flops = nanoattcot.peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
-    rows = []
-    for name, objective, impl in (("sft", "sft", "auto"), ("attcot (kernel)", "attcot", "auto"),
-                                  ("attcot (reference)", "attcot", "reference")):
-        torch.manual_seed(0)
-        model = VLM(cfg).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
-        counts = nanoattcot.step_counts([batch])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    name = args.one
+    objective, impl = RUNS[name]
+    torch.manual_seed(0)
+    model = VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
+    counts = nanoattcot.step_counts([batch])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-        def step(measure=False):  # measure: count what is saved for the backward (only in the warm-up)
-            forward = lambda: nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
-            with autocast:
-                loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return saved
-        try:
-            saved = step(measure=True) / 2**30  # warm-up (and the extension build)
-        except torch.OutOfMemoryError:
-            print(f"{name}: out of memory")
-            rows.append((name, *[float("nan")] * 5))
-            del model, opt
-            torch.cuda.empty_cache()
-            continue
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / args.steps
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (peak_flops or float("nan"))
-        rows.append((name, B * T / dt, dt, peak, saved, 100 * mfu))
-        print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
-        del model, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def step(measure=False):  # measure: count what is saved for the backward (only in the warm-up)
+        forward = lambda: nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
+        with autocast:
+            loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return saved
+    try:
+        saved = step(measure=True) / 2**30  # warm-up (and the extension build)
+    except torch.OutOfMemoryError:
+        print(f"  {name}: out of memory")
+        print("ROW " + json.dumps([name, *[float("nan")] * 5]))
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (peak_flops or float("nan"))
+    print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
+    print("ROW " + json.dumps([name, B * T / dt, dt, peak, saved, 100 * mfu]))
+
+
+def print_table(rows, device, B, T, tiles, cfg, layers, args):
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
-          f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps")
+          f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}; each objective in its own process")
     print("peak: the device's peak allocation (GPU only); saved: what autograd keeps for the backward")
     print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x peak':>7s} "
           f"{'saved GiB':>10s} {'x saved':>8s} {'MFU %':>6s}")

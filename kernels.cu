@@ -10,7 +10,8 @@
 //   c_i = sum_g dm_i(g) m_i(g) is one number per row, computed once on the host.
 //   One block per (key tile, kv head) loops over the query heads that share it (GQA) and their query
 //   tiles: dK stays in registers; dS K goes to an fp32 dQ with atomics (all key tiles add to a row).
-// Names follow the flash-attention papers: Br x Bc tiles, S the score tile, P the dS tile.
+// Names follow the flash-attention papers: Br x Bc tiles, S the score tile (St = S^T in the
+// backward), dSt the dS^T tile; g is the fragment row of a lane, gi a group index.
 // Matmuls run on tensor cores (mma.sync m16n8k16, operands from shared memory through ldmatrix, the
 // score tile in registers) for 16-bit inputs; fp32 inputs compute the same fragments with FMAs.
 // tests/emulate_kernels.cpp runs this file on the CPU, so CI checks its indexing without a GPU.
@@ -19,8 +20,10 @@
 #include <cstdint>
 #include <type_traits>
 
-constexpr int Br = 64, Bc = 64, NT = 128;  // rows and columns of a tile; 4 warps of 16 rows each
+constexpr int NT = 128, WARPS = NT / 32;   // threads per block; each warp owns 16 rows of a tile
+constexpr int Br = 16 * WARPS, Bc = Br;     // query rows and key columns of a tile: 64 x 64
 constexpr int MAXG = 8;                     // groups per pass: the bits of a uint8; kernels take NG = 2 or 8
+static_assert(Br == 64 && Bc == Br, "load_tile, the group bits and Smem are laid out for square 64-row tiles");
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <typename T> constexpr bool is_f32() { return std::is_same<T, float>::value; }
@@ -28,6 +31,17 @@ template <typename T, int W> constexpr int ld() { return W + 16 / (int)sizeof(T)
 
 // ---------------------------------------------------------------------------------------------
 // warp-level tensor-core instructions (the CPU emulator supplies its own versions of these three)
+//
+// mma.sync m16n8k16: one warp computes D (16x8, fp32) += A (16x16) B (16x8). Lane l = 4g + t holds
+//
+//        A (16 x 16)                   B (16 x 8)            D (16 x 8)
+//      cols 2t,2t+1  2t+8,+9          col g                  cols 2t, 2t+1
+//   row g    [a0]      [a2]       rows 2t,2t+1    [b0]     row g    [d0 d1]
+//   row g+8  [a1]      [a3]       rows 2t+8,+9    [b1]     row g+8  [d2 d3]
+//
+// (each a_i, b_i one 32-bit register = two 16-bit values). ldmatrix.x4 fills such registers from
+// shared memory: four 8x8 matrices, lane l pointing at row l % 8 of matrix l / 8; with .trans each
+// matrix arrives transposed, which is how a k-major (transposed) operand is loaded.
 #ifndef EMULATE_ON_CPU
 // Four 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8 and receives,
 // from matrix r into reg[r], row l / 4, columns 2 (l % 4) and +1 (trans: rows 2 (l % 4), +1 of column l / 4).
@@ -54,6 +68,23 @@ template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], co
 }
 #endif
 
+// The A fragment of rows 0-15, columns k..k+15 of A: matrices (m 0-7, k 0-7), (m 8-15, k 0-7),
+// (m 0-7, k 8-15), (m 8-15, k 8-15) -> a[0..3]. kmajor: A is stored transposed (A(m, k) = A[k * lda + m]).
+template <bool kmajor, typename T> __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const T* A, int lda, int k) {
+  const int mat = threadIdx.x % 32 / 8, row = threadIdx.x % 8;  // this lane addresses row `row` of matrix `mat`
+  if constexpr (kmajor) ldmatrix_x4<true>(a, A + (k + 8 * (mat / 2) + row) * lda + 8 * (mat % 2));
+  else ldmatrix_x4<false>(a, A + (8 * (mat % 2) + row) * lda + k + 8 * (mat / 2));
+}
+
+// Two B fragments, rows k..k+15 and columns 8n..8n+15 of B: matrices (k 0-7, n 0-7), (k 8-15, n 0-7)
+// -> b[0], b[1] (columns 8n..8n+7), then (k 0-7, n 8-15), (k 8-15, n 8-15) -> b[2], b[3].
+// kmajor: B(k, n) = B[k * ldb + n]; else B is stored n-major (B(k, n) = B[n * ldb + k]).
+template <bool kmajor, typename T> __device__ __forceinline__ void load_b_fragments(uint32_t (&b)[4], const T* B, int ldb, int k, int n) {
+  const int mat = threadIdx.x % 32 / 8, row = threadIdx.x % 8;
+  if constexpr (kmajor) ldmatrix_x4<true>(b, B + (k + 8 * (mat % 2) + row) * ldb + 8 * n + 8 * (mat / 2));
+  else ldmatrix_x4<false>(b, B + (8 * n + 8 * (mat / 2) + row) * ldb + k + 8 * (mat % 2));
+}
+
 // acc (16 x 8N, this warp's output tile, in mma fragments) += A (16 x K) B (K x 8N), A and B in
 // shared memory with row strides lda, ldb. *_kmajor says how each is stored:
 //   A(m, k) = a_kmajor ? A[k * lda + m] : A[m * lda + k];   B(k, n) = b_kmajor ? B[k * ldb + n] : B[n * ldb + k]
@@ -74,17 +105,14 @@ __device__ __forceinline__ void mma_tile(float (&acc)[N][4], const T* A, int lda
         acc[n][e] = sum;
       }
   } else {
-    const int mat = lane / 8, row = lane % 8;  // this lane addresses row `row` of 8x8 matrix `mat`
 #pragma unroll
     for (int k = 0; k < K; k += 16) {
-      uint32_t a[4];  // matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15)
-      if constexpr (a_kmajor) ldmatrix_x4<true>(a, A + (k + 8 * (mat / 2) + row) * lda + 8 * (mat % 2));
-      else ldmatrix_x4<false>(a, A + (8 * (mat % 2) + row) * lda + k + 8 * (mat / 2));
+      uint32_t a[4];
+      load_a_fragment<a_kmajor>(a, A, lda, k);
 #pragma unroll
       for (int n = 0; n < N; n += 2) {
-        uint32_t b[4];  // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-        if constexpr (b_kmajor) ldmatrix_x4<true>(b, B + (k + 8 * (mat % 2) + row) * ldb + 8 * n + 8 * (mat / 2));
-        else ldmatrix_x4<false>(b, B + (8 * n + 8 * (mat / 2) + row) * ldb + k + 8 * (mat % 2));
+        uint32_t b[4];
+        load_b_fragments<b_kmajor>(b, B, ldb, k, n);
         mma16816<T>(acc[n], a, b[0], b[1]);
         mma16816<T>(acc[n + 1], a, b[2], b[3]);
       }
@@ -92,11 +120,11 @@ __device__ __forceinline__ void mma_tile(float (&acc)[N][4], const T* A, int lda
   }
 }
 
-// dst[r][:] = src[row0 + r][:] for r < 64 (zeros past n_rows), in 16-byte vectors. src rows are D
+// dst[r][:] = src[row0 + r][:] for r < Br (zeros past n_rows), in 16-byte vectors. src rows are D
 // contiguous elements; src is 16-byte aligned (the host checks).
 template <typename T, int D> __device__ void load_tile(T* dst, const T* src, int row0, int n_rows) {
   constexpr int V = 16 / sizeof(T), VPR = D / V;  // elements per vector, vectors per row
-  for (int idx = threadIdx.x; idx < 64 * VPR; idx += NT) {
+  for (int idx = threadIdx.x; idx < Br * VPR; idx += NT) {
     const int r = idx / VPR, v = idx % VPR;
     uint4 x = make_uint4(0, 0, 0, 0);
     if (row0 + r < n_rows) x = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * D + v * V);
@@ -113,17 +141,18 @@ template <typename T> __device__ __forceinline__ void store2(T* p, float a, floa
 // Shared memory, carved in 16-byte aligned pieces (ldmatrix rows must be): Q and K tiles, the group
 // bits of the key tile, row positions; the backward adds the dS^T tile and per-row L, c and dm.
 template <typename T, int D> struct Smem {
-  T *Q, *K, *P; uint8_t* grp; int* pos; float *row_L, *row_c, *row_dm;
-  static constexpr int tile = 64 * ld<T, D>() * sizeof(T), ptile = 64 * ld<T, Br>() * sizeof(T);
+  T *Q, *K, *dSt; uint8_t* grp; int* pos; float *row_L, *row_c, *row_dm;
+  static constexpr int tile = Br * ld<T, D>() * sizeof(T), dst_tile = Bc * ld<T, Br>() * sizeof(T);
+  static_assert(Bc % 16 == 0 && (Br * 4) % 16 == 0, "every piece starts 16-byte aligned");
   static constexpr int bytes(bool backward) {
-    return 2 * tile + 64 + Br * 4 + (backward ? ptile + 2 * Br * 4 + Br * MAXG * 4 : 0);
+    return 2 * tile + Bc + Br * 4 + (backward ? dst_tile + 2 * Br * 4 + Br * MAXG * 4 : 0);
   }
   __device__ Smem(char* p) {
     Q = (T*)p; p += tile;
     K = (T*)p; p += tile;
-    grp = (uint8_t*)p; p += 64;
+    grp = (uint8_t*)p; p += Bc;
     pos = (int*)p; p += Br * 4;
-    P = (T*)p; p += ptile;  // backward only from here on
+    dSt = (T*)p; p += dst_tile;  // backward only from here on
     row_L = (float*)p; p += Br * 4;
     row_c = (float*)p; p += Br * 4;
     row_dm = (float*)p;
@@ -188,7 +217,7 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
       const float alpha = exp2f(m[e] - m_safe);                 // rescale what was summed so far
       l[e] *= alpha;
 #pragma unroll
-      for (int q = 0; q < NG; q++) lg[e][q] *= alpha;
+      for (int gi = 0; gi < NG; gi++) lg[e][gi] *= alpha;
       m[e] = m_new;
 #pragma unroll
       for (int n = 0; n < Bc / 8; n++)
@@ -197,7 +226,7 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
           const uint8_t bits = sm.grp[8 * n + 2 * t + j];
           l[e] += p;
 #pragma unroll
-          for (int q = 0; q < NG; q++) lg[e][q] += (bits >> q & 1) ? p : 0.f;
+          for (int gi = 0; gi < NG; gi++) lg[e][gi] += (bits >> gi & 1) ? p : 0.f;
         }
     }
   }
@@ -205,10 +234,10 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
     const float l_row = quad_sum(l[e]);
     float lg_row[NG];
 #pragma unroll
-    for (int q = 0; q < NG; q++) lg_row[q] = quad_sum(lg[e][q]);
+    for (int gi = 0; gi < NG; gi++) lg_row[gi] = quad_sum(lg[e][gi]);
     const int i = row0 + 16 * warp + g + 8 * e;
     if (t == 0 && i < Nq) {
-      for (int q = 0; q < G; q++) mass[(bh * Nq + i) * G + q] = l_row > 0.f ? lg_row[q] / l_row : 0.f;
+      for (int gi = 0; gi < G; gi++) mass[(bh * Nq + i) * G + gi] = l_row > 0.f ? lg_row[gi] / l_row : 0.f;
       lse[bh * Nq + i] = l_row > 0.f ? (m[e] + log2f(l_row)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
     }
   }
@@ -245,38 +274,38 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
         sm.pos[r] = i < Nq ? min(q_pos[(size_t)b * Nq + i], Tk - 1) : -1;
         sees_keys |= sm.pos[r] >= k0;
         sm.row_L[r] = i < Nq ? lse[bh * Nq + i] * LOG2E : INFINITY;
-        for (int q = 0; q < MAXG; q++) sm.row_dm[r * MAXG + q] = i < Nq && q < G ? dmass[(bh * Nq + i) * G + q] : 0.f;
+        for (int gi = 0; gi < MAXG; gi++) sm.row_dm[r * MAXG + gi] = i < Nq && gi < G ? dmass[(bh * Nq + i) * G + gi] : 0.f;
         sm.row_c[r] = i < Nq ? row_c[bh * Nq + i] : 0.f;
       }
       if (!__syncthreads_or(sees_keys)) continue;  // no row of this tile sees these keys
       load_tile<T, D>(sm.Q, q + bh * Nq * D, row0, Nq);
       __syncthreads();
 
-      float S[Br / 8][4] = {};  // S^T: this warp's 16 keys x Br query rows
-      mma_tile<T, Br / 8, D, false, false>(S, sm.K + 16 * warp * LD, LD, sm.Q, LD);
+      float St[Br / 8][4] = {};  // S^T = K Q^T: this warp's 16 keys x Br query rows
+      mma_tile<T, Br / 8, D, false, false>(St, sm.K + 16 * warp * LD, LD, sm.Q, LD);
 #pragma unroll
       for (int n = 0; n < Br / 8; n++) {
-        float dS[2][2];  // [key e][query row 8n + 2t + j], from S[n][2e + j]
+        float dS[2][2];  // [key e][query row 8n + 2t + j], from St[n][2e + j]
         for (int j = 0; j < 2; j++) {
           const int r = 8 * n + 2 * t + j;
           const float L = sm.row_L[r], c = sm.row_c[r];
           float dm[NG];
 #pragma unroll
-          for (int q = 0; q < NG; q++) dm[q] = sm.row_dm[r * MAXG + q];
+          for (int gi = 0; gi < NG; gi++) dm[gi] = sm.row_dm[r * MAXG + gi];
           for (int e = 0; e < 2; e++) {
             float w = 0.f;  // sum of dm over the groups of key e
 #pragma unroll
-            for (int q = 0; q < NG; q++) w += (bits[e] >> q & 1) ? dm[q] : 0.f;
-            dS[e][j] = key[e] <= sm.pos[r] ? exp2f(S[n][2 * e + j] * scale2 - L) * (w - c) : 0.f;
+            for (int gi = 0; gi < NG; gi++) w += (bits[e] >> gi & 1) ? dm[gi] : 0.f;
+            dS[e][j] = key[e] <= sm.pos[r] ? exp2f(St[n][2 * e + j] * scale2 - L) * (w - c) : 0.f;
           }
         }
-        for (int e = 0; e < 2; e++) store2(sm.P + (16 * warp + g + 8 * e) * LP + 8 * n + 2 * t, dS[e][0], dS[e][1]);
+        for (int e = 0; e < 2; e++) store2(sm.dSt + (16 * warp + g + 8 * e) * LP + 8 * n + 2 * t, dS[e][0], dS[e][1]);
       }
       __syncwarp();  // dK reads only this warp's rows of dS^T
-      mma_tile<T, D / 8, Br, false, true>(dK, sm.P + 16 * warp * LP, LP, sm.Q, LD);
+      mma_tile<T, D / 8, Br, false, true>(dK, sm.dSt + 16 * warp * LP, LP, sm.Q, LD);
       __syncthreads();  // dQ reads every warp's dS^T
       float dQ[D / 8][4] = {};  // rows 16 warp + g (+8) of the query tile
-      mma_tile<T, D / 8, Bc, true, true>(dQ, sm.P + 16 * warp, LP, sm.K, LD);
+      mma_tile<T, D / 8, Bc, true, true>(dQ, sm.dSt + 16 * warp, LP, sm.K, LD);
       for (int e = 0; e < 2; e++) {
         const int i = row0 + 16 * warp + g + 8 * e;
         if (i >= Nq) continue;
@@ -317,6 +346,7 @@ template <typename F> bool dispatch(int dtype, int D, int G, F&& f) {
 #ifndef EMULATE_ON_CPU
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 static int dtype_code(const at::Tensor& x) {
@@ -336,8 +366,11 @@ static at::Tensor aligned(const at::Tensor& x) {  // 16-byte vector loads need 1
 static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos, const at::Tensor& grp, int G) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && q_pos.is_cuda() && grp.is_cuda(), "attention_mass: CUDA tensors expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q_pos.is_contiguous() && grp.is_contiguous(), "attention_mass: contiguous inputs expected");
+  TORCH_CHECK(k.device() == q.device() && q_pos.device() == q.device() && grp.device() == q.device(), "attention_mass: inputs on different devices");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3), "attention_mass: q (B,Hq,Nq,D), k (B,Hkv,Tk,D)");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "attention_mass: Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention_mass: Hq must be a multiple of Hkv >= 1");
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q.size(0) && q_pos.size(1) == q.size(2), "attention_mass: q_pos (B,Nq)");
+  TORCH_CHECK(grp.dim() == 2 && grp.size(0) == k.size(0) && grp.size(1) == k.size(2), "attention_mass: key_groups (B,Tk)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "attention_mass: q and k dtypes differ");
   TORCH_CHECK(q_pos.scalar_type() == at::kInt && grp.scalar_type() == at::kByte, "attention_mass: q_pos int32, key_groups uint8");
   TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "attention_mass: head dim ", q.size(3), " not compiled (64, 128)");
@@ -345,6 +378,7 @@ static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups, int64_t G, double scale) {
+  const c10::cuda::CUDAGuard device_guard(q.device());  // launch on q's GPU, not the current one
   q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
@@ -367,8 +401,10 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at
 std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups,
                                  at::Tensor mass, at::Tensor lse, double scale) {
   const int G = mass.size(3);
+  const c10::cuda::CUDAGuard device_guard(q.device());
   q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
+  TORCH_CHECK(dmass.sizes() == mass.sizes(), "attention_mass: dmass and mass shapes differ");
   dmass = dmass.contiguous().to(at::kFloat);
   auto row_c = (dmass * mass).sum(-1).contiguous();  // (B, Hq, Nq): the same for every key tile
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Tk = k.size(2);

@@ -11,6 +11,8 @@ Attention mass over masked key groups, without materialising the attention matri
 Differentiable in q and k. On CUDA it runs kernels.cu (built on first use with
 torch.utils.cpp_extension); elsewhere, or when the build fails, the chunked PyTorch reference
 below, which follows the same math (forward with the row log-sum-exp, backward recomputing p).
+impl="sdpa" is the stock route a user could take instead: the mass is attention with V = the
+one-hot group bits, so one scaled_dot_product_attention call gives it (bench_kernels.py times both).
 
     python kernels.py --build    build the extension (no GPU needed; CI does this)
     python kernels.py --check    the CUDA op against the reference on random inputs (GPU)
@@ -65,6 +67,9 @@ def _warn_once(key, message):
 
 def _use_cuda(q):
     if not q.is_cuda:
+        return False
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        _warn_once("dtype", f"attention_mass: {q.dtype} has no CUDA kernel (fp32, bf16, fp16); using the PyTorch reference")
         return False
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         _warn_once("dim", f"attention_mass: head dim {q.shape[-1]} has no CUDA kernel "
@@ -136,6 +141,20 @@ def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=2
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
+def sdpa_mass(q, k, q_pos, key_groups, num_groups, scale):
+    """The stock route: m_i(G) = sum_j p_ij bits_j(G) is attention with V = the group bits, so one
+    SDPA call gives the masses, and autograd their gradients. V is padded to the head dim (the fused
+    backends want it); the visibility mask is a dense (B, 1, Nq, Tk) bool. A row that sees no key is
+    let see key 0, then zeroed (a fully masked row would give NaN)."""
+    B, Hq, Nq, D = q.shape
+    bits = _group_bits(key_groups, num_groups, q.dtype)  # (B, 1, Tk, G)
+    v = torch.nn.functional.pad(bits, (0, max(D - num_groups, 0))).expand(-1, k.shape[1], -1, -1)
+    visible = torch.arange(k.shape[2], device=q.device) <= q_pos.clamp(min=0)[:, None, :, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale,
+                                                           enable_gqa=Hq != k.shape[1])
+    return out[..., :num_groups].float() * (q_pos >= 0)[:, None, :, None]
+
+
 # -----------------------------------------------------------------------------
 # the op: torch.library custom ops, so autograd and torch.compile see one opaque node
 
@@ -187,14 +206,24 @@ _mass_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto"):
-    """See the module docstring. impl: "auto" (CUDA kernel when possible), "cuda" or "reference"."""
-    if q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+    """See the module docstring. impl: "auto" (the CUDA kernel when it can run, else the reference),
+    "cuda", "reference" or "sdpa" (one stock attention call with V = the group bits)."""
+    if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1]
+            or q.shape[0] != k.shape[0]):
         raise ValueError(f"attention_mass: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit "
-                         "(B, Hq, Nq, D) and (B, Hkv, Tk, D) with Hq a multiple of Hkv")
+                         "(B, Hq, Nq, D) and (B, Hkv, Tk, D) with Hq a multiple of Hkv >= 1")
+    if tuple(q_pos.shape) != (q.shape[0], q.shape[2]) or q_pos.dtype.is_floating_point:
+        raise ValueError(f"attention_mass: q_pos must be integer (B, Nq) = {(q.shape[0], q.shape[2])}; "
+                         f"got {q_pos.dtype} {tuple(q_pos.shape)}")
+    if len({q.device, k.device, q_pos.device, key_groups.device}) > 1:
+        raise ValueError(f"attention_mass: inputs on different devices (q {q.device}, k {k.device}, "
+                         f"q_pos {q_pos.device}, key_groups {key_groups.device})")
     if not 1 <= num_groups <= 8 or key_groups.dtype != torch.uint8 or key_groups.shape != (k.shape[0], k.shape[2]):
         raise ValueError(f"attention_mass: key_groups must be uint8 (B, Tk) = {(k.shape[0], k.shape[2])} and "
                          f"num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, {num_groups}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "sdpa":
+        return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
     use_cuda = {"auto": _use_cuda(q), "cuda": True, "reference": False}[impl]
     mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
     return mass

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class CheckpointError(ValueError):
@@ -114,6 +115,14 @@ class VLMConfig:
         }
 
 
+def run_block(block, recompute, *args):
+    """block(*args); with recompute (activation checkpointing) while training, its activations are
+    not kept but recomputed in the backward: memory per block drops to its input."""
+    if recompute and block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 # -----------------------------------------------------------------------------
 # vision tower: SigLIP over a variable-size patch grid
 
@@ -176,12 +185,13 @@ class VisionTower(nn.Module):
         self.embeddings = VisionEmbeddings(c)
         self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.recompute = False  # activation checkpointing (VLM.checkpoint_activations)
 
     def forward(self, pixels, patch_mask):  # (n, 3, H, W), (n, H/p, W/p) -> (n, S, D)
         x = self.embeddings(pixels, patch_mask)
         key_mask = None if patch_mask.all() else patch_mask.flatten(1)[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = run_block(layer, self.recompute, x, key_mask)
         return self.post_layernorm(x)
 
 
@@ -280,7 +290,14 @@ class VLM(nn.Module):
         self.lm_head = nn.Linear(c.text.hidden_size, c.text.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.recompute = False
         self.apply(self._init_weights)
+
+    def checkpoint_activations(self, on=True):
+        """Activation checkpointing for every vision and decoder block: recomputed in the backward.
+        Attention masses are taken from the q, k each block returns, so they are unaffected."""
+        self.recompute = self.vision.recompute = on
+        return self
 
     @staticmethod
     def _init_weights(m):  # for from-scratch models; loading overwrites everything
@@ -329,7 +346,7 @@ class VLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
         masses = {}
         for i, layer in enumerate(self.layers):
-            x, q, k = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            x, q, k = run_block(layer, self.recompute, x, cos, sin, mask, None if cache is None else cache[i])
             if i in mass_layers:
                 masses[i] = mass_fn(i, q, k)
         return self.lm_head(self.norm(x)), masses

@@ -140,7 +140,7 @@ class ConfigError(ValueError):
     """A flag value out of its range or choices: the command line prints the message alone."""
 
 
-OBJECTIVES, MASS_IMPLS = ("sft", "attcot"), ("auto", "cuda", "reference")
+OBJECTIVES, MASS_IMPLS = ("sft", "attcot"), ("auto", "cuda", "reference", "sdpa")
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
@@ -159,7 +159,7 @@ class TrainConfig:
     vis_target: float = 0.5         # floor t: only rationale steps with m(V) < t are pushed (None: all)
     eps: float = 1e-6
     layers: str = "all"             # "all" or comma-separated layer indices
-    mass_impl: str = "auto"         # auto | cuda | reference
+    mass_impl: str = "auto"         # one of MASS_IMPLS (kernels.attention_mass)
     measure_vas: bool = False       # compute masses (and log VAS) even for sft
     batch_size: int = 32
     grad_accum: int = 1
@@ -172,6 +172,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_len: int = 2048
     freeze_vision: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     compile: bool = False
     peak_tflops: float = 0.0        # the accelerator's dense bf16 peak for MFU; 0: looked up from the GPU's name
     eval_every: int = 0             # 0: at the end only
@@ -337,7 +338,7 @@ def train(cfg: TrainConfig):
         texts = [r["question"] + " " + r["reply"] for r in train_records]
         proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
         model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
-    model.to(device)
+    model.to(device).checkpoint_activations(cfg.activation_checkpointing)
     examples = data.encode_all(proc, train_records, cfg.max_len, skips)
     if not examples:
         raise data.DataError(f"{train_path}: no usable training record ({skips})")

@@ -85,6 +85,24 @@ def test_gradcheck_and_opcheck():
                           (torch.randn_like(mass), q.detach(), k.detach(), q_pos, groups, mass.detach(), lse.detach(), 0.35, False))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sdpa_route_matches_brute_force(shape):
+    """impl="sdpa" (attention with V = the group bits): masses and gradients, rows that see nothing."""
+    B, Hq, Hkv, Nq, Tk, D, G = shape
+    q, k, q_pos, groups = random_inputs(*shape, dtype=torch.float64)
+    q_pos[0, 0] = -1
+    upstream = torch.randn(B, Hq, Nq, G, dtype=torch.float64)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = kernels.attention_mass(q1, k1, q_pos, groups, G, impl="sdpa")
+    (got * upstream).sum().backward()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    want = brute_force(q2, k2, q_pos, groups, G)
+    (want * upstream).sum().backward()
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-5 and (got[0, :, 0] == 0).all()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(k1.grad, k2.grad, atol=1e-5)
+    assert (q1.grad[0, :, 0] == 0).all()
+
+
 def test_bad_shapes_are_named():
     q, k, q_pos, groups = random_inputs(1, 3, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
@@ -92,6 +110,13 @@ def test_bad_shapes_are_named():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match="uint8"):
         kernels.attention_mass(q, k, q_pos, groups.long())
+    with pytest.raises(ValueError, match=r"q_pos must be integer \(B, Nq\) = \(1, 4\); got torch.int64 \(1, 1\)"):
+        kernels.attention_mass(q, k, q_pos[:, :1], groups)  # would read past q_pos for rows >= 1
+    q2, k2, q_pos2, groups2 = random_inputs(2, 4, 2, 4, 6, 8, 1)
+    with pytest.raises(ValueError, match=r"q_pos must be integer \(B, Nq\) = \(2, 4\)"):
+        kernels.attention_mass(q2, k2, q_pos2[:1], groups2)  # (1, Nq) for B = 2
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv >= 1"):
+        kernels.attention_mass(q, k[:, :0], q_pos, groups)  # Hkv = 0
 
 
 # --- kernels.cu itself on the CPU (tests/emulate_kernels.cpp runs its threads and warp instructions)
@@ -197,6 +222,23 @@ def test_cuda_matches_reference(shape, dtype, tol):
     for got, want in zip(outs["cuda"], outs["reference"]):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < tol
+
+
+@cuda
+def test_cuda_float64_falls_back_to_the_reference():
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 30, 40, 64, 2, dtype=torch.float64, device="cuda", seed=6)
+    with pytest.warns(UserWarning, match="float64 has no CUDA kernel"):
+        got = kernels.attention_mass(q, k, q_pos, groups, 2)
+    assert torch.equal(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_runs_on_the_inputs_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernel must launch on cuda:1."""
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 70, 90, 64, 2, dtype=torch.bfloat16, device="cuda:1", seed=7)
+    got = kernels.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
+    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference")
+    assert got.device == q.device and rel_err(got, want) < 1e-2
 
 
 @cuda

@@ -65,8 +65,8 @@ def test_loss_terms_match_materialised_attention(trained):
     m_v = (A * (spans == data.V)[:, None, :]).sum(-1)
     m_rv = (A * ((spans == data.V) | (spans == data.R))[:, None, :]).sum(-1)
     in_r, in_a = spans == data.R, spans == data.A
-    for floor in (None, float(m_v[in_r].median())):  # no floor, and one that half the steps are above
-        cfg = TrainConfig(objective="attcot", mass_impl="reference", vis_target=floor)
+    for floor, impl in ((None, "reference"), (float(m_v[in_r].median()), "reference"), (None, "sdpa")):
+        cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)  # floor: half the steps above it
         terms = {k: v.detach() for k, v in nanoattcot.loss_terms(model, batch, cfg, layers).items()}
         want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
         assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
@@ -74,6 +74,32 @@ def test_loss_terms_match_materialised_attention(trained):
         assert abs(float(terms["ans_sum"] / terms["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
+    """Recomputing every vision and decoder block in the backward changes no number: the Att-CoT loss
+    (masses from the q, k the blocks return) and every gradient."""
+    cfg, result = trained
+    model, proc = result["model"], result["proc"]
+    batch = data.collate(data.encode_all(proc, result["train_records"][:4]), proc.pad_token_id)
+    attcot = TrainConfig(objective="attcot", mass_impl="reference")
+    counts = nanoattcot.step_counts([batch])
+    runs, kept = [], []
+    for on in (False, True):
+        model.checkpoint_activations(on).train().zero_grad()
+        saved = []  # bytes autograd keeps for the backward outside the recomputed blocks
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
+                                                      lambda x: x):
+            loss = nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, attcot, [0, 3]), counts, attcot)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        kept.append(sum(saved))
+    model.checkpoint_activations(False).zero_grad()
+    (loss_off, grads_off), (loss_on, grads_on) = runs
+    assert kept[1] < 0.5 * kept[0], kept  # the blocks' activations are really not kept
+    assert torch.equal(loss_off, loss_on)
+    assert all(torch.allclose(grads_off[n], grads_on[n], rtol=1e-5, atol=1e-7) for n in grads_off)
+    assert grads_on["vision.layers.0.fc1.weight"].abs().sum() > 0  # the vision tower was recomputed and trained
 
 
 def test_hf_format_output_loads_in_transformers(trained):
