@@ -2,8 +2,10 @@
 Measuring what the papers claim, and drawing it.
 
 - accuracy with chain of thought: the model writes its rationale and answer (greedy); the answer
-  after the last "Answer:" is compared with the gold one (REFERENCE.md section 4 conventions)
-- text-prior baseline: the most common training answer per question type, never looking
+  after the last "Answer:" is compared with the gold one (REFERENCE.md section 4 conventions),
+  with a bootstrap 95% interval; answers that cannot be read are wrong and also counted
+- text-prior baseline: the most common training answer per question type, never looking; prior
+  agreement: the share of the model's wrong answers that are the prior's (reliance on it)
 - counterfactual consistency: for each (item, edited twin) pair whose answers differ, both right
 - VAS: the mean attention mass of rationale tokens on the image tokens (teacher forced)
 """
@@ -17,23 +19,63 @@ import data
 
 
 def extract_answer(text, marker="Answer:"):
-    text = text.split("<answer>")[-1].split("</answer>")[0] if "<answer>" in text else text.split(marker)[-1]
+    """The answer part of a reply: inside <answer>...</answer>, else after the last marker, else
+    after the last "the answer is", else the whole reply (a direct answer)."""
+    if "<answer>" in text:
+        text = text.split("<answer>")[-1].split("</answer>")[0]
+    elif marker in text:
+        text = text.split(marker)[-1]
+    elif said := re.findall(r"answer is:?(.*)", text, flags=re.IGNORECASE | re.DOTALL):
+        text = said[-1]
     return text.strip().strip(".").strip()
 
 
-def is_correct(pred, gold, choices=None):
-    """Numbers within 5% (ChartQA convention); option letters with punctuation stripped; else exact."""
-    pred, gold = pred.strip().lower(), str(gold).strip().lower()
-    try:
-        g = float(gold)
-        return abs(float(pred) - g) <= 0.05 * abs(g) if g else float(pred) == 0
-    except ValueError:
-        pass
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def option_letter(pred, n_options):
+    """The one option letter in pred ("(B)", "B.", "B) red", a bare "b"), else None. Within words,
+    capitals only: "a" is an article."""
+    bare = re.sub(r"[\W_]", "", pred)
+    letters = {bare.upper()} if len(bare) == 1 else set(re.findall(r"\b([A-Z])\b", re.sub(r"[().:,]", " ", pred)))
+    letters = {c for c in letters if 0 <= ord(c) - 65 < n_options}
+    return letters.pop() if len(letters) == 1 else None
+
+
+def parse_answer(pred, gold, choices=None):
+    """pred -> the form it is compared in (REFERENCE.md section 4), or None if no answer can be read:
+    an option letter for multiple choice (one letter, else the one option whose text it names), a
+    number when the gold is one (the single number in pred), else the lower-cased text."""
     if choices:
-        letters = re.findall(r"\b([a-z])\b", re.sub(r"[().:]", " ", pred))
-        if len(letters) == 1:
-            return letters[0] == gold
-    return pred == gold
+        texts = [re.sub(r"^\(?[A-Z][).:]\s*", "", c).strip().lower() for c in choices]
+        named = [chr(65 + i) for i, t in enumerate(texts) if t and re.search(rf"\b{re.escape(t)}\b", pred.lower())]
+        return option_letter(pred, len(choices)) or (named[0] if len(named) == 1 else None)
+    if NUMBER.fullmatch(str(gold).strip()):
+        numbers = NUMBER.findall(pred.replace(",", ""))
+        return float(numbers[0]) if len(numbers) == 1 else None
+    return pred.strip().lower() or None
+
+
+def is_correct(pred, gold, choices=None):
+    """Option letters; counting (integer gold) exact: 19 is not 20; other numbers within 5% (ChartQA's
+    relaxed match); else exact text. An answer that cannot be read is wrong."""
+    got, gold = parse_answer(pred, gold, choices), str(gold).strip()
+    if got is None:
+        return False
+    if isinstance(got, float):  # an integer gold ("20", not "20.0") is a count
+        g = float(gold)
+        return got == g if re.fullmatch(r"-?\d+", gold) else abs(got - g) <= 0.05 * abs(g)
+    return got == (parse_answer(gold, gold, choices) if choices else gold.lower())  # a gold letter or option text
+
+
+def bootstrap_ci(values, n=1000, seed=0):
+    """95% percentile interval of the mean of 0/1 values, resampled n times (seeded)."""
+    v = torch.tensor([float(x) for x in values])
+    if len(v) == 0:
+        return None
+    idx = torch.randint(len(v), (n, len(v)), generator=torch.Generator().manual_seed(seed))
+    means = v[idx].mean(1).sort().values
+    return round(float(means[int(0.025 * n)]), 4), round(float(means[int(0.975 * n) - 1]), 4)
 
 
 @torch.no_grad()
@@ -77,27 +119,39 @@ def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
 
 
 def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=64, max_new_tokens=160):
-    """-> dict with accuracy_cot, text_prior_accuracy, counterfactual_consistency, vas_rationale, n."""
+    """-> dict with accuracy_cot (and its bootstrap 95% interval), unparseable (answers that could not
+    be read: counted wrong), text_prior_accuracy, prior_agreement, counterfactual_consistency (pairs
+    whose both halves are in eval_records), vas_rationale, accuracy_by_type, n."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens)
-    right = {r["id"] if "id" in r else i: is_correct(extract_answer(t), r["answer"], r.get("choices"))
-             for i, (r, t) in enumerate(zip(eval_records, texts))}
+    key = lambda i, r: r.get("id", i)
+    preds = {key(i, r): extract_answer(t) for i, (r, t) in enumerate(zip(eval_records, texts))}
+    right = {key(i, r): is_correct(preds[key(i, r)], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
+    parsed = [parse_answer(preds[key(i, r)], r["answer"], r.get("choices")) is not None for i, r in enumerate(eval_records)]
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
+    # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
+    wrong = [(r, preds[key(i, r)]) for i, r in enumerate(eval_records) if not right[key(i, r)]]
+    says_prior = [r.get("type") in prior and is_correct(p, prior[r.get("type")], r.get("choices")) for r, p in wrong]
     pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
+    consistent = [right[a] and right[b] for a, b in pairs]
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
+        "accuracy_cot_ci95": bootstrap_ci(right.values()),
+        "unparseable": len(parsed) - sum(parsed),
         "text_prior_accuracy": sum(prior_right) / len(eval_records),
-        "counterfactual_consistency": sum(right[a] and right[b] for a, b in pairs) / len(pairs) if pairs else None,
+        "prior_agreement": sum(says_prior) / len(wrong) if wrong else None,
+        "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,
+        "counterfactual_consistency_ci95": bootstrap_ci(consistent),
         "vas_rationale": visual_attention_score(model, proc, eval_records, vas_fn) if vas_fn else None,
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t}
                      for r, t in list(zip(eval_records, texts))[:5]],
     }
     by_type = collections.defaultdict(list)
     for i, r in enumerate(eval_records):
-        by_type[r.get("type")].append(right[r["id"] if "id" in r else i])
+        by_type[r.get("type")].append(right[key(i, r)])
     result["accuracy_by_type"] = {t: sum(v) / len(v) for t, v in by_type.items()}
     return result
 

@@ -495,8 +495,7 @@ def run(cfg, compare=False):
         if int(os.environ.get("RANK", 0)) != 0:
             continue
         ev = run_eval(result["model"], result["proc"], c, result["eval_records"], result["train_records"], result["layers"])
-        summary = {"objective": objective, **{k: ev[k] for k in ("accuracy_cot", "text_prior_accuracy",
-                   "counterfactual_consistency", "vas_rationale", "accuracy_by_type", "n")},
+        summary = {"objective": objective, **{k: v for k, v in ev.items() if k != "examples"},
                    "final_loss": result["metrics"][-1]["loss"] if result["metrics"] else None,
                    "records_skipped": result["records_skipped"], "nonfinite_skipped": result["nonfinite_skipped"],
                    "wall_seconds": round(time.time() - t0, 1), "examples": ev["examples"], "config": asdict(c)}
@@ -504,10 +503,11 @@ def run(cfg, compare=False):
             json.dump(summary, f, indent=2)
         summaries[objective] = summary
     if summaries:
-        print(f"\n{'':28s}" + "".join(f"{o:>10s}" for o in summaries))
-        for key in ("accuracy_cot", "text_prior_accuracy", "counterfactual_consistency", "vas_rationale", "wall_seconds"):
-            print(f"{key:28s}" + "".join(f"{s[key]:10.3f}" if isinstance(s[key], float) else f"{str(s[key]):>10s}"
-                                        for s in summaries.values()))
+        print(f"\n{'':28s}" + "".join(f"{o:>12s}" for o in summaries))
+        for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "text_prior_accuracy", "prior_agreement",
+                    "counterfactual_consistency", "vas_rationale", "wall_seconds"):
+            cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, tuple) else str(v)
+            print(f"{key:28s}" + "".join(f"{cell(s[key]):>12s}" for s in summaries.values()))
         print(f"(eval n = {next(iter(summaries.values()))['n']}; outputs under {cfg.out})")
     return summaries
 

@@ -1,0 +1,89 @@
+"""Answer extraction and scoring on hand-written cases (REFERENCE.md section 4), and each measure of
+evaluate() on a case whose value is known (a stub generator stands in for the model)."""
+import pytest
+
+import eval as eval_mod
+
+CHOICES = ["A. red", "B. green", "C. blue"]
+
+
+@pytest.mark.parametrize("reply,answer", [
+    ("Row 1: a circle. So 2 circles. Answer: 2", "2"),
+    ("step one. Answer: no. Answer: yes.", "yes"),                       # the last marker counts
+    ("<think>look left</think><answer> B </answer>", "B"),
+    ("I looked, and the answer is: green.", "green"),
+    ("So the answer is 7", "7"),
+    ("B", "B"),                                                          # a direct answer
+    ("", ""),
+])
+def test_extract_answer(reply, answer):
+    assert eval_mod.extract_answer(reply) == answer
+
+
+@pytest.mark.parametrize("pred,gold,choices,correct,readable", [
+    ("(B)", "B", CHOICES, True, True),
+    ("B.", "B", CHOICES, True, True),
+    ("B) green", "B", CHOICES, True, True),
+    ("the answer is b", "B", CHOICES, False, False),                     # lower-case b is not an option letter
+    ("it is a green one", "B", CHOICES, True, True),                     # "a" is an article; "green" names B
+    ("A or B", "B", CHOICES, False, False),                              # two letters: unreadable
+    ("red and green", "B", CHOICES, False, False),                       # two option texts: unreadable
+    ("D", "B", CHOICES, False, False),                                   # no option D
+    ("blue", "blue", CHOICES, True, True),                               # option text names C; so does the gold
+    ("b", "B", CHOICES, True, True),                                     # a bare letter in any case
+    ("19", "20", None, False, True),                                     # counting is exact
+    ("20", "20", None, True, True),
+    ("20 circles", "20", None, True, True),
+    ("0", "0", None, True, True),
+    ("1", "0", None, False, True),
+    ("2 or 3", "3", None, False, False),                                 # two numbers: unreadable
+    ("many", "3", None, False, False),
+    ("19.2", "20.0", None, True, True),                                  # non-integer gold: within 5%
+    ("18.9", "20.5", None, False, True),
+    ("1,000", "1000", None, True, True),
+    ("Yes", "yes", None, True, True),
+    ("no", "yes", None, False, True),
+    ("", "yes", None, False, False),
+])
+def test_scoring_table(pred, gold, choices, correct, readable):
+    assert eval_mod.is_correct(pred, gold, choices) is correct
+    assert (eval_mod.parse_answer(pred, gold, choices) is not None) is readable
+
+
+def test_gold_option_text_is_matched_to_its_letter():
+    assert eval_mod.is_correct("C", "blue", CHOICES) and not eval_mod.is_correct("A", "blue", CHOICES)
+
+
+def test_bootstrap_interval():
+    lo, hi = eval_mod.bootstrap_ci([1] * 70 + [0] * 30)
+    assert lo < 0.7 < hi and 0.14 < hi - lo < 0.22  # the normal approximation: 2 * 1.96 * sqrt(.7 * .3 / 100) = 0.18
+    assert eval_mod.bootstrap_ci([1, 1, 1]) == (1.0, 1.0) and eval_mod.bootstrap_ci([]) is None
+
+
+def records():
+    """Two items with their twins, the twin of a third whose original was cut off (--eval-limit)."""
+    r = lambda i, answer, t="count", **kw: {"id": i, "question": "How many?", "answer": answer, "type": t,
+                                             "images": [], "source": f"f:{i}", **kw}
+    return [r("a", "2"), r("ab", "3", twin_of="a"), r("b", "yes", "compare"), r("bb", "no", "compare", twin_of="b"),
+            r("cb", "1", twin_of="c")]
+
+
+def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
+    """A model that answers the training prior ("1" for counts, "yes" for compare) without looking:
+    prior agreement 1, accuracy = where the prior happens to be right, no pair consistent."""
+    train = [{"type": "count", "answer": "1"}] * 3 + [{"type": "compare", "answer": "yes"}] * 2
+    prior = {"count": "So 1. Answer: 1", "compare": "Answer: yes"}
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a: [prior[r["type"]] for r in recs])
+    ev = eval_mod.evaluate(None, None, records(), train)
+    assert ev["accuracy_cot"] == pytest.approx(2 / 5) and ev["text_prior_accuracy"] == pytest.approx(2 / 5)
+    assert ev["prior_agreement"] == 1.0 and ev["unparseable"] == 0
+    assert ev["counterfactual_consistency"] == 0.0  # pairs a/ab and b/bb; cb has no original: left out
+    assert ev["accuracy_by_type"] == {"count": pytest.approx(1 / 3), "compare": 0.5}
+
+
+def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
+    monkeypatch.setattr(eval_mod, "generate_answers",
+                        lambda m, p, recs, *a: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
+    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}])
+    assert ev["accuracy_cot"] == pytest.approx(4 / 5) and ev["unparseable"] == 1
+    assert ev["counterfactual_consistency"] == 0.5 and ev["prior_agreement"] == 0.0
