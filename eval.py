@@ -11,6 +11,7 @@ Measuring what the papers claim, and drawing it.
 """
 import collections
 import re
+import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -79,20 +80,42 @@ def bootstrap_ci(values, n=1000, seed=0):
 
 
 @torch.no_grad()
-def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160):
-    """Greedy CoT generation for each record -> list of generated texts."""
+def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None):
+    """Greedy generation for each record -> list of generated texts. replies: a text per record that
+    the reply is forced to start with (a cut rationale and the answer marker, say)."""
     model.eval()
     device = next(model.parameters()).device
     texts = []
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
-        prompts = [data.record_prompt(proc, r) for r in chunk]
+        prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "") for i, r in enumerate(chunk)]
         images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
         batch = proc(prompts, images if any(images) else None, padding_side="left")
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id)
         texts += [proc.decode(row) for row in out]
     return texts
+
+
+CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
+
+
+def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, marker="Answer:"):
+    """The model's own rationale cut at each share of its tokens, then the answer marker, then a few
+    greedy tokens: the forced answer against the model's final answer (agreement) and the gold one
+    (accuracy), per cut. A model that already agrees at 0-25% decided before it reasoned."""
+    finals = [parse_answer(extract_answer(t), r["answer"], r.get("choices")) for r, t in zip(records, texts)]
+    rationales = [proc.tokenizer.encode(t[:t.rfind(marker)] if marker in t else t).ids for t in texts]
+    out = {"cuts": list(cuts), "agreement": [], "accuracy": []}
+    for cut in cuts:
+        kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
+        replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # the training format: " rationale Answer: x"
+        forced = generate_answers(model, proc, records, batch_size, max_new_tokens=8, replies=replies)
+        read = [parse_answer(extract_answer(f), r["answer"], r.get("choices")) for r, f in zip(records, forced)]
+        out["agreement"].append(sum(a is not None and a == b for a, b in zip(read, finals)) / len(records))
+        out["accuracy"].append(sum(is_correct(extract_answer(f), r["answer"], r.get("choices"))
+                                   for r, f in zip(records, forced)) / len(records))
+    return out
 
 
 def text_prior(train_records):
@@ -118,13 +141,17 @@ def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
     return total / max(count, 1)
 
 
-def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=64, max_new_tokens=160):
+def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=64, max_new_tokens=160,
+             commitment=True):
     """-> dict with accuracy_cot (and its bootstrap 95% interval), unparseable (answers that could not
     be read: counted wrong), text_prior_accuracy, prior_agreement, counterfactual_consistency (pairs
-    whose both halves are in eval_records), vas_rationale, accuracy_by_type, n."""
+    whose both halves are in eval_records), vas_rationale, early_commitment (per cut of the rationale:
+    agreement with the final answer, accuracy), accuracy_by_type, n, and seconds per phase."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
+    t0 = time.time()
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens)
+    seconds = {"cot": time.time() - t0}
     key = lambda i, r: r.get("id", i)
     preds = {key(i, r): extract_answer(t) for i, (r, t) in enumerate(zip(eval_records, texts))}
     right = {key(i, r): is_correct(preds[key(i, r)], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
@@ -136,6 +163,11 @@ def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=6
     says_prior = [r.get("type") in prior and is_correct(p, prior[r.get("type")], r.get("choices")) for r, p in wrong]
     pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
     consistent = [right[a] and right[b] for a, b in pairs]
+    t0 = time.time()
+    vas = visual_attention_score(model, proc, eval_records, vas_fn) if vas_fn else None
+    seconds["vas"], t0 = time.time() - t0, time.time()
+    commit = early_commitment(model, proc, eval_records, texts, batch_size) if commitment else None
+    seconds["commitment"] = time.time() - t0
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
@@ -145,7 +177,9 @@ def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=6
         "prior_agreement": sum(says_prior) / len(wrong) if wrong else None,
         "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,
         "counterfactual_consistency_ci95": bootstrap_ci(consistent),
-        "vas_rationale": visual_attention_score(model, proc, eval_records, vas_fn) if vas_fn else None,
+        "vas_rationale": vas,
+        "early_commitment": commit,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t}
                      for r, t in list(zip(eval_records, texts))[:5]],
     }

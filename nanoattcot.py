@@ -508,6 +508,10 @@ def run(cfg, compare=False):
                     "counterfactual_consistency", "vas_rationale", "wall_seconds"):
             cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, tuple) else str(v)
             print(f"{key:28s}" + "".join(f"{cell(s[key]):>12s}" for s in summaries.values()))
+        for i, cut in enumerate(eval_mod.CUTS):  # early commitment: the answer forced after cut% of the rationale
+            print(f"{f'forced at {cut}%: agree / acc':28s}" + "".join(
+                f"{s['early_commitment']['agreement'][i]:6.2f}{s['early_commitment']['accuracy'][i]:6.2f}"
+                for s in summaries.values()))
         print(f"(eval n = {next(iter(summaries.values()))['n']}; outputs under {cfg.out})")
     return summaries
 

@@ -74,7 +74,7 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
     train = [{"type": "count", "answer": "1"}] * 3 + [{"type": "compare", "answer": "yes"}] * 2
     prior = {"count": "So 1. Answer: 1", "compare": "Answer: yes"}
     monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a: [prior[r["type"]] for r in recs])
-    ev = eval_mod.evaluate(None, None, records(), train)
+    ev = eval_mod.evaluate(None, None, records(), train, commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(2 / 5) and ev["text_prior_accuracy"] == pytest.approx(2 / 5)
     assert ev["prior_agreement"] == 1.0 and ev["unparseable"] == 0
     assert ev["counterfactual_consistency"] == 0.0  # pairs a/ab and b/bb; cb has no original: left out
@@ -84,6 +84,50 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
 def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
     monkeypatch.setattr(eval_mod, "generate_answers",
                         lambda m, p, recs, *a: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
-    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}])
+    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(4 / 5) and ev["unparseable"] == 1
     assert ev["counterfactual_consistency"] == 0.5 and ev["prior_agreement"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def proc():
+    import data
+    return data.new_processor(["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30,
+                              tile=32, image_seq_len=4, vocab_size=300)
+
+
+RATIONALE = "Row 1: a red circle. Row 2: nothing. Row 3: a blue square. So 2 circles."
+
+
+def stub_generator(forced_answer):
+    """The CoT pass writes RATIONALE and the gold answer; a forced pass answers forced_answer(reply, gold)."""
+    def generate(model, proc, recs, batch_size=64, max_new_tokens=160, replies=None):
+        if replies is None:
+            return [f" {RATIONALE} Answer: {r['answer']}" for r in recs]
+        assert all(reply.startswith(" ") and reply.endswith(" Answer:") for reply in replies)
+        return [forced_answer(reply, r["answer"]) for reply, r in zip(replies, recs)]
+    return generate
+
+
+def test_early_commitment_of_a_model_that_decides_late(monkeypatch, proc):
+    """Forced answers right only once the whole rationale is there: agreement and accuracy 0 at
+    0-75% and 1 at 100%; the 0% reply is the answer marker alone."""
+    seen = []
+
+    def late(reply, gold):
+        seen.append(reply)
+        return f" {gold}" if "So 2 circles." in reply else " 0"
+    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(late))
+    recs = [r for r in records() if r["type"] == "count"]
+    ec = eval_mod.early_commitment(None, proc, recs, [f" {RATIONALE} Answer: {r['answer']}" for r in recs])
+    assert ec == {"cuts": [0, 25, 50, 75, 100], "agreement": [0, 0, 0, 0, 1], "accuracy": [0, 0, 0, 0, 1]}
+    assert seen[0] == " Answer:" and seen[-1] == f" {RATIONALE} Answer:"
+    assert all(RATIONALE.startswith(s[1:-len(" Answer:")]) for s in seen)  # each cut is a prefix of the rationale
+
+
+def test_early_commitment_of_a_model_that_decided_before_reasoning(monkeypatch, proc):
+    """Forced answers already final at 0%: agreement 1 at every cut; through evaluate()."""
+    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
+    ev = eval_mod.evaluate(None, proc, records(), [{"type": "count", "answer": "1"}])
+    assert ev["early_commitment"]["agreement"] == [1.0] * 5 and ev["early_commitment"]["accuracy"] == [1.0] * 5
+    assert set(ev["seconds"]) == {"cot", "vas", "commitment"}
