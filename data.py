@@ -503,6 +503,17 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     return out
 
 
+def reply_rows(spans):
+    """spans (B, T) -> the query rows attention masses are taken for: the reply tokens (R and A), in
+    order. rows (B, Nq) token indices; q_pos (B, Nq) their positions, -1 on padding rows (they see no
+    key); row_span (B, Nq) the span of each row, 0 on padding."""
+    is_row = (spans == R) | (spans == A)
+    Nq = max(int(is_row.sum(1).max()), 1)
+    rows = torch.sort((~is_row).int(), dim=1, stable=True).indices[:, :Nq]  # row tokens first, in order
+    valid = torch.gather(is_row, 1, rows)
+    return rows, torch.where(valid, rows, -1), torch.where(valid, torch.gather(spans, 1, rows), 0)
+
+
 def collate(examples, pad_id):
     """Right-pads ids/labels/spans; pads pixel batches to the most images and the largest tiles."""
     T = max(len(e["input_ids"]) for e in examples)

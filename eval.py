@@ -7,7 +7,10 @@ Measuring what the papers claim, and drawing it.
 - text-prior baseline: the most common training answer per question type, never looking; prior
   agreement: the share of the model's wrong answers that are the prior's (reliance on it)
 - counterfactual consistency: for each (item, edited twin) pair whose answers differ, both right
-- VAS: the mean attention mass of rationale tokens on the image tokens (teacher forced)
+- where it looks (teacher forced, on gold and on the model's own rationales): image mass of the
+  rationale per layer and along the rationale, the answer's mass on the rationale and the image;
+  VAS is the mean image mass of the rationale tokens on the gold replies
+- early commitment: the model's own rationale cut short, the answer forced
 """
 import collections
 import re
@@ -17,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import kernels
 
 
 def extract_answer(text, marker="Answer:"):
@@ -127,25 +131,54 @@ def text_prior(train_records):
 
 
 @torch.no_grad()
-def visual_attention_score(model, proc, records, vas_fn, batch_size=32):
-    """Mean over rationale tokens of the attention mass on image tokens; vas_fn(model, batch) gives
-    {"vas_sum", "r_count"} for a teacher-forced batch (nanoattcot.loss_terms computes them)."""
+def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
+    """Where the reply looks, teacher-forced on records (gold replies, or the model's own): per layer,
+    the image mass of the rationale tokens (mean over heads and tokens); along the rationale, that
+    mass (mean over the layers) in `bins` bins of relative position; and for the answer tokens, the
+    mass on the rationale and on the image. Masses from kernels.attention_mass, no (T, T) matrix."""
     model.eval()
     device = next(model.parameters()).device
     examples = data.encode_all(proc, records, skips=data.Skips())  # too long to teacher-force: left out
-    total, count = 0.0, 0
+    by_layer, along, n_along = torch.zeros(len(layers)), torch.zeros(bins), torch.zeros(bins)
+    n_r, n_a, answer = 0, 0, torch.zeros(2)
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id).items()}
-        terms = vas_fn(model, batch)
-        total, count = total + terms["vas_sum"], count + terms["r_count"]
-    return total / max(count, 1)
+        spans = batch["spans"]
+        rows, q_pos, row_span = data.reply_rows(spans)
+        groups = ((spans == data.V).int() | ((spans == data.R).int() << 1)).to(torch.uint8)  # bit 0 image, bit 1 rationale
+
+        def mass_fn(layer, q, k):
+            q_rows = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            return kernels.attention_mass(q_rows, k, q_pos, groups, num_groups=2)
+        out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                    batch["attention_mask"], mass_layers=layers, mass_fn=mass_fn)
+        m = torch.stack([out.masses[layer] for layer in layers]).mean(2).float().cpu()  # (L, B, Nq, 2)
+        in_r, in_a = (row_span == data.R).cpu(), (row_span == data.A).cpu()
+        by_layer += (m[..., 0] * in_r).sum((1, 2))
+        step = (in_r.cumsum(1) - 1) / in_r.sum(1, keepdim=True).clamp(min=1)  # 0 .. <1 along each rationale
+        b = (step * bins).long().clamp(0, bins - 1)[in_r]
+        along.index_add_(0, b, m.mean(0)[..., 0][in_r])
+        n_along.index_add_(0, b, torch.ones(len(b)))
+        answer += (m.mean(0) * in_a[..., None]).sum((0, 1)).flip(0)  # (on the rationale, on the image)
+        n_r, n_a = n_r + int(in_r.sum()), n_a + int(in_a.sum())
+    return {"image_mass_by_layer": (by_layer / max(n_r, 1)).tolist(),
+            "image_mass_along_rationale": (along / n_along.clamp(min=1)).tolist(),
+            "answer_mass_on_rationale": float(answer[0]) / max(n_a, 1),
+            "answer_mass_on_image": float(answer[1]) / max(n_a, 1), "n": len(examples)}
 
 
-def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=64, max_new_tokens=160,
+def own_rationale_records(records, texts, marker="Answer:"):
+    """The records with the model's own replies in place of the gold ones (those with an answer)."""
+    return [{**r, "reply": t.strip()} for r, t in zip(records, texts) if marker in t and t.strip()]
+
+
+def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=64, max_new_tokens=160,
              commitment=True):
     """-> dict with accuracy_cot (and its bootstrap 95% interval), unparseable (answers that could not
     be read: counted wrong), text_prior_accuracy, prior_agreement, counterfactual_consistency (pairs
-    whose both halves are in eval_records), vas_rationale, early_commitment (per cut of the rationale:
+    whose both halves are in eval_records), where_it_looks (attention_profile on the gold and on the
+    model's own rationales, for `layers`; vas_rationale is its mean image mass on the gold ones),
+    early_commitment (per cut of the rationale:
     agreement with the final answer, accuracy), accuracy_by_type, n, and seconds per phase."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
@@ -164,8 +197,9 @@ def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=6
     pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
     consistent = [right[a] and right[b] for a, b in pairs]
     t0 = time.time()
-    vas = visual_attention_score(model, proc, eval_records, vas_fn) if vas_fn else None
-    seconds["vas"], t0 = time.time() - t0, time.time()
+    looks = {"gold": attention_profile(model, proc, eval_records, layers),
+             "own": attention_profile(model, proc, own_rationale_records(eval_records, texts), layers)} if layers else None
+    seconds["masses"], t0 = time.time() - t0, time.time()
     commit = early_commitment(model, proc, eval_records, texts, batch_size) if commitment else None
     seconds["commitment"] = time.time() - t0
     result = {
@@ -177,7 +211,8 @@ def evaluate(model, proc, eval_records, train_records, vas_fn=None, batch_size=6
         "prior_agreement": sum(says_prior) / len(wrong) if wrong else None,
         "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,
         "counterfactual_consistency_ci95": bootstrap_ci(consistent),
-        "vas_rationale": vas,
+        "vas_rationale": sum(looks["gold"]["image_mass_by_layer"]) / len(layers) if looks else None,
+        "where_it_looks": looks,
         "early_commitment": commit,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t}

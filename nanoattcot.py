@@ -77,17 +77,11 @@ def cmd_generate(args):
 
 
 def mass_inputs(spans):
-    """spans (B, T) -> query rows (the R and A tokens) and key groups for attention_mass:
-    rows (B, Nq) token indices (padding rows get q_pos -1: they see no key), q_pos, row_span,
-    key_groups (B, T) uint8 with bit 0 = V and bit 1 = R u V."""
-    is_row = (spans == data.R) | (spans == data.A)
-    Nq = max(int(is_row.sum(1).max()), 1)
-    order = torch.sort((~is_row).int(), dim=1, stable=True).indices[:, :Nq]  # row tokens first, in order
-    valid = torch.gather(is_row, 1, order)
-    q_pos = torch.where(valid, order, -1)
-    row_span = torch.where(valid, torch.gather(spans, 1, order), 0)
+    """spans (B, T) -> query rows (the R and A tokens: data.reply_rows) and key groups for
+    attention_mass: rows, q_pos, row_span, key_groups (B, T) uint8 with bit 0 = V and bit 1 = R u V."""
+    rows, q_pos, row_span = data.reply_rows(spans)
     key_groups = ((spans == data.V).int() | (((spans == data.V) | (spans == data.R)).int() << 1)).to(torch.uint8)
-    return order, q_pos, row_span, key_groups
+    return rows, q_pos, row_span, key_groups
 
 
 def loss_terms(model, batch, cfg, layers):
@@ -470,12 +464,7 @@ def read_eval_records(path, cfg, log=print):
 
 
 def run_eval(model, proc, cfg, records, train_records, layers):
-    vas_cfg = TrainConfig(**{**asdict(cfg), "objective": "sft", "measure_vas": True})
-
-    def vas_fn(m, batch):
-        t = loss_terms(m, batch, vas_cfg, layers)
-        return {"vas_sum": float(t["vas_sum"]), "r_count": int(t["r_count"])}
-    result = eval_mod.evaluate(model, proc, records, train_records, vas_fn)
+    result = eval_mod.evaluate(model, proc, records, train_records, layers=layers)
     model.train()
     return result
 
@@ -508,6 +497,12 @@ def run(cfg, compare=False):
                     "counterfactual_consistency", "vas_rationale", "wall_seconds"):
             cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, tuple) else str(v)
             print(f"{key:28s}" + "".join(f"{cell(s[key]):>12s}" for s in summaries.values()))
+        for which in ("gold", "own"):  # where the rationale and the answer look, teacher forced
+            looks = [s["where_it_looks"][which] for s in summaries.values()]
+            print(f"{f'{which}: image mass 1st/last 10%':28s}" + "".join(
+                f"{l['image_mass_along_rationale'][0]:6.2f}{l['image_mass_along_rationale'][-1]:6.2f}" for l in looks))
+            print(f"{f'{which}: answer -> rationale/img':28s}" + "".join(
+                f"{l['answer_mass_on_rationale']:6.2f}{l['answer_mass_on_image']:6.2f}" for l in looks))
         for i, cut in enumerate(eval_mod.CUTS):  # early commitment: the answer forced after cut% of the rationale
             print(f"{f'forced at {cut}%: agree / acc':28s}" + "".join(
                 f"{s['early_commitment']['agreement'][i]:6.2f}{s['early_commitment']['accuracy'][i]:6.2f}"

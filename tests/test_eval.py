@@ -130,4 +130,4 @@ def test_early_commitment_of_a_model_that_decided_before_reasoning(monkeypatch, 
     monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
     ev = eval_mod.evaluate(None, proc, records(), [{"type": "count", "answer": "1"}])
     assert ev["early_commitment"]["agreement"] == [1.0] * 5 and ev["early_commitment"]["accuracy"] == [1.0] * 5
-    assert set(ev["seconds"]) == {"cot", "vas", "commitment"}
+    assert set(ev["seconds"]) == {"cot", "masses", "commitment"} and ev["where_it_looks"] is None  # no layers given

@@ -76,6 +76,36 @@ def test_loss_terms_match_materialised_attention(trained):
     assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
 
 
+def test_attention_profile_matches_materialised_attention(trained):
+    """eval.attention_profile (kernel-op masses) against the same numbers from transformers' eager
+    attention probabilities: image mass per layer and in 10 bins along the rationale, the answer's
+    mass on the rationale and on the image."""
+    from transformers import AutoModelForImageTextToText
+    import eval as eval_mod
+    cfg, result = trained
+    model, proc, recs = result["model"], result["proc"], result["train_records"][:4]
+    layers = [0, 2, 3]
+    got = eval_mod.attention_profile(model, proc, recs, layers)
+    batch = data.collate(data.encode_all(proc, recs), proc.pad_token_id)
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+                 output_attentions=True)
+    spans = batch["spans"]
+    A = torch.stack([out.attentions[l] for l in layers]).double().mean(2)  # (L, B, T, T): mean over heads
+    on = lambda span: (A * (spans == span)[None, :, None, :]).sum(-1)     # (L, B, T) mass on that span
+    in_r, in_a = spans == data.R, spans == data.A
+    want_layer = [float(on(data.V)[l][in_r].mean()) for l in range(len(layers))]
+    step = (in_r.cumsum(1) - 1) / in_r.sum(1, keepdim=True)
+    bins = (step * 10).long().clamp(max=9)[in_r]
+    v_rows = on(data.V).mean(0)[in_r]
+    want_along = [float(v_rows[bins == i].mean()) for i in range(10)]
+    assert got["n"] == 4 and max(abs(x - y) for x, y in zip(got["image_mass_by_layer"], want_layer)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(got["image_mass_along_rationale"], want_along)) < 1e-4
+    assert abs(got["answer_mass_on_rationale"] - float(on(data.R).mean(0)[in_a].mean())) < 1e-4
+    assert abs(got["answer_mass_on_image"] - float(on(data.V).mean(0)[in_a].mean())) < 1e-4
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
     """Recomputing every vision and decoder block in the backward changes no number: the Att-CoT loss
     (masses from the q, k the blocks return) and every gradient."""
