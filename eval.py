@@ -10,12 +10,15 @@ Measuring what the papers claim, and drawing it.
 - where it looks (teacher forced, on gold and on the model's own rationales): image mass of the
   rationale per layer and along the rationale, the answer's mass on the rationale and the image;
   VAS is the mean image mass of the rationale tokens on the gold replies
+- occlusion: the evidence boxes painted grey (and, as the control, as much area elsewhere): the
+  share of answers that change
 - early commitment: the model's own rationale cut short, the answer forced
 """
 import collections
 import re
 import time
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -101,6 +104,60 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
     return texts
 
 
+GREY = (128, 128, 128)
+
+
+def occluded(image, boxes):
+    """A copy of the image with each (x0, y0, x1, y1) pixel box painted grey."""
+    im = data.load_image(image).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=GREY)
+    return im
+
+
+def control_boxes(boxes, width, height, rng, tries=100):
+    """For each evidence box, a box of the same size at a random place that overlaps no evidence box
+    (the control: the same area hidden, elsewhere). None if one cannot be placed."""
+    out = []
+    overlaps = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    for x0, y0, x1, y1 in boxes:
+        w, h = x1 - x0, y1 - y0
+        for _ in range(tries):
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            if not any(overlaps((x, y, x + w, y + h), b) for b in boxes):
+                out.append((x, y, x + w, y + h))
+                break
+        else:
+            return None
+    return out
+
+
+def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, seed=0):
+    """For the records with evidence `boxes` (pixel boxes in their one image): the share of answers
+    that change when the evidence is painted grey, next to the share that change when boxes of the
+    same size elsewhere are (the control). A grounded model changes the first and not the second."""
+    rng = np.random.default_rng(seed)
+    picked, evidence, control = [], [], []
+    for r, t in zip(records, texts):
+        if not r.get("boxes") or len(r["images"]) != 1:
+            continue
+        im = data.load_image(r["images"][0], r["source"])
+        boxes = control_boxes(r["boxes"], im.width, im.height, rng)
+        if boxes is None:
+            continue
+        picked.append((r, t))
+        evidence.append({**r, "images": [occluded(im, r["boxes"])]})
+        control.append({**r, "images": [occluded(im, boxes)]})
+    if not picked:
+        return None
+    read = lambda r, t: parse_answer(extract_answer(t), r["answer"], r.get("choices"))
+    before = [read(r, t) for r, t in picked]
+    changed = lambda recs: sum(read(r, t) != b for r, t, b in zip(
+        recs, generate_answers(model, proc, recs, batch_size, max_new_tokens), before)) / len(recs)
+    return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control)}
+
+
 CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
 
 
@@ -178,7 +235,8 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
     be read: counted wrong), text_prior_accuracy, prior_agreement, counterfactual_consistency (pairs
     whose both halves are in eval_records), where_it_looks (attention_profile on the gold and on the
     model's own rationales, for `layers`; vas_rationale is its mean image mass on the gold ones),
-    early_commitment (per cut of the rationale:
+    occlusion (records with evidence boxes: answers changed by greying the evidence, and by greying
+    as much elsewhere), early_commitment (per cut of the rationale:
     agreement with the final answer, accuracy), accuracy_by_type, n, and seconds per phase."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
@@ -201,7 +259,9 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
              "own": attention_profile(model, proc, own_rationale_records(eval_records, texts), layers)} if layers else None
     seconds["masses"], t0 = time.time() - t0, time.time()
     commit = early_commitment(model, proc, eval_records, texts, batch_size) if commitment else None
-    seconds["commitment"] = time.time() - t0
+    seconds["commitment"], t0 = time.time() - t0, time.time()
+    occlude = occlusion(model, proc, eval_records, texts, batch_size, max_new_tokens)
+    seconds["occlusion"] = time.time() - t0
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
@@ -214,6 +274,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
         "vas_rationale": sum(looks["gold"]["image_mass_by_layer"]) / len(layers) if looks else None,
         "where_it_looks": looks,
         "early_commitment": commit,
+        "occlusion": occlude,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t}
                      for r, t in list(zip(eval_records, texts))[:5]],

@@ -503,6 +503,9 @@ def run(cfg, compare=False):
                 f"{l['image_mass_along_rationale'][0]:6.2f}{l['image_mass_along_rationale'][-1]:6.2f}" for l in looks))
             print(f"{f'{which}: answer -> rationale/img':28s}" + "".join(
                 f"{l['answer_mass_on_rationale']:6.2f}{l['answer_mass_on_image']:6.2f}" for l in looks))
+        occ = [s["occlusion"] for s in summaries.values()]  # answers changed by greying the evidence / elsewhere
+        print(f"{'occlusion: changed evid/ctrl':28s}" + "".join(
+            f"{o['evidence_changed']:6.2f}{o['control_changed']:6.2f}" if o else f"{'-':>12s}" for o in occ))
         for i, cut in enumerate(eval_mod.CUTS):  # early commitment: the answer forced after cut% of the rationale
             print(f"{f'forced at {cut}%: agree / acc':28s}" + "".join(
                 f"{s['early_commitment']['agreement'][i]:6.2f}{s['early_commitment']['accuracy'][i]:6.2f}"

@@ -130,4 +130,38 @@ def test_early_commitment_of_a_model_that_decided_before_reasoning(monkeypatch, 
     monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
     ev = eval_mod.evaluate(None, proc, records(), [{"type": "count", "answer": "1"}])
     assert ev["early_commitment"]["agreement"] == [1.0] * 5 and ev["early_commitment"]["accuracy"] == [1.0] * 5
-    assert set(ev["seconds"]) == {"cot", "masses", "commitment"} and ev["where_it_looks"] is None  # no layers given
+    assert set(ev["seconds"]) == {"cot", "masses", "commitment", "occlusion"} and ev["where_it_looks"] is None  # no layers
+
+
+def test_control_boxes_have_the_same_size_and_avoid_the_evidence():
+    import numpy as np
+    rng, evidence = np.random.default_rng(0), [(0, 0, 32, 32), (32, 64, 64, 96)]
+    for _ in range(50):
+        boxes = eval_mod.control_boxes(evidence, 96, 96, rng)
+        assert [(b[2] - b[0], b[3] - b[1]) for b in boxes] == [(32, 32), (32, 32)]
+        assert all(0 <= b[0] and b[2] <= 96 and 0 <= b[1] and b[3] <= 96 for b in boxes)
+        assert not any(c[0] < e[2] and e[0] < c[2] and c[1] < e[3] and e[1] < c[3] for c in boxes for e in evidence)
+    assert eval_mod.control_boxes([(0, 0, 96, 96)], 96, 96, rng) is None  # no room elsewhere
+
+
+def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
+    """The stub answers the colour at the centre of the evidence box: greying the evidence changes
+    every answer, greying as much area elsewhere changes none; records without boxes are left out."""
+    from PIL import Image
+    im = Image.new("RGB", (96, 96), (255, 255, 255))
+    im.paste((255, 0, 0), (0, 0, 32, 32))
+    im.save(tmp_path / "a.png")
+    recs = [{"id": f"r{i}", "question": "Colour?", "answer": "red", "type": "cell", "source": f"f:{i}",
+             "images": [str(tmp_path / "a.png")], "boxes": [[0, 0, 32, 32]]} for i in range(6)]
+    recs.append({"id": "nobox", "question": "Colour?", "answer": "red", "type": "cell", "source": "f:7",
+                 "images": [str(tmp_path / "a.png")]})
+
+    def reads_the_box(model, proc, records, *args, **kw):
+        pixel = lambda r: Image.open(r["images"][0]).getpixel((16, 16)) if isinstance(r["images"][0], str) \
+            else r["images"][0].getpixel((16, 16))
+        return [f"Answer: {'red' if pixel(r) == (255, 0, 0) else 'grey'}" for r in records]
+    monkeypatch.setattr(eval_mod, "generate_answers", reads_the_box)
+    got = eval_mod.occlusion(None, None, recs, ["Answer: red"] * len(recs))
+    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0}
+    assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
+    assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
