@@ -286,6 +286,32 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
     return result
 
 
+def table(summaries):
+    """{name: evaluate() result (+ wall_seconds)} -> the side-by-side text table the run prints."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, (tuple, list)) else str(v)
+    pair = lambda a, b: f"{a:6.2f}{b:6.2f}"
+    runs = list(summaries.values())
+    lines = [f"{'':30s}" + "".join(f"{name:>12s}" for name in summaries)]
+    for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "text_prior_accuracy", "prior_agreement",
+                "counterfactual_consistency", "vas_rationale", "wall_seconds"):
+        lines.append(f"{key:30s}" + "".join(f"{cell(r.get(key)):>12s}" for r in runs))
+    for which in ("gold", "own"):  # where the rationale and the answer look, teacher forced
+        looks = [r["where_it_looks"][which] if r.get("where_it_looks") else None for r in runs]
+        lines.append(f"{which + ': image mass 1st/last 10%':30s}" + "".join(
+            pair(l["image_mass_along_rationale"][0], l["image_mass_along_rationale"][-1]) if l else f"{'-':>12s}"
+            for l in looks))
+        lines.append(f"{which + ': answer -> rationale/img':30s}" + "".join(
+            pair(l["answer_mass_on_rationale"], l["answer_mass_on_image"]) if l else f"{'-':>12s}" for l in looks))
+    lines.append(f"{'occlusion: changed evid/ctrl':30s}" + "".join(
+        pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"]) if r.get("occlusion")
+        else f"{'-':>12s}" for r in runs))
+    for i, cut in enumerate(CUTS):  # early commitment: the answer forced after cut% of the rationale
+        lines.append(f"{f'forced at {cut}%: agree / acc':30s}" + "".join(
+            pair(r["early_commitment"]["agreement"][i], r["early_commitment"]["accuracy"][i])
+            if r.get("early_commitment") else f"{'-':>12s}" for r in runs))
+    return "\n".join(lines)
+
+
 def plot_curves(metrics, path, keys=("loss", "ce", "vis", "ans", "vas"), size=(720, 420)):
     """Training curves as a PNG drawn with Pillow: one panel per logged key, against the step."""
     keys = [k for k in keys if any(k in m for m in metrics)]

@@ -182,11 +182,11 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        ft = bool(self.init)
-        self.lr = (FINETUNE_LR if ft else SCRATCH_LR) if self.lr is None else self.lr
-        self.lr_vision = (FINETUNE_LR if ft else SCRATCH_LR) if self.lr_vision is None else self.lr_vision
-        self.lr_connector = (FINETUNE_LR_CONNECTOR if ft else SCRATCH_LR) if self.lr_connector is None else self.lr_connector
-        self.warmup = (max(1, round(0.03 * self.max_steps)) if ft else SCRATCH_WARMUP) if self.warmup is None else self.warmup
+        finetune = bool(self.init)
+        self.lr = (FINETUNE_LR if finetune else SCRATCH_LR) if self.lr is None else self.lr
+        self.lr_vision = (FINETUNE_LR if finetune else SCRATCH_LR) if self.lr_vision is None else self.lr_vision
+        self.lr_connector = (FINETUNE_LR_CONNECTOR if finetune else SCRATCH_LR) if self.lr_connector is None else self.lr_connector
+        self.warmup = (max(1, round(0.03 * self.max_steps)) if finetune else SCRATCH_WARMUP) if self.warmup is None else self.warmup
         layers_ok = self.layers == "all" or all(x.strip().isdigit() for x in self.layers.split(","))
         checks = [("objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
                   ("mass_impl", self.mass_impl in MASS_IMPLS, f"one of {', '.join(MASS_IMPLS)}"),
@@ -492,24 +492,7 @@ def run(cfg, compare=False):
             json.dump(summary, f, indent=2)
         summaries[objective] = summary
     if summaries:
-        print(f"\n{'':28s}" + "".join(f"{o:>12s}" for o in summaries))
-        for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "text_prior_accuracy", "prior_agreement",
-                    "counterfactual_consistency", "vas_rationale", "wall_seconds"):
-            cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, tuple) else str(v)
-            print(f"{key:28s}" + "".join(f"{cell(s[key]):>12s}" for s in summaries.values()))
-        for which in ("gold", "own"):  # where the rationale and the answer look, teacher forced
-            looks = [s["where_it_looks"][which] for s in summaries.values()]
-            print(f"{f'{which}: image mass 1st/last 10%':28s}" + "".join(
-                f"{l['image_mass_along_rationale'][0]:6.2f}{l['image_mass_along_rationale'][-1]:6.2f}" for l in looks))
-            print(f"{f'{which}: answer -> rationale/img':28s}" + "".join(
-                f"{l['answer_mass_on_rationale']:6.2f}{l['answer_mass_on_image']:6.2f}" for l in looks))
-        occ = [s["occlusion"] for s in summaries.values()]  # answers changed by greying the evidence / elsewhere
-        print(f"{'occlusion: changed evid/ctrl':28s}" + "".join(
-            f"{o['evidence_changed']:6.2f}{o['control_changed']:6.2f}" if o else f"{'-':>12s}" for o in occ))
-        for i, cut in enumerate(eval_mod.CUTS):  # early commitment: the answer forced after cut% of the rationale
-            print(f"{f'forced at {cut}%: agree / acc':28s}" + "".join(
-                f"{s['early_commitment']['agreement'][i]:6.2f}{s['early_commitment']['accuracy'][i]:6.2f}"
-                for s in summaries.values()))
+        print("\n" + eval_mod.table(summaries))
         print(f"(eval n = {next(iter(summaries.values()))['n']}; outputs under {cfg.out})")
     return summaries
 

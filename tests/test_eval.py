@@ -165,3 +165,12 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
     assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0}
     assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
     assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
+
+
+def test_table_shows_every_measure(monkeypatch):
+    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
+    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
+    text = eval_mod.table({"sft": {**ev, "wall_seconds": 1.5}, "attcot": {**ev, "wall_seconds": 2.0}})
+    assert text.splitlines()[0].split() == ["sft", "attcot"] and "accuracy_cot_ci95" in text
+    assert [l.split()[-1] for l in text.splitlines() if l.startswith("wall_seconds")] == ["2.000"]
+    assert sum(l.startswith("forced at") for l in text.splitlines()) == 5  # '-' where a measure was not taken
