@@ -92,8 +92,7 @@ def make_flex_bits(q_pos, groups, G, B, Nq, Tk, D, Hkv, dtype):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
     block_mask = create_block_mask(lambda b, h, qi, kj: kj <= q_pos[b, qi], B, None, Nq, Tk, device=q_pos.device)
-    bits = ((groups.long()[..., None] >> torch.arange(G, device=groups.device)) & 1).to(dtype)
-    v = F.pad(bits, (0, D - G))[:, None].expand(B, Hkv, Tk, D).contiguous()
+    v = kernels.bits_as_values(groups, G, D, Hkv, dtype).contiguous()
     return lambda q, k: flex(q, k, v, block_mask=block_mask, enable_gqa=True)[..., :G].float()
 
 

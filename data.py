@@ -514,6 +514,11 @@ def reply_rows(spans):
     return rows, torch.where(valid, rows, -1), torch.where(valid, torch.gather(spans, 1, rows), 0)
 
 
+def take_rows(q, rows):
+    """q (B, H, T, d) -> (B, H, Nq, d): the query rows that reply_rows picked."""
+    return torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+
+
 def collate(examples, pad_id):
     """Right-pads ids/labels/spans; pads pixel batches to the most images and the largest tiles."""
     T = max(len(e["input_ids"]) for e in examples)

@@ -64,10 +64,20 @@ def parse_answer(pred, gold, choices=None):
     return pred.strip().lower() or None
 
 
+def read_answer(rec, text):
+    """The answer a reply gives to a record, parsed for comparison (None: it cannot be read)."""
+    return parse_answer(extract_answer(text), rec["answer"], rec.get("choices"))
+
+
 def is_correct(pred, gold, choices=None):
     """Option letters; counting (integer gold) exact: 19 is not 20; other numbers within 5% (ChartQA's
     relaxed match); else exact text. An answer that cannot be read is wrong."""
-    got, gold = parse_answer(pred, gold, choices), str(gold).strip()
+    return matches(parse_answer(pred, gold, choices), gold, choices)
+
+
+def matches(got, gold, choices=None):
+    """A parsed answer (parse_answer) against the gold one, by is_correct's rules."""
+    gold = str(gold).strip()
     if got is None:
         return False
     if isinstance(got, float):  # an integer gold ("20", not "20.0") is a count
@@ -151,9 +161,8 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
         control.append({**r, "images": [occluded(im, boxes)]})
     if not picked:
         return None
-    read = lambda r, t: parse_answer(extract_answer(t), r["answer"], r.get("choices"))
-    before = [read(r, t) for r, t in picked]
-    changed = lambda recs: sum(read(r, t) != b for r, t, b in zip(
+    before = [read_answer(r, t) for r, t in picked]
+    changed = lambda recs: sum(read_answer(r, t) != b for r, t, b in zip(
         recs, generate_answers(model, proc, recs, batch_size, max_new_tokens), before)) / len(recs)
     return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control)}
 
@@ -165,17 +174,16 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
     """The model's own rationale cut at each share of its tokens, then the answer marker, then a few
     greedy tokens: the forced answer against the model's final answer (agreement) and the gold one
     (accuracy), per cut. A model that already agrees at 0-25% decided before it reasoned."""
-    finals = [parse_answer(extract_answer(t), r["answer"], r.get("choices")) for r, t in zip(records, texts)]
+    finals = [read_answer(r, t) for r, t in zip(records, texts)]
     rationales = [proc.tokenizer.encode(t[:t.rfind(marker)] if marker in t else t).ids for t in texts]
     out = {"cuts": list(cuts), "agreement": [], "accuracy": []}
     for cut in cuts:
         kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
         replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # the training format: " rationale Answer: x"
         forced = generate_answers(model, proc, records, batch_size, max_new_tokens=8, replies=replies)
-        read = [parse_answer(extract_answer(f), r["answer"], r.get("choices")) for r, f in zip(records, forced)]
+        read = [read_answer(r, f) for r, f in zip(records, forced)]
         out["agreement"].append(sum(a is not None and a == b for a, b in zip(read, finals)) / len(records))
-        out["accuracy"].append(sum(is_correct(extract_answer(f), r["answer"], r.get("choices"))
-                                   for r, f in zip(records, forced)) / len(records))
+        out["accuracy"].append(sum(matches(a, r["answer"], r.get("choices")) for a, r in zip(read, records)) / len(records))
     return out
 
 
@@ -205,8 +213,7 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
         groups = ((spans == data.V).int() | ((spans == data.R).int() << 1)).to(torch.uint8)  # bit 0 image, bit 1 rationale
 
         def mass_fn(layer, q, k):
-            q_rows = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-            return kernels.attention_mass(q_rows, k, q_pos, groups, num_groups=2)
+            return kernels.attention_mass(data.take_rows(q, rows), k, q_pos, groups, num_groups=2)
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                     batch["attention_mask"], mass_layers=layers, mass_fn=mass_fn)
         m = torch.stack([out.masses[layer] for layer in layers]).mean(2).float().cpu()  # (L, B, Nq, 2)
@@ -245,8 +252,8 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
     seconds = {"cot": time.time() - t0}
     key = lambda i, r: r.get("id", i)
     preds = {key(i, r): extract_answer(t) for i, (r, t) in enumerate(zip(eval_records, texts))}
-    right = {key(i, r): is_correct(preds[key(i, r)], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
-    parsed = [parse_answer(preds[key(i, r)], r["answer"], r.get("choices")) is not None for i, r in enumerate(eval_records)]
+    got = [read_answer(r, t) for r, t in zip(eval_records, texts)]
+    right = {key(i, r): matches(got[i], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
     # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
@@ -266,7 +273,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
         "accuracy_cot_ci95": bootstrap_ci(right.values()),
-        "unparseable": len(parsed) - sum(parsed),
+        "unparseable": sum(g is None for g in got),
         "text_prior_accuracy": sum(prior_right) / len(eval_records),
         "prior_agreement": sum(says_prior) / len(wrong) if wrong else None,
         "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,

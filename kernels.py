@@ -141,14 +141,19 @@ def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=2
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
+def bits_as_values(key_groups, num_groups, head_dim, n_kv_heads, dtype):
+    """(B, Tk) group bits -> V (B, Hkv, Tk, head_dim): the bits in the first num_groups columns, zeros
+    after (attention backends want V as wide as q), so attention with this V gives the masses."""
+    bits = _group_bits(key_groups, num_groups, dtype)  # (B, 1, Tk, G)
+    return torch.nn.functional.pad(bits, (0, max(head_dim - num_groups, 0))).expand(-1, n_kv_heads, -1, -1)
+
+
 def sdpa_mass(q, k, q_pos, key_groups, num_groups, scale):
     """The stock route: m_i(G) = sum_j p_ij bits_j(G) is attention with V = the group bits, so one
-    SDPA call gives the masses, and autograd their gradients. V is padded to the head dim (the fused
-    backends want it); the visibility mask is a dense (B, 1, Nq, Tk) bool. A row that sees no key is
+    SDPA call gives the masses, and autograd their gradients. The visibility mask is a dense (B, 1, Nq, Tk) bool. A row that sees no key is
     let see key 0, then zeroed (a fully masked row would give NaN)."""
     B, Hq, Nq, D = q.shape
-    bits = _group_bits(key_groups, num_groups, q.dtype)  # (B, 1, Tk, G)
-    v = torch.nn.functional.pad(bits, (0, max(D - num_groups, 0))).expand(-1, k.shape[1], -1, -1)
+    v = bits_as_values(key_groups, num_groups, D, k.shape[1], q.dtype)
     visible = torch.arange(k.shape[2], device=q.device) <= q_pos.clamp(min=0)[:, None, :, None]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale,
                                                            enable_gqa=Hq != k.shape[1])

@@ -93,8 +93,7 @@ def loss_terms(model, batch, cfg, layers):
         rows, q_pos, row_span, key_groups = mass_inputs(batch["spans"])
 
         def mass_fn(layer, q, k):  # q (B, Hq, T, d) -> the R/A rows only
-            q_rows = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-            return kernels.attention_mass(q_rows, k, q_pos, key_groups, num_groups=2, impl=cfg.mass_impl)
+            return kernels.attention_mass(data.take_rows(q, rows), k, q_pos, key_groups, num_groups=2, impl=cfg.mass_impl)
     out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                 batch["attention_mask"], mass_layers=layers if need_mass else (), mass_fn=mass_fn)
     labels = batch["labels"][:, 1:]
@@ -319,7 +318,7 @@ def train(cfg: TrainConfig):
         train_path, eval_path = os.path.join(data_dir, "train.jsonl"), eval_path or os.path.join(data_dir, "eval.jsonl")
     skips = data.Skips(cfg.strict)
     train_records = data.read_records(train_path, skips)
-    eval_records = read_eval_records(eval_path, cfg, log) if eval_path else None  # bad eval data fails now, not after training
+    eval_records = read_eval_records(eval_path, cfg, log)  # bad eval data fails now, not after training
     ckpt = os.path.join(cfg.out, "checkpoint")
     resuming = cfg.resume and find_checkpoint(ckpt)
     if cfg.resume and not resuming:

@@ -179,13 +179,19 @@ def assert_bitwise_equal(a, b):
         assert all(torch.equal(v, ob["state"][i][k]) for k, v in s.items())
 
 
-def count_steps(monkeypatch):
-    """Counts the micro-batches the training loop computes (one per step at grad_accum 1)."""
-    real, calls = nanoattcot.loss_terms, []
+REAL_LOSS_TERMS = nanoattcot.loss_terms
+
+
+def count_steps(monkeypatch, fail_at=None, error=None):
+    """Counts the micro-batches the training loop computes (one per step at grad_accum 1); with
+    fail_at, the fail_at-th call raises error instead (a Ctrl-C or a crash in that step)."""
+    calls = []
 
     def counted(*args):
         calls.append(1)
-        return real(*args)
+        if len(calls) == fail_at:
+            raise error
+        return REAL_LOSS_TERMS(*args)
     monkeypatch.setattr(nanoattcot, "loss_terms", counted)
     return calls
 
@@ -198,14 +204,7 @@ def straight(tmp_path_factory):
 
 
 def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsys, straight):
-    real, calls = nanoattcot.loss_terms, {"n": 0}
-
-    def interrupted(*args):  # Ctrl-C during step 5
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(nanoattcot, "loss_terms", interrupted)
+    count_steps(monkeypatch, fail_at=5, error=KeyboardInterrupt)  # Ctrl-C during step 5
     with pytest.raises(SystemExit):
         nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
     steps = count_steps(monkeypatch)
@@ -218,14 +217,7 @@ def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsy
 def test_crash_resumes_from_the_periodic_checkpoint(tmp_path, monkeypatch, straight):
     """A crash after step 5 (no save on the way down): resume from the step-3 checkpoint, drop the
     metrics rows logged after it, redo steps 4 to 8."""
-    real, calls = nanoattcot.loss_terms, {"n": 0}
-
-    def crash(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("power cut")
-        return real(*args)
-    monkeypatch.setattr(nanoattcot, "loss_terms", crash)
+    count_steps(monkeypatch, fail_at=6, error=RuntimeError("power cut"))
     with pytest.raises(RuntimeError):
         nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 5
