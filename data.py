@@ -122,6 +122,21 @@ class ImageProcessor:
         crops = [im.crop((c * m, r * m, c * m + m, r * m + m)) for r in range(rows) for c in range(cols)]
         return crops + [self._resize(im, m, m)], rows, cols
 
+    def windows(self, width, height):
+        """The box (x0, y0, x1, y1) of a width x height image that each tile of tiles() shows on its
+        m x m canvas, in the same order (a small image's box reaches past its edge: that is padding)."""
+        h, w = _fit_longest_edge(height, width, self.longest) if self.do_resize else (height, width)
+        if not self.split:
+            return [(0, 0, width, height)]
+        m = self.tile
+        h, w = _fit_tile_multiple(h, w, m)
+        sx, sy = width / w, height / h  # resized pixels -> original pixels
+        if h <= m and w <= m:
+            return [(0, 0, m * sx, m * sy)]
+        rows, cols = (h - m) // m + 1, (w - m) // m + 1
+        crops = [(c * m * sx, r * m * sy, (c + 1) * m * sx, (r + 1) * m * sy) for r in range(rows) for c in range(cols)]
+        return crops + [(0, 0, width, height)]
+
     def to_array(self, im):  # RGB PIL -> (3, H, W) float32, same arithmetic as transformers
         x = (np.asarray(im).astype(np.float64) * self.scale).astype(np.float32)
         if self.normalize:
@@ -253,6 +268,14 @@ class Processor:
         grid = "".join("".join(f"{SPECIAL['fake']}<row_{r + 1}_col_{c + 1}>{img}" for c in range(cols)) + "\n"
                        for r in range(rows))
         return grid + "\n" + glob
+
+    def image_token_boxes(self, width, height):
+        """The box in a width x height image that each of its image tokens covers, in prompt order:
+        tiles row-major, then the global image; within a tile, the pixel-shuffle cells row-major
+        (each cell s x s patches, so an image_seq_len = n^2 tile is an n x n grid of cells)."""
+        n = math.isqrt(self.image_seq_len)
+        return [(x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * i / n, x0 + (x1 - x0) * (j + 1) / n, y0 + (y1 - y0) * (i + 1) / n)
+                for x0, y0, x1, y1 in self.image_processor.windows(width, height) for i in range(n) for j in range(n)]
 
     def expand_images(self, text, rows, cols):
         """Each <image> placeholder in text -> the tile blocks of that image (rows, cols per image)."""

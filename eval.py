@@ -14,8 +14,13 @@ Measuring what the papers claim, and drawing it.
   share of answers that change
 - early commitment: the model's own rationale cut short, the answer forced
 """
+import argparse
 import collections
+import json
+import math
+import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -23,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import draw
 import kernels
 
 
@@ -97,12 +103,12 @@ def bootstrap_ci(values, n=1000, seed=0):
 
 
 @torch.no_grad()
-def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None):
+def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None, log=None):
     """Greedy generation for each record -> list of generated texts. replies: a text per record that
-    the reply is forced to start with (a cut rationale and the answer marker, say)."""
+    the reply is forced to start with (a cut rationale and the answer marker, say). log(line): progress."""
     model.eval()
     device = next(model.parameters()).device
-    texts = []
+    texts, t0 = [], time.time()
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
         prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "") for i, r in enumerate(chunk)]
@@ -111,7 +117,13 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id)
         texts += [proc.decode(row) for row in out]
+        if log:
+            rate = len(texts) / (time.time() - t0)
+            log(f"{len(texts)}/{len(records)} items, {rate:.1f} items/s, ETA {(len(records) - len(texts)) / rate:.0f}s")
     return texts
+
+
+DIRECT = "\nGive the answer alone, without reasoning."  # appended to the question for direct prompting
 
 
 GREY = (128, 128, 128)
@@ -143,7 +155,7 @@ def control_boxes(boxes, width, height, rng, tries=100):
     return out
 
 
-def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, seed=0):
+def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, seed=0, log=None):
     """For the records with evidence `boxes` (pixel boxes in their one image): the share of answers
     that change when the evidence is painted grey, next to the share that change when boxes of the
     same size elsewhere are (the control). A grounded model changes the first and not the second."""
@@ -163,14 +175,14 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
         return None
     before = [read_answer(r, t) for r, t in picked]
     changed = lambda recs: sum(read_answer(r, t) != b for r, t, b in zip(
-        recs, generate_answers(model, proc, recs, batch_size, max_new_tokens), before)) / len(recs)
+        recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)) / len(recs)
     return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control)}
 
 
 CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
 
 
-def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, marker="Answer:"):
+def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, marker="Answer:", log=None):
     """The model's own rationale cut at each share of its tokens, then the answer marker, then a few
     greedy tokens: the forced answer against the model's final answer (agreement) and the gold one
     (accuracy), per cut. A model that already agrees at 0-25% decided before it reasoned."""
@@ -180,7 +192,7 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
     for cut in cuts:
         kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
         replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # the training format: " rationale Answer: x"
-        forced = generate_answers(model, proc, records, batch_size, max_new_tokens=8, replies=replies)
+        forced = generate_answers(model, proc, records, batch_size, max_new_tokens=8, replies=replies, log=log)
         read = [read_answer(r, f) for r, f in zip(records, forced)]
         out["agreement"].append(sum(a is not None and a == b for a, b in zip(read, finals)) / len(records))
         out["accuracy"].append(sum(matches(a, r["answer"], r.get("choices")) for a, r in zip(read, records)) / len(records))
@@ -225,7 +237,7 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
         n_along.index_add_(0, b, torch.ones(len(b)))
         answer += (m.mean(0) * in_a[..., None]).sum((0, 1)).flip(0)  # (on the rationale, on the image)
         n_r, n_a = n_r + int(in_r.sum()), n_a + int(in_a.sum())
-    return {"image_mass_by_layer": (by_layer / max(n_r, 1)).tolist(),
+    return {"layers": list(layers), "image_mass_by_layer": (by_layer / max(n_r, 1)).tolist(),
             "image_mass_along_rationale": (along / n_along.clamp(min=1)).tolist(),
             "answer_mass_on_rationale": float(answer[0]) / max(n_a, 1),
             "answer_mass_on_image": float(answer[1]) / max(n_a, 1), "n": len(examples)}
@@ -236,24 +248,85 @@ def own_rationale_records(records, texts, marker="Answer:"):
     return [{**r, "reply": t.strip()} for r, t in zip(records, texts) if marker in t and t.strip()]
 
 
+@torch.no_grad()
+def image_attention(model, proc, rec, layers):
+    """One record, its reply teacher forced: each reply token's attention on each image token (mean
+    over heads and layers) -> (n_reply, n_image). One item's reply rows x keys are few, so the
+    probabilities are formed directly here (a picture, not a training statistic)."""
+    model.eval()
+    device = next(model.parameters()).device
+    ex = data.encode_record(proc, rec)
+    batch = {k: v.to(device) for k, v in data.collate([ex], proc.pad_token_id).items()}
+    rows = torch.nonzero(batch["spans"][0] >= data.R)[:, 0]
+    image = torch.nonzero(batch["spans"][0] == data.V)[:, 0]
+
+    def probs(layer, q, k):  # q (1, Hq, T, d), k (1, Hkv, T, d)
+        k = k[0].repeat_interleave(q.shape[1] // k.shape[1], 0).float()
+        scores = q[0][:, rows].float() @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (Hq, n, T)
+        scores.masked_fill_(torch.arange(k.shape[1], device=device)[None, :] > rows[:, None], float("-inf"))
+        return scores.softmax(-1)[..., image].mean(0)
+    out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                batch["attention_mask"], mass_layers=layers, mass_fn=probs)
+    return torch.stack([out.masses[layer] for layer in layers]).mean(0).cpu(), ex["input_ids"][rows.cpu()]
+
+
+def reply_steps(text, most=6, marker="Answer:"):
+    """A reply -> its steps: the rationale's sentences (neighbours joined to at most `most`), then
+    the answer part."""
+    cut = text.rfind(marker) if marker in text else len(text)
+    sentences = [p for p in re.split(r"(?<=[.;!?])\s+", text[:cut].strip()) if p]
+    per = math.ceil(len(sentences) / most) if sentences else 1
+    steps = [" ".join(sentences[i:i + per]) for i in range(0, len(sentences), per)]
+    return steps + ([text[cut:].strip()] if marker in text else [])
+
+
+def attention_steps(model, proc, rec, layers):
+    """For a heatmap: the record's image, each image token's box in it, and per step of the reply
+    (reply_steps) its words, its image mass and its mean attention on each image token."""
+    weights, ids = image_attention(model, proc, rec, layers)
+    ends = [len(proc.decode(ids[:i + 1]).strip()) for i in range(len(ids))]  # where each token ends in the reply
+    steps, start, out = reply_steps(rec["reply"]), 0, []
+    reply = proc.decode(ids).strip()
+    for step in steps:
+        end = reply.find(step, start) + len(step) if reply.find(step, start) >= 0 else len(reply)
+        picked = [i for i, e in enumerate(ends) if start < e <= end]
+        start = end
+        if picked:
+            w = weights[picked].mean(0)
+            out.append({"text": step, "image_mass": float(w.sum()), "weights": w.tolist()})
+    im = data.load_image(rec["images"][0], rec["source"])
+    return {"image": os.path.abspath(rec["images"][0]) if isinstance(rec["images"][0], str) else None,
+            "question": rec["question"],
+            "boxes": proc.image_token_boxes(im.width, im.height), "steps": out}
+
+
 def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=64, max_new_tokens=160,
-             commitment=True):
-    """-> dict with accuracy_cot (and its bootstrap 95% interval), unparseable (answers that could not
-    be read: counted wrong), text_prior_accuracy, prior_agreement, counterfactual_consistency (pairs
-    whose both halves are in eval_records), where_it_looks (attention_profile on the gold and on the
-    model's own rationales, for `layers`; vas_rationale is its mean image mass on the gold ones),
-    occlusion (records with evidence boxes: answers changed by greying the evidence, and by greying
-    as much elsewhere), early_commitment (per cut of the rationale:
-    agreement with the final answer, accuracy), accuracy_by_type, n, and seconds per phase."""
+             commitment=True, heatmaps=3, log=None):
+    """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with
+    its bootstrap 95% interval and the answers that could not be read (counted wrong), reply_tokens
+    (mean reply length in each mode), text_prior_accuracy, prior_agreement, counterfactual_consistency
+    (pairs whose both halves are in eval_records), where_it_looks (attention_profile on the gold and
+    on the model's own rationales, for `layers`; vas_rationale is its mean image mass on the gold
+    ones), occlusion (records with evidence boxes: answers changed by greying the evidence, and by
+    greying as much elsewhere), early_commitment (per cut of the rationale: agreement with the final
+    answer, accuracy), heatmaps (attention_steps on the model's own replies, or the gold ones where
+    it wrote nothing, to the first few records with one image), accuracy_by_type, n, and seconds
+    and items/s per phase. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
-    t0 = time.time()
-    texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens)
-    seconds = {"cot": time.time() - t0}
+    phase_log = lambda phase: (lambda line: log(f"  {phase}: {line}")) if log else None
+    t0, seconds = time.time(), {}
+    texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens, log=phase_log("cot"))
+    seconds["cot"], t0 = time.time() - t0, time.time()
+    direct_records = [{**r, "question": r["question"] + DIRECT} for r in eval_records]
+    direct = generate_answers(model, proc, direct_records, batch_size, max_new_tokens, log=phase_log("direct"))
+    seconds["direct"] = time.time() - t0
     key = lambda i, r: r.get("id", i)
     preds = {key(i, r): extract_answer(t) for i, (r, t) in enumerate(zip(eval_records, texts))}
     got = [read_answer(r, t) for r, t in zip(eval_records, texts)]
     right = {key(i, r): matches(got[i], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
+    got_direct = [read_answer(r, t) for r, t in zip(eval_records, direct)]
+    right_direct = [matches(g, r["answer"], r.get("choices")) for g, r in zip(got_direct, eval_records)]
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
     # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
@@ -262,30 +335,44 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
     pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
     consistent = [right[a] and right[b] for a, b in pairs]
     t0 = time.time()
+    own = own_rationale_records(eval_records, texts)
     looks = {"gold": attention_profile(model, proc, eval_records, layers),
-             "own": attention_profile(model, proc, own_rationale_records(eval_records, texts), layers)} if layers else None
+             "own": attention_profile(model, proc, own, layers)} if layers else None
     seconds["masses"], t0 = time.time() - t0, time.time()
-    commit = early_commitment(model, proc, eval_records, texts, batch_size) if commitment else None
+    commit = early_commitment(model, proc, eval_records, texts, batch_size, log=phase_log("commitment")) if commitment else None
     seconds["commitment"], t0 = time.time() - t0, time.time()
-    occlude = occlusion(model, proc, eval_records, texts, batch_size, max_new_tokens)
-    seconds["occlusion"] = time.time() - t0
+    occlude = occlusion(model, proc, eval_records, texts, batch_size, max_new_tokens, log=phase_log("occlusion"))
+    seconds["occlusion"], t0 = time.time() - t0, time.time()
+    pictured = [(r, t.strip()) for r, t in zip(eval_records, texts) if len(r["images"]) == 1][:heatmaps] if layers else []
+    maps = [{**attention_steps(model, proc, {**r, "reply": t or r["reply"]}, layers), "reply": "own" if t else "gold"}
+            for r, t in pictured]
+    seconds["heatmaps"] = time.time() - t0
+    n_tokens = lambda replies: sum(len(proc.tokenizer.encode(t).ids) for t in replies) / len(replies) if proc else None
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
         "accuracy_cot_ci95": bootstrap_ci(right.values()),
         "unparseable": sum(g is None for g in got),
-        "text_prior_accuracy": sum(prior_right) / len(eval_records),
-        "prior_agreement": sum(says_prior) / len(wrong) if wrong else None,
+        "accuracy_direct": sum(right_direct) / len(eval_records),
+        "accuracy_direct_ci95": bootstrap_ci(right_direct),
+        "unparseable_direct": sum(g is None for g in got_direct),
+        "reply_tokens": {"cot": n_tokens(texts), "direct": n_tokens(direct)},
+        "text_prior_accuracy": sum(prior_right) / len(eval_records) if prior else None,
+        "prior_agreement": sum(says_prior) / len(wrong) if wrong and prior else None,
         "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,
         "counterfactual_consistency_ci95": bootstrap_ci(consistent),
         "vas_rationale": sum(looks["gold"]["image_mass_by_layer"]) / len(layers) if looks else None,
         "where_it_looks": looks,
         "early_commitment": commit,
         "occlusion": occlude,
+        "heatmaps": maps,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "examples": [{"question": r["question"], "answer": r["answer"], "output": t}
-                     for r, t in list(zip(eval_records, texts))[:5]],
+        "examples": [{"question": r["question"], "answer": r["answer"], "output": t, "direct": d}
+                     for r, t, d in list(zip(eval_records, texts, direct))[:5]],
     }
+    items = {"cot": len(eval_records), "direct": len(eval_records), "commitment": len(eval_records) * len(CUTS),
+             "occlusion": 2 * occlude["n"] if occlude else 0, "masses": (len(eval_records) + len(own)) * bool(layers)}
+    result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items() if n and seconds[k] > 0}
     by_type = collections.defaultdict(list)
     for i, r in enumerate(eval_records):
         by_type[r.get("type")].append(right[key(i, r)])
@@ -293,52 +380,167 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=6
     return result
 
 
-def table(summaries):
-    """{name: evaluate() result (+ wall_seconds)} -> the side-by-side text table the run prints."""
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, (tuple, list)) else str(v)
-    pair = lambda a, b: f"{a:6.2f}{b:6.2f}"
-    runs = list(summaries.values())
-    lines = [f"{'':30s}" + "".join(f"{name:>12s}" for name in summaries)]
-    for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "text_prior_accuracy", "prior_agreement",
-                "counterfactual_consistency", "vas_rationale", "wall_seconds"):
-        lines.append(f"{key:30s}" + "".join(f"{cell(r.get(key)):>12s}" for r in runs))
+def table_rows(summaries):
+    """{name: evaluate() result (+ wall_seconds)} -> [(measure, [a cell per name])], '-' where not taken."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, (tuple, list)) \
+        else "-" if v is None else str(v)
+    pair = lambda a, b: f"{a:.2f} / {b:.2f}"
+    runs, rows = list(summaries.values()), []
+    for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "accuracy_direct", "accuracy_direct_ci95",
+                "unparseable_direct", "text_prior_accuracy", "prior_agreement", "counterfactual_consistency",
+                "vas_rationale", "wall_seconds"):
+        rows.append((key, [fmt(r.get(key)) for r in runs]))
+    rows.append(("reply tokens: cot / direct", [pair(r["reply_tokens"]["cot"], r["reply_tokens"]["direct"])
+                                                if r.get("reply_tokens", {}).get("cot") else "-" for r in runs]))
     for which in ("gold", "own"):  # where the rationale and the answer look, teacher forced
         looks = [r["where_it_looks"][which] if r.get("where_it_looks") else None for r in runs]
-        lines.append(f"{which + ': image mass 1st/last 10%':30s}" + "".join(
-            pair(l["image_mass_along_rationale"][0], l["image_mass_along_rationale"][-1]) if l else f"{'-':>12s}"
-            for l in looks))
-        lines.append(f"{which + ': answer -> rationale/img':30s}" + "".join(
-            pair(l["answer_mass_on_rationale"], l["answer_mass_on_image"]) if l else f"{'-':>12s}" for l in looks))
-    lines.append(f"{'occlusion: changed evid/ctrl':30s}" + "".join(
-        pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"]) if r.get("occlusion")
-        else f"{'-':>12s}" for r in runs))
+        rows.append((f"{which}: image mass 1st / last 10%", [pair(l["image_mass_along_rationale"][0],
+                     l["image_mass_along_rationale"][-1]) if l else "-" for l in looks]))
+        rows.append((f"{which}: answer -> rationale / img", [pair(l["answer_mass_on_rationale"],
+                     l["answer_mass_on_image"]) if l else "-" for l in looks]))
+    rows.append(("occlusion: changed evid / ctrl", [pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"])
+                                                    if r.get("occlusion") else "-" for r in runs]))
     for i, cut in enumerate(CUTS):  # early commitment: the answer forced after cut% of the rationale
-        lines.append(f"{f'forced at {cut}%: agree / acc':30s}" + "".join(
-            pair(r["early_commitment"]["agreement"][i], r["early_commitment"]["accuracy"][i])
-            if r.get("early_commitment") else f"{'-':>12s}" for r in runs))
-    return "\n".join(lines)
+        rows.append((f"forced at {cut}%: agree / acc", [pair(r["early_commitment"]["agreement"][i],
+                     r["early_commitment"]["accuracy"][i]) if r.get("early_commitment") else "-" for r in runs]))
+    return rows
 
 
-def plot_curves(metrics, path, keys=("loss", "ce", "vis", "ans", "vas"), size=(720, 420)):
-    """Training curves as a PNG drawn with Pillow: one panel per logged key, against the step."""
-    keys = [k for k in keys if any(k in m for m in metrics)]
-    W, H = size
-    im = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(im)
-    ph, left = H // max(len(keys), 1), 60
-    for n, key in enumerate(keys):
-        pts = [(m["step"], m[key]) for m in metrics if key in m and m[key] == m[key]]
-        top, right, bottom = n * ph + 14, W - 10, (n + 1) * ph - 8
-        draw.rectangle([left, top, right, bottom], outline=(180, 180, 180))
-        draw.text((4, top), key, fill="black")
-        if len(pts) < 2:
+def table(summaries):
+    """The side-by-side text table the run prints: a row per measure, a column per model."""
+    width = max(14, *(len(n) + 2 for n in summaries))
+    lines = [f"{'':32s}" + "".join(f"{name:>{width}s}" for name in summaries)]
+    return "\n".join(lines + [f"{k:32s}" + "".join(f"{c:>{width}s}" for c in cells) for k, cells in table_rows(summaries)])
+
+
+def markdown_table(summaries):
+    names = list(summaries)
+    head = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    return "\n".join(head + [f"| {k} | " + " | ".join(cells) + " |" for k, cells in table_rows(summaries)])
+
+
+# -----------------------------------------------------------------------------
+# the report: report.json, report.md and its pictures
+
+
+def figures(results, out):
+    """The pictures of {name: evaluate() result}, drawn into the folder out -> [(heading, file)]."""
+    names, runs, made = list(results), list(results.values()), []
+
+    def save(heading, file, image):
+        image.save(os.path.join(out, file))
+        made.append((heading, file))
+    save("Accuracy, direct and with chain of thought (95% bootstrap intervals)", "accuracy.png", draw.bar_chart(
+        names, ["direct", "CoT"], [[r.get("accuracy_direct"), r["accuracy_cot"]] for r in runs],
+        [[r.get("accuracy_direct_ci95"), r.get("accuracy_cot_ci95")] for r in runs], "accuracy", "accuracy"))
+    looks = [(n, r["where_it_looks"]) for n, r in results.items() if r.get("where_it_looks")]
+    if looks:
+        by_layer = [draw.line_chart([(n, l[w]["layers"], l[w]["image_mass_by_layer"]) for n, l in looks],
+                                    f"rationale's image mass by layer ({w} rationales)", "layer", "image mass",
+                                    ylim=(0, 1), xticks=looks[0][1][w]["layers"]) for w in ("own", "gold")]
+        save("Where the rationale looks, per layer", "image_mass_by_layer.png", draw.grid(by_layer, 2))
+        bins = len(looks[0][1]["own"]["image_mass_along_rationale"])
+        along = [draw.line_chart([(n, [100 * (i + 0.5) / bins for i in range(bins)], l[w]["image_mass_along_rationale"])
+                                  for n, l in looks], f"image mass along the rationale ({w} rationales)",
+                                 "position in the rationale (%)", "image mass", ylim=(0, 1)) for w in ("own", "gold")]
+        save("Where the rationale looks, along its length (mean over layers)", "image_mass_along_rationale.png",
+             draw.grid(along, 2))
+    commits = [(n, r["early_commitment"]) for n, r in results.items() if r.get("early_commitment")]
+    if commits:
+        panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)", what,
+                                  ylim=(0, 1), xticks=commits[0][1]["cuts"], corner="bottom")
+                  for what, title in (("agreement", "forced answer = final answer"), ("accuracy", "forced answer right"))]
+        save("Early commitment: the answer forced after a share of the model's own rationale", "early_commitment.png",
+             draw.grid(panels, 2))
+    for k, first in enumerate(runs[0].get("heatmaps") or []):
+        same = [(n, next((h for h in r.get("heatmaps") or [] if (h["image"], h["question"]) == (first["image"], first["question"])), None))
+                for n, r in results.items()]
+        same = [(n, h) for n, h in same if h and h["image"]]
+        if not same:
             continue
-        (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (min(p[1] for p in pts), max(p[1] for p in pts))
-        draw.text((4, top + 12), f"{y1:.3g}", fill=(90, 90, 90))
-        draw.text((4, bottom - 10), f"{y0:.3g}", fill=(90, 90, 90))
-        xy = [(left + (x - x0) / max(x1 - x0, 1e-9) * (right - left),
-               bottom - (y - y0) / max(y1 - y0, 1e-9) * (bottom - top)) for x, y in pts]
-        draw.line(xy, fill=(30, 90, 200), width=2)
-    draw.text((left, H - 12), f"step {metrics[0]['step'] if metrics else 0} .. {metrics[-1]['step'] if metrics else 0}",
-              fill="black")
-    im.save(path)
+        image = data.load_image(first["image"])
+        cols = 1 + max(len(h["steps"]) for _, h in same)
+        cells = []
+        for _, h in same:
+            row = [draw.captioned(image.convert("RGB").resize((160, 160 * image.height // image.width), Image.NEAREST), h["question"])]
+            row += [draw.captioned(draw.attention_overlay(image, h["boxes"], s["weights"]), f"[{s['image_mass']:.2f}] {s['text']}")
+                    for s in h["steps"]]
+            cells += row + [Image.new("RGB", (1, 1), "white")] * (cols - len(row))
+        save(f"Attention over the image, step by step (item {k + 1}; [image mass] and the step's words)",
+             f"attention_{k + 1}.png", draw.grid(cells, cols, title="where each step of the reply looks (brighter = more attention)",
+                                                 row_labels=[n for n, _ in same]))
+    return made
+
+
+def write_report(results, out, meta=None, extra=()):
+    """report.json (every number), report.md (the table and the pictures, readable on GitHub) and
+    the PNGs under out. extra: [(heading, file relative to out)] drawn elsewhere (training curves)."""
+    os.makedirs(out, exist_ok=True)
+    made = figures(results, out) + [e for e in extra if os.path.exists(os.path.join(out, e[1]))]
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({"meta": meta or {}, "results": results}, f, indent=1)
+    lines = ["# Evaluation report", ""] + [f"- {k}: {v}" for k, v in (meta or {}).items()]
+    lines += ["", markdown_table(results), ""]
+    lines += [line for heading, file in made for line in (f"## {heading}", "", f"![{heading}]({file})", "")]
+    lines += ["## Time", "", "| model | seconds per phase | items/s per phase |", "|---|---|---|"]
+    lines += [f"| {n} | {', '.join(f'{k} {v}' for k, v in r['seconds'].items())} | "
+              f"{', '.join(f'{k} {v}' for k, v in r.get('items_per_second', {}).items())} |" for n, r in results.items()]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return os.path.join(out, "report.md")
+
+
+def model_names(dirs):
+    """Folder -> a short name for the table: its own name, or its parent's for .../model, made unique."""
+    names = []
+    for d in dirs:
+        parts = os.path.normpath(os.path.abspath(d)).split(os.sep)
+        name = parts[-2] if parts[-1] in ("model", "checkpoint") and len(parts) > 1 else parts[-1]
+        names.append(name if name not in names else f"{name}-{len(names) + 1}")
+    return names
+
+
+def main(argv=None):
+    from model import VLM, CheckpointError
+    p = argparse.ArgumentParser(description="Evaluate checkpoints: one table, report.json, report.md and PNGs.")
+    p.add_argument("--model", action="append", required=True, help="a checkpoint folder (repeat to compare)")
+    p.add_argument("--data", required=True, help="eval records (JSONL or LLaVA JSON, as for training)")
+    p.add_argument("--train-data", default="", help="training records, for the text-prior baseline")
+    p.add_argument("--out", default="report")
+    p.add_argument("--limit", type=int, default=0, help="at most this many eval records (0: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--layers", default="all", help='"all" or comma-separated layer indices for the masses')
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        skips = data.Skips()
+        records = data.read_records(args.data, skips)[:args.limit or None]
+        if not records:
+            raise data.DataError(f"{args.data}: no usable evaluation record ({skips})")
+        train_records = data.read_records(args.train_data, data.Skips()) if args.train_data else []
+        results = {}
+        for name, folder in zip(model_names(args.model), args.model):
+            proc = data.Processor.from_pretrained(folder)
+            model = VLM.from_pretrained(folder, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16).to(device)
+            n_layers = model.config.text.num_hidden_layers
+            layers = list(range(n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",") if x.isdigit()]
+            if args.layers != "all" and (len(layers) != len(args.layers.split(",")) or max(layers) >= n_layers):
+                p.error(f"--layers {args.layers}: want \"all\" or indices of the model's {n_layers} layers")
+            log(f"{name}: {folder}, {len(records)} records")
+            t0 = time.time()
+            results[name] = evaluate(model, proc, records, train_records, layers, args.batch_size, args.max_new_tokens, log=log)
+            results[name]["wall_seconds"] = round(time.time() - t0, 1)
+    except (data.DataError, CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(table(results))
+    meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(results, args.model)), "data": args.data,
+            "n": len(records), "train data (text prior)": args.train_data or "none", "device": str(device)}
+    print(f"wrote {write_report(results, args.out, meta)}")
+
+
+if __name__ == "__main__":
+    main()

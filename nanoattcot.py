@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import draw
 import eval as eval_mod
 import kernels
 import synthetic
@@ -274,21 +275,31 @@ def load_trainer_state(path):
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+def epoch_order(seed, epoch, lengths, per_step):
+    """The order of one epoch: a seeded permutation, sorted by length within windows of 16 steps (so a
+    batch pads little) and the steps of each window shuffled (so lengths do not drift through it)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm, window, order = torch.randperm(len(lengths), generator=g).tolist(), 16 * per_step, []
+    for w in range(0, len(perm), window):
+        chunk = sorted(perm[w:w + window], key=lambda i: lengths[i])
+        steps = [chunk[s:s + per_step] for s in range(0, len(chunk), per_step)]
+        order += [i for s in torch.randperm(len(steps), generator=g).tolist() for i in steps[s]]
+    return order
 
 
 def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
-    """The micro-batches of one optimizer step for this rank: a fixed permutation per epoch (seeded),
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    """The micro-batches of one optimizer step for this rank: a fixed order per epoch (seeded), so a
+    resumed run sees exactly the batches an uninterrupted one would."""
     per_step = cfg.batch_size * cfg.grad_accum * world
-    out = []
+    lengths, orders, out = tuple(len(e["input_ids"]) for e in examples), {}, []
     for micro in range(cfg.grad_accum):
         idx = []
         for j in range(cfg.batch_size):
             i = step * per_step + (micro * world + rank) * cfg.batch_size + j
             epoch, pos = divmod(i, len(examples))
-            idx.append(epoch_order(cfg.seed, epoch, len(examples))[pos])
+            if epoch not in orders:
+                orders[epoch] = epoch_order(cfg.seed, epoch, lengths, per_step)
+            idx.append(orders[epoch][pos])
         out.append(data.collate([examples[i] for i in idx], pad_id))
     return out
 
@@ -433,7 +444,9 @@ def train(cfg: TrainConfig):
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:
-                log(f"eval at step {step}: " + json.dumps(run_eval(model, proc, cfg, eval_records, train_records, layers)))
+                ev = run_eval(model, proc, cfg, eval_records, train_records, layers)
+                log(f"eval at step {step}: " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy_cot", "accuracy_direct",
+                    "counterfactual_consistency", "vas_rationale") if ev.get(k) is not None))
     except KeyboardInterrupt:
         if rank == 0:
             save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
@@ -444,7 +457,7 @@ def train(cfg: TrainConfig):
         model.save_pretrained(os.path.join(cfg.out, "model"))
         proc.save_pretrained(os.path.join(cfg.out, "model"))
         if metrics:
-            eval_mod.plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+            draw.curves(metrics, os.path.join(cfg.out, "curves.png"))
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"model": model, "proc": proc, "metrics": metrics, "nonfinite_skipped": nonfinite,
@@ -463,7 +476,7 @@ def read_eval_records(path, cfg, log=print):
 
 
 def run_eval(model, proc, cfg, records, train_records, layers):
-    result = eval_mod.evaluate(model, proc, records, train_records, layers=layers)
+    result = eval_mod.evaluate(model, proc, records, train_records, layers=layers, log=print)
     model.train()
     return result
 
@@ -492,7 +505,12 @@ def run(cfg, compare=False):
         summaries[objective] = summary
     if summaries:
         print("\n" + eval_mod.table(summaries))
-        print(f"(eval n = {next(iter(summaries.values()))['n']}; outputs under {cfg.out})")
+        curves = [(f"Training curves ({o})", os.path.join(o, "curves.png") if compare else "curves.png") for o in summaries]
+        meta = {"objectives": ", ".join(summaries), "data": cfg.data or "the synthetic set", "seed": cfg.seed,
+                "steps": cfg.max_steps, "n": next(iter(summaries.values()))["n"]}
+        report = eval_mod.write_report({o: {k: v for k, v in s.items() if k != "config"} for o, s in summaries.items()},
+                                       cfg.out, meta, curves)
+        print(f"(eval n = {meta['n']}; report: {report}; outputs under {cfg.out})")
     return summaries
 
 

@@ -91,6 +91,8 @@ def test_a_malformed_line_is_skipped_and_counted(tmp_path, capsys):
                      "--eval-limit", "1"])
     assert f"data: 3 training records from {data_file}; 1 skipped (bad JSON: 1); first: {data_file}:2: bad JSON" \
         in capsys.readouterr().out
+    report = (tmp_path / "out" / "report.md").read_text()  # the run ends in the eval report
+    assert "![" in report and "(accuracy.png)" in report and "(curves.png)" in report
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -73,7 +73,7 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
     prior agreement 1, accuracy = where the prior happens to be right, no pair consistent."""
     train = [{"type": "count", "answer": "1"}] * 3 + [{"type": "compare", "answer": "yes"}] * 2
     prior = {"count": "So 1. Answer: 1", "compare": "Answer: yes"}
-    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a: [prior[r["type"]] for r in recs])
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: [prior[r["type"]] for r in recs])
     ev = eval_mod.evaluate(None, None, records(), train, commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(2 / 5) and ev["text_prior_accuracy"] == pytest.approx(2 / 5)
     assert ev["prior_agreement"] == 1.0 and ev["unparseable"] == 0
@@ -83,7 +83,7 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
 
 def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
     monkeypatch.setattr(eval_mod, "generate_answers",
-                        lambda m, p, recs, *a: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
+                        lambda m, p, recs, *a, **kw: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(4 / 5) and ev["unparseable"] == 1
     assert ev["counterfactual_consistency"] == 0.5 and ev["prior_agreement"] == 0.0
@@ -101,7 +101,7 @@ RATIONALE = "Row 1: a red circle. Row 2: nothing. Row 3: a blue square. So 2 cir
 
 def stub_generator(forced_answer):
     """The CoT pass writes RATIONALE and the gold answer; a forced pass answers forced_answer(reply, gold)."""
-    def generate(model, proc, recs, batch_size=64, max_new_tokens=160, replies=None):
+    def generate(model, proc, recs, batch_size=64, max_new_tokens=160, replies=None, log=None):
         if replies is None:
             return [f" {RATIONALE} Answer: {r['answer']}" for r in recs]
         assert all(reply.startswith(" ") and reply.endswith(" Answer:") for reply in replies)
@@ -130,7 +130,8 @@ def test_early_commitment_of_a_model_that_decided_before_reasoning(monkeypatch, 
     monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
     ev = eval_mod.evaluate(None, proc, records(), [{"type": "count", "answer": "1"}])
     assert ev["early_commitment"]["agreement"] == [1.0] * 5 and ev["early_commitment"]["accuracy"] == [1.0] * 5
-    assert set(ev["seconds"]) == {"cot", "masses", "commitment", "occlusion"} and ev["where_it_looks"] is None  # no layers
+    assert set(ev["seconds"]) == {"cot", "direct", "masses", "commitment", "occlusion", "heatmaps"}
+    assert ev["where_it_looks"] is None and ev["heatmaps"] == []  # no layers
 
 
 def test_control_boxes_have_the_same_size_and_avoid_the_evidence():
@@ -174,3 +175,71 @@ def test_table_shows_every_measure(monkeypatch):
     assert text.splitlines()[0].split() == ["sft", "attcot"] and "accuracy_cot_ci95" in text
     assert [l.split()[-1] for l in text.splitlines() if l.startswith("wall_seconds")] == ["2.000"]
     assert sum(l.startswith("forced at") for l in text.splitlines()) == 5  # '-' where a measure was not taken
+
+
+def test_direct_prompting_on_a_stub_that_needs_its_rationale(monkeypatch):
+    """Right with its rationale; asked for the answer alone it says the prior's answer: accuracy_direct
+    is where the prior is right, and the direct prompt carries the instruction."""
+    asked = []
+
+    def generate(model, proc, recs, *a, **kw):
+        asked.extend(r["question"] for r in recs)
+        prior = {"count": "1", "compare": "yes"}
+        return [prior[r["type"]] if r["question"].endswith(eval_mod.DIRECT) else f"Looked. Answer: {r['answer']}" for r in recs]
+    monkeypatch.setattr(eval_mod, "generate_answers", generate)
+    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
+    assert ev["accuracy_cot"] == 1.0 and ev["accuracy_direct"] == pytest.approx(2 / 5)  # "yes" for b, "1" for cb
+    assert ev["unparseable_direct"] == 0 and ev["accuracy_direct_ci95"][0] < 0.4 < ev["accuracy_direct_ci95"][1]
+    assert asked == ["How many?"] * 5 + ["How many?" + eval_mod.DIRECT] * 5
+
+
+def hand_result(scale, image):
+    """An evaluate() result with every measure, numbers made up (scaled per model)."""
+    return {"n": 10, "accuracy_cot": 0.8 * scale, "accuracy_cot_ci95": (0.5 * scale, 0.95 * scale),
+            "accuracy_direct": 0.4 * scale, "accuracy_direct_ci95": (0.2, 0.6), "unparseable": 0, "unparseable_direct": 1,
+            "reply_tokens": {"cot": 60.0, "direct": 3.0}, "text_prior_accuracy": 0.3, "prior_agreement": 0.5,
+            "counterfactual_consistency": 0.7, "vas_rationale": 0.5 * scale, "wall_seconds": 3.0,
+            "where_it_looks": {w: {"layers": [0, 1, 2], "image_mass_by_layer": [0.1, 0.5 * scale, 0.9],
+                                   "image_mass_along_rationale": [0.6 - 0.05 * i for i in range(10)],
+                                   "answer_mass_on_rationale": 0.5, "answer_mass_on_image": 0.4, "n": 10}
+                               for w in ("gold", "own")},
+            "early_commitment": {"cuts": [0, 25, 50, 75, 100], "agreement": [0.1, 0.2, 0.3, 0.5, 1.0],
+                                 "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8]},
+            "occlusion": {"n": 8, "evidence_changed": 0.6, "control_changed": 0.2},
+            "heatmaps": [{"image": image, "question": "How many?", "boxes": [(0, 0, 48, 48), (48, 0, 96, 48),
+                                                                             (0, 48, 48, 96), (48, 48, 96, 96)],
+                          "steps": [{"text": "Row 1: a red circle.", "image_mass": 0.6, "weights": [0.3, 0.3, 0, 0]},
+                                    {"text": "Answer: 1", "image_mass": 0.4, "weights": [0.1, 0.1, 0.1, 0.1]}]}],
+            "seconds": {"cot": 1.0, "direct": 0.5}, "items_per_second": {"cot": 10.0, "direct": 20.0}}
+
+
+def test_report_files_and_pictures(tmp_path):
+    """write_report: report.json (every number back), report.md (the table, each picture, the time),
+    and PNGs that open at their sizes; the heatmap paints the attended cells brighter."""
+    import json
+    from PIL import Image
+    im = Image.new("RGB", (96, 96), (200, 200, 200))
+    im.save(tmp_path / "item.png")
+    results = {"sft": hand_result(1.0, str(tmp_path / "item.png")), "attcot": hand_result(1.1, str(tmp_path / "item.png"))}
+    path = eval_mod.write_report(results, str(tmp_path / "rep"), {"data": "eval.jsonl"})
+    md = open(path).read()
+    back = json.load(open(tmp_path / "rep" / "report.json"))
+    assert back["results"]["attcot"]["accuracy_cot"] == pytest.approx(0.88) and back["meta"] == {"data": "eval.jsonl"}
+    assert "| measure | sft | attcot |" in md and "| accuracy_direct | 0.400 | 0.440 |" in md and "| sft | cot 1.0" in md
+    sizes = {"accuracy.png": (520, 340), "image_mass_by_layer.png": (1070, 360), "image_mass_along_rationale.png": (1070, 360),
+             "early_commitment.png": (1070, 360)}
+    for name, size in sizes.items():
+        assert f"({name})" in md and Image.open(tmp_path / "rep" / name).size == size
+    heat = Image.open(tmp_path / "rep" / "attention_1.png")
+    assert "(attention_1.png)" in md and heat.width > 3 * 160 and heat.height > 2 * 160  # a row per model, 3 columns
+    from draw import attention_overlay
+    over = attention_overlay(im, results["sft"]["heatmaps"][0]["boxes"], [0.3, 0.3, 0, 0])
+    assert sum(over.getpixel((40, 40))) > 2 * sum(over.getpixel((40, 120)))  # the top row was attended, not the bottom
+
+
+def test_ticks_are_round_and_cover_the_range():
+    import draw
+    assert draw.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert draw.nice_ticks(3, 1187, n=6) == [200, 400, 600, 800, 1000]
+    assert draw.log_ticks(0.004, 6.0) == [0.01, 0.1, 1.0]
+    assert draw.log_ticks(0.08, 0.7) == [0.1, 0.2, 0.5]

@@ -109,3 +109,36 @@ def test_bad_input(tokenizer_dir, tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         data.Processor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("split,size,hot", [
+    (True, (128, 96), (0, 48, 64, 96)),     # resized to 64 x 64, four 32-px tiles + the global image
+    (True, (20, 20), (10, 0, 20, 10)),      # smaller than a tile: one canvas, the image in its corner
+    (False, (96, 64), (48, 32, 96, 64)),    # no splitting: the global image alone
+])
+def test_image_token_boxes_follow_the_pixels(split, size, hot):
+    """Each image token's box in the original image, checked against the pixels the processor
+    actually puts in that token's cell (tiles, then the global image; 2 x 2 cells per tile,
+    pixel-shuffle order checked on model.pixel_shuffle): one hot region, aligned to the cells."""
+    import model
+    ip = data.ImageProcessor({"do_image_splitting": split, "size": {"longest_edge": 64},
+                              "max_image_size": {"longest_edge": 32}, "resample": 0})
+    proc = data.new_processor(["a red circle"] * 10, tile=32, image_seq_len=4, vocab_size=300)
+    proc.image_processor = ip
+    im = Image.new("RGB", size, (0, 0, 0))
+    im.paste((255, 255, 255), hot)
+    tiles, rows, cols = ip.tiles(im)
+    boxes = proc.image_token_boxes(*size)
+    assert len(boxes) == proc.image_prompt(rows, cols).count(data.SPECIAL["image"]) == 4 * len(tiles)
+    # token k of a tile is the k-th 2 x 2 block of its 4 x 4 patches, row-major (pixel shuffle, s = 2)
+    patch_ids = torch.arange(16.0).view(1, 16, 1)
+    blocks = model.pixel_shuffle(patch_ids, 2)[0]  # (4, 4): the patches of each token
+    assert blocks[1].tolist() == [2, 3, 6, 7] and blocks[2].tolist() == [8, 9, 12, 13]
+    inside = lambda b: hot[0] <= b[0] and b[2] <= hot[2] and hot[1] <= b[1] and b[3] <= hot[3]
+    apart = lambda b: b[2] <= hot[0] or hot[2] <= b[0] or b[3] <= hot[1] or hot[3] <= b[1]
+    for k, box in enumerate(boxes):
+        tile = np.asarray(tiles[k // 4].convert("L"), dtype=np.float32) / 255
+        i, j = divmod(k % 4, 2)
+        cell = np.pad(tile, ((0, 32 - tile.shape[0]), (0, 32 - tile.shape[1])))[16 * i:16 * i + 16, 16 * j:16 * j + 16]
+        assert inside(box) or apart(box)
+        assert (cell.mean() > 0.99) if inside(box) else (cell.mean() < 0.01), (k, box)

@@ -106,6 +106,54 @@ def test_attention_profile_matches_materialised_attention(trained):
     assert abs(got["answer_mass_on_image"] - float(on(data.V).mean(0)[in_a].mean())) < 1e-4
 
 
+def test_image_attention_and_heatmap_steps_match_materialised_attention(trained):
+    """eval.image_attention (each reply token's attention on each image token, for the heatmaps)
+    against transformers' eager attention; attention_steps splits the reply into its sentences
+    and the answer, each step's weights the mean over its tokens."""
+    from transformers import AutoModelForImageTextToText
+    import eval as eval_mod
+    cfg, result = trained
+    model, proc, rec = result["model"], result["proc"], result["train_records"][0]
+    layers = [1, 3]
+    got, ids = eval_mod.image_attention(model, proc, rec, layers)
+    batch = data.collate(data.encode_all(proc, [rec]), proc.pad_token_id)
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+                 output_attentions=True)
+    spans = batch["spans"][0]
+    A = torch.stack([out.attentions[l][0] for l in layers]).mean((0, 1))  # (T, T): mean over layers and heads
+    want = A[spans >= data.R][:, spans == data.V]
+    assert got.shape == want.shape == (int((spans >= data.R).sum()), 9) and (got - want).abs().max() < 1e-5
+    assert torch.equal(ids, batch["input_ids"][0][spans >= data.R])
+    steps = eval_mod.attention_steps(model, proc, rec, layers)
+    texts = [s["text"] for s in steps["steps"]]
+    assert " ".join(texts) == rec["reply"] and texts[-1].startswith("Answer:") and texts[0].startswith("Row 1:")
+    assert len(steps["boxes"]) == 9 and steps["boxes"][4] == (32.0, 32.0, 64.0, 64.0)  # 3 x 3 cells of a 96 px image
+    answer_rows = spans[spans >= data.R] == data.A
+    assert abs(steps["steps"][-1]["image_mass"] - float(want[answer_rows].sum(1).mean())) < 1e-5
+
+
+def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
+    """python eval.py --model A --model B: one table with a column per model, the report and its
+    pictures (a heatmap per item with one row per model), and the progress lines."""
+    import eval as eval_mod
+    from PIL import Image
+    cfg, _ = trained
+    model_dir, data_dir = os.path.join(cfg.out, "model"), os.path.join(cfg.out, "data")
+    eval_mod.main(["--model", model_dir, "--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"),
+                   "--train-data", os.path.join(data_dir, "train.jsonl"), "--limit", "4", "--max-new-tokens", "12",
+                   "--out", str(tmp_path / "rep"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["run", "run-2"] and "accuracy_direct_ci95" in out
+    assert "cot: 4/4 items" in err and "ETA" in err
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert all(f"({f})" in md for f in ("accuracy.png", "image_mass_by_layer.png", "early_commitment.png", "attention_1.png"))
+    assert Image.open(tmp_path / "rep" / "attention_1.png").height > 2 * 160  # a row per model
+    with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
+        eval_mod.main(["--model", model_dir, "--data", str(tmp_path / "nowhere.jsonl")])
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
     """Recomputing every vision and decoder block in the backward changes no number: the Att-CoT loss
     (masses from the q, k the blocks return) and every gradient."""
