@@ -275,31 +275,21 @@ def load_trainer_state(path):
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_order(seed, epoch, lengths, per_step):
-    """The order of one epoch: a seeded permutation, sorted by length within windows of 16 steps (so a
-    batch pads little) and the steps of each window shuffled (so lengths do not drift through it)."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm, window, order = torch.randperm(len(lengths), generator=g).tolist(), 16 * per_step, []
-    for w in range(0, len(perm), window):
-        chunk = sorted(perm[w:w + window], key=lambda i: lengths[i])
-        steps = [chunk[s:s + per_step] for s in range(0, len(chunk), per_step)]
-        order += [i for s in torch.randperm(len(steps), generator=g).tolist() for i in steps[s]]
-    return order
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
-    """The micro-batches of one optimizer step for this rank: a fixed order per epoch (seeded), so a
-    resumed run sees exactly the batches an uninterrupted one would."""
+    """The micro-batches of one optimizer step for this rank: a fixed permutation per epoch (seeded),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
     per_step = cfg.batch_size * cfg.grad_accum * world
-    lengths, orders, out = tuple(len(e["input_ids"]) for e in examples), {}, []
+    out = []
     for micro in range(cfg.grad_accum):
         idx = []
         for j in range(cfg.batch_size):
             i = step * per_step + (micro * world + rank) * cfg.batch_size + j
             epoch, pos = divmod(i, len(examples))
-            if epoch not in orders:
-                orders[epoch] = epoch_order(cfg.seed, epoch, lengths, per_step)
-            idx.append(orders[epoch][pos])
+            idx.append(epoch_order(cfg.seed, epoch, len(examples))[pos])
         out.append(data.collate([examples[i] for i in idx], pad_id))
     return out
 
