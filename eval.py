@@ -300,7 +300,7 @@ def attention_steps(model, proc, rec, layers):
             "boxes": proc.image_token_boxes(im.width, im.height), "steps": out}
 
 
-def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=64, max_new_tokens=160,
+def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=128, max_new_tokens=160,
              commitment=True, heatmaps=3, log=None):
     """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with
     its bootstrap 95% interval and the answers that could not be read (counted wrong), reply_tokens

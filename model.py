@@ -402,14 +402,16 @@ class VLM(nn.Module):
                  max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, use_cache=True,
                  on_token=None, generator=None):
         """Greedy (temperature 0) or nucleus sampling from a left-padded batch. Returns the new ids
-        (B, <= max_new_tokens); rows that hit eos are filled with eos. on_token(ids (B,)) streams."""
+        (B, <= max_new_tokens); rows that hit eos are filled with eos. on_token(ids (B,)) streams.
+        A row that hits eos leaves the batch (its cache too): one long reply does not keep the
+        finished rows computing."""
         B = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
         x = self.embed(input_ids, pixel_values, pixel_attention_mask)
         cache = [{} for _ in self.layers] if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        new = []
+        out = torch.full((B, max_new_tokens), int(eos[0]) if eos.numel() else 0, dtype=torch.long, device=input_ids.device)
+        rows, step = torch.arange(B, device=input_ids.device), -1  # the batch rows still generating
         for step in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
             if use_cache and step > 0:
@@ -417,17 +419,19 @@ class VLM(nn.Module):
             else:
                 logits, _ = self.decode(x, pos, mask, cache)
             tok = sample(logits[:, -1].float(), temperature, top_p, generator)
-            if eos.numel():
-                tok = torch.where(done, eos[0], tok)
-                done |= torch.isin(tok, eos)
-            new.append(tok)
+            out[rows, step] = tok
             if on_token is not None:
-                on_token(tok)
-            if done.all():
+                on_token(out[:, step])
+            going = ~torch.isin(tok, eos)
+            if not going.any():
                 break
+            if not going.all():  # drop the finished rows
+                rows, x, mask, tok = rows[going], x[going], mask[going], tok[going]
+                for c in cache or []:
+                    c["k"], c["v"] = c["k"][going], c["v"][going]
             x = torch.cat([x, self.embed_tokens(tok[:, None])], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        return torch.stack(new, 1)
+        return out[:, :step + 1]
 
     # --- checkpoints
 
