@@ -32,7 +32,7 @@ def log_ticks(lo, hi):
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     mults = (1,) if math.log10(hi / lo) >= 2 else (1, 2, 5)
     ticks = [m * 10.0 ** e for e in decades for m in mults if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
-    return ticks if len(ticks) >= 2 else nice_ticks(lo, hi)
+    return ticks if len(ticks) >= 2 else [t for t in nice_ticks(lo, hi) if t > 0]
 
 
 def label(v):
@@ -54,6 +54,8 @@ def chart(title, xlabel, ylabel, xlim, ylim, size=(520, 340), log_y=False, xtick
     im = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(im)
     left, top, right, bottom = 70, 34, W - 28, H - 50
+    if log_y and ylim[1] <= ylim[0]:  # one value: a decade around it
+        ylim = (ylim[0] / 3, ylim[1] * 3)
     ty = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     (x0, x1), (y0, y1) = xlim, (ty(ylim[0]), ty(ylim[1]))
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)

@@ -243,3 +243,12 @@ def test_ticks_are_round_and_cover_the_range():
     assert draw.nice_ticks(3, 1187, n=6) == [200, 400, 600, 800, 1000]
     assert draw.log_ticks(0.004, 6.0) == [0.01, 0.1, 1.0]
     assert draw.log_ticks(0.08, 0.7) == [0.1, 0.2, 0.5]
+    assert draw.log_ticks(0.3, 0.45) == [0.3, 0.35, 0.4, 0.45]  # within one 1-2-5 step: linear ticks
+
+
+def test_curves_of_a_one_step_run(tmp_path):
+    """A single logged step (a 1-step run) still draws, on log axes too."""
+    import draw
+    from PIL import Image
+    draw.curves([{"step": 1, "loss": 6.2, "ce": 5.9, "vis": 1.9, "ans": 0.47, "vas": 0.15}], str(tmp_path / "c.png"))
+    assert Image.open(tmp_path / "c.png").size == (1070, 30 + 3 * 270 + 10)
