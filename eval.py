@@ -288,7 +288,8 @@ def attention_steps(model, proc, rec, layers):
     steps, start, out = reply_steps(rec["reply"]), 0, []
     reply = proc.decode(ids).strip()
     for step in steps:
-        end = reply.find(step, start) + len(step) if reply.find(step, start) >= 0 else len(reply)
+        found = reply.find(step, start)
+        end = found + len(step) if found >= 0 else len(reply)
         picked = [i for i, e in enumerate(ends) if start < e <= end]
         start = end
         if picked:
@@ -501,7 +502,7 @@ def model_names(dirs):
 
 
 def main(argv=None):
-    from model import VLM, CheckpointError
+    from model import VLM, CheckpointError, pick_device
     p = argparse.ArgumentParser(description="Evaluate checkpoints: one table, report.json, report.md and PNGs.")
     p.add_argument("--model", action="append", required=True, help="a checkpoint folder (repeat to compare)")
     p.add_argument("--data", required=True, help="eval records (JSONL or LLaVA JSON, as for training)")
@@ -513,8 +514,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--layers", default="all", help='"all" or comma-separated layer indices for the masses')
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
         skips = data.Skips()

@@ -195,6 +195,13 @@ class VisionTower(nn.Module):
         return self.post_layernorm(x)
 
 
+def pick_device(name):
+    """"auto" -> the GPU when there is one, else the CPU; any other name as torch spells it."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def pixel_shuffle(x, s):  # (n, S, D) -> (n, S/s^2, D*s^2): each s x s block of patches becomes one token
     n, S, D = x.shape
     h = w = math.isqrt(S)

@@ -32,13 +32,7 @@ import eval as eval_mod
 import kernels
 import synthetic
 from data import Processor
-from model import VLM, CheckpointError, TextConfig, VisionConfig, VLMConfig
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from model import VLM, CheckpointError, TextConfig, VisionConfig, VLMConfig, pick_device
 
 
 def cmd_generate(args):
