@@ -366,7 +366,9 @@ def new_processor(texts, tile, image_seq_len, vocab_size=1000, split=False):
 # -----------------------------------------------------------------------------
 # chain-of-thought records -> training batches with per-token spans
 
-P, V, R, A = 1, 2, 3, 4  # span ids: prompt text, visual (<image>) tokens, rationale, answer; 0 = padding
+# span ids: S the chat scaffolding before the user's content ("<|im_start|>User: "), P the rest of the
+# prompt text, V visual (<image>) tokens, R rationale, A answer; 0 = padding. The reply is span >= R.
+S, P, V, R, A = 1, 2, 3, 4, 5
 
 
 class RecordError(DataError):
@@ -517,7 +519,8 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     enc = proc.tokenizer.encode(prompt + reply)
     ids = torch.tensor(enc.ids)
     starts = torch.tensor([s for s, _ in enc.offsets])
-    span = torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A))
+    head = len(proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}]).split("\0")[0])
+    span = torch.where(starts < head, S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
     span[ids == proc.image_token_id] = V
     if len(ids) > max_len:
         raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")
@@ -528,11 +531,11 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     return out
 
 
-def reply_rows(spans):
-    """spans (B, T) -> the query rows attention masses are taken for: the reply tokens (R and A), in
-    order. rows (B, Nq) token indices; q_pos (B, Nq) their positions, -1 on padding rows (they see no
-    key); row_span (B, Nq) the span of each row, 0 on padding."""
-    is_row = (spans == R) | (spans == A)
+def reply_rows(spans, kinds=(R, A)):
+    """spans (B, T) -> the query rows attention masses are taken for: the tokens of the spans in kinds
+    (the reply by default), in order. rows (B, Nq) token indices; q_pos (B, Nq) their positions, -1 on
+    padding rows (they see no key); row_span (B, Nq) the span of each row, 0 on padding."""
+    is_row = torch.isin(spans, torch.tensor(kinds, device=spans.device))
     Nq = max(int(is_row.sum(1).max()), 1)
     rows = torch.sort((~is_row).int(), dim=1, stable=True).indices[:, :Nq]  # row tokens first, in order
     valid = torch.gather(is_row, 1, rows)

@@ -205,10 +205,10 @@ def grid(images, cols, pad=10, title=None, row_labels=None):
     return out
 
 
-LOSS_TERMS = ("loss", "ce", "vis", "ans")  # drawn on a log axis; anything else (vas, a mass) linear
+LOSS_TERMS = ("loss", "ce", "vis", "ans", "img")  # drawn on a log axis; anything else (vas, a mass, sys < 0) linear
 
 
-def curves(metrics, path, keys=("loss", "ce", "vis", "ans", "vas")):
+def curves(metrics, path, keys=("loss", "ce", "vis", "ans", "vas", "img", "sys")):
     """The training curves as one PNG: a panel per logged term against the step, losses on a log axis."""
     panels = []
     for key in [k for k in keys if any(k in m for m in metrics)]:

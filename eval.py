@@ -103,9 +103,11 @@ def bootstrap_ci(values, n=1000, seed=0):
 
 
 @torch.no_grad()
-def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None, log=None):
-    """Greedy generation for each record -> list of generated texts. replies: a text per record that
-    the reply is forced to start with (a cut rationale and the answer marker, say). log(line): progress."""
+def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None, log=None,
+                     temperature=0.0, generator=None):
+    """Greedy (or sampled, temperature > 0) generation for each record -> list of generated texts.
+    replies: a text per record that the reply is forced to start with (a cut rationale and the answer
+    marker, say). log(line): progress."""
     model.eval()
     device = next(model.parameters()).device
     texts, t0 = [], time.time()
@@ -115,7 +117,8 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
         images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
         batch = proc(prompts, images if any(images) else None, padding_side="left")
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id,
+                             temperature=temperature, generator=generator)
         texts += [proc.decode(row) for row in out]
         if log:
             rate = len(texts) / (time.time() - t0)
@@ -207,6 +210,10 @@ def text_prior(train_records):
     return {t: c.most_common(1)[0][0] for t, c in by_type.items()}
 
 
+def boost_at(model, layer):  # the factor of the test-time intervention in that layer (1: none)
+    return model.image_boost[0] if model.image_boost and layer in model.image_boost[1] else 1.0
+
+
 @torch.no_grad()
 def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
     """Where the reply looks, teacher-forced on records (gold replies, or the model's own): per layer,
@@ -225,7 +232,8 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
         groups = ((spans == data.V).int() | ((spans == data.R).int() << 1)).to(torch.uint8)  # bit 0 image, bit 1 rationale
 
         def mass_fn(layer, q, k):
-            return kernels.attention_mass(data.take_rows(q, rows), k, q_pos, groups, num_groups=2)
+            m = kernels.attention_mass(data.take_rows(q, rows), k, q_pos, groups, num_groups=2)
+            return kernels.boosted(m, boost_at(model, layer))  # the mass under the test-time intervention
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                     batch["attention_mask"], mass_layers=layers, mass_fn=mass_fn)
         m = torch.stack([out.masses[layer] for layer in layers]).mean(2).float().cpu()  # (L, B, Nq, 2)
@@ -263,6 +271,7 @@ def image_attention(model, proc, rec, layers):
     def probs(layer, q, k):  # q (1, Hq, T, d), k (1, Hkv, T, d)
         k = k[0].repeat_interleave(q.shape[1] // k.shape[1], 0).float()
         scores = q[0][:, rows].float() @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (Hq, n, T)
+        scores[..., image] += math.log(boost_at(model, layer))
         scores.masked_fill_(torch.arange(k.shape[1], device=device)[None, :] > rows[:, None], float("-inf"))
         return scores.softmax(-1)[..., image].mean(0)
     out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
@@ -513,7 +522,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--layers", default="all", help='"all" or comma-separated layer indices for the masses')
+    p.add_argument("--visual-attn-scale", default="", help="test-time intervention: comma-separated factors f; each "
+                   "model is also evaluated with its image keys' attention times f (a row per f)")
+    p.add_argument("--visual-attn-layers", default=":", help="the layers of the intervention, a:b (default all)")
     args = p.parse_args(argv)
+    try:
+        scales = [float(f) for f in args.visual_attn_scale.split(",") if f.strip()]
+    except ValueError:
+        p.error(f"--visual-attn-scale {args.visual_attn_scale}: want comma-separated numbers > 0")
+    if any(f <= 0 for f in scales):
+        p.error(f"--visual-attn-scale {args.visual_attn_scale}: every factor must be > 0")
     device = pick_device(args.device)
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
@@ -530,15 +548,23 @@ def main(argv=None):
             layers = list(range(n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",") if x.isdigit()]
             if args.layers != "all" and (len(layers) != len(args.layers.split(",")) or max(layers) >= n_layers):
                 p.error(f"--layers {args.layers}: want \"all\" or indices of the model's {n_layers} layers")
-            log(f"{name}: {folder}, {len(records)} records")
-            t0 = time.time()
-            results[name] = evaluate(model, proc, records, train_records, layers, args.batch_size, args.max_new_tokens, log=log)
-            results[name]["wall_seconds"] = round(time.time() - t0, 1)
+            for f in [1.0] + scales:
+                row = name if f == 1 else f"{name} img x{f:g}"
+                log(f"{row}: {folder}, {len(records)} records")
+                t0 = time.time()
+                try:
+                    model.boost_image_attention(f, args.visual_attn_layers)
+                except ValueError as e:
+                    p.error(f"--visual-attn-layers: {e}")
+                results[row] = evaluate(model, proc, records, train_records, layers, args.batch_size, args.max_new_tokens, log=log)
+                results[row]["wall_seconds"] = round(time.time() - t0, 1)
     except (data.DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(table(results))
     meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(results, args.model)), "data": args.data,
             "n": len(records), "train data (text prior)": args.train_data or "none", "device": str(device)}
+    if scales:
+        meta["intervention"] = f"image keys' attention times f in layers {args.visual_attn_layers} (rows 'img x f')"
     print(f"wrote {write_report(results, args.out, meta)}")
 
 

@@ -234,6 +234,18 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     return mass
 
 
+def boosted(mass, f, group=0):
+    """Masses (..., G) -> the masses when log f is added to the scores of one group's keys (the
+    test-time intervention of model.boost_image_attention): that group's probabilities times f,
+    renormalised, m'(G) = m(G) f^[G is the group] / (1 + (f - 1) m(group)). Every other group must
+    be disjoint from it."""
+    if f == 1:
+        return mass
+    scale = torch.ones(mass.shape[-1], dtype=mass.dtype, device=mass.device)
+    scale[group] = f
+    return mass * scale / (1 + (f - 1) * mass[..., group:group + 1])
+
+
 def check(shapes=((2, 9, 3, 1000, 1000, 64, 2), (1, 4, 2, 333, 517, 128, 8))):
     """The CUDA op against the reference on random inputs: forward and both gradients, per dtype."""
     print(f"{'shape':>30s} {'dtype':>9s} {'mass':>9s} {'dq':>9s} {'dk':>9s}   (relative L2 error)")

@@ -13,6 +13,7 @@ forward pass that computes the logits.
 import json
 import math
 import os
+import pathlib
 import tempfile
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -298,7 +299,18 @@ class VLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.recompute = False
+        self.image_boost = None  # (f, layers) while boost_image_attention is on
         self.apply(self._init_weights)
+
+    def boost_image_attention(self, f=1.0, layers=":"):
+        """The test-time intervention AVAR reports (it released no code): log(f) added to the scores of the
+        image keys in `layers` (indices, or a slice "a:b"): their probabilities grow by f, then renormalise."""
+        if isinstance(layers, str):  # int() and the unpacking raise ValueError on anything but a:b
+            a, b = (int(x) if x.strip() else None for x in layers.split(":"))
+            layers = range(len(self.layers))[a:b]
+        if not f > 0 or not layers:
+            raise ValueError(f"image attention boost {f} in layers {list(layers)}: want f > 0 and some layer")
+        self.image_boost = (f, frozenset(layers)) if f != 1 else None  # f = 1: off, SDPA's fused kernels again
 
     def checkpoint_activations(self, on=True):
         """Activation checkpointing for every vision and decoder block: recomputed in the backward.
@@ -346,24 +358,28 @@ class VLM(nn.Module):
 
     # --- the decoder
 
-    def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None):
-        """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token.
-        mass_fn(layer, q, k) is called with post-RoPE q, k on the layers in mass_layers."""
-        mask = self.attention_bias(attention_mask, x.shape[1])
+    def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None, image_keys=None):
+        """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token; image_keys
+        (B, Tk) bool (for boost_image_attention). mass_fn(layer, q, k) gets post-RoPE q, k on mass_layers."""
+        mask = self.attention_bias(attention_mask, x.shape[1], shortcut=not self.image_boost)
+        f, boost_layers = self.image_boost or (1.0, ())
+        if boost_layers:  # in those layers a float mask: log f on the image keys' scores
+            boosted = torch.where(mask, math.log(f) * image_keys[:, None, None, :].to(x.dtype), float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
         masses = {}
         for i, layer in enumerate(self.layers):
-            x, q, k = run_block(layer, self.recompute, x, cos, sin, mask, None if cache is None else cache[i])
+            x, q, k = run_block(layer, self.recompute, x, cos, sin, boosted if i in boost_layers else mask,
+                                None if cache is None else cache[i])
             if i in mass_layers:
                 masses[i] = mass_fn(i, q, k)
         return self.lm_head(self.norm(x)), masses
 
     @staticmethod
-    def attention_bias(attention_mask, T):
-        """(B, Tk) padding mask -> the (B, 1, T, Tk) bool mask for the last T queries, or "causal" /
-        None when there is no padding, so that SDPA can take its fused causal kernels."""
+    def attention_bias(attention_mask, T, shortcut=True):
+        """(B, Tk) padding mask -> the (B, 1, T, Tk) bool mask for the last T queries, or (shortcut)
+        "causal" / None when there is no padding, so that SDPA can take its fused causal kernels."""
         Tk = attention_mask.shape[1]
-        if bool(attention_mask.all()):
+        if shortcut and bool(attention_mask.all()):
             return "causal" if T > 1 else None  # T == 1: one new token sees every key
         q_pos = torch.arange(Tk - T, Tk, device=attention_mask.device)
         k_pos = torch.arange(Tk, device=attention_mask.device)
@@ -382,7 +398,8 @@ class VLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids, pixel_values, pixel_attention_mask)
-        logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn)
+        logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn,
+                                     input_ids == self.config.image_token_id)
         return SimpleNamespace(logits=logits, masses=masses)
 
     def train_flops(self, input_ids, attention_mask):
@@ -419,12 +436,13 @@ class VLM(nn.Module):
         cache = [{} for _ in self.layers] if use_cache else None
         out = torch.full((B, max_new_tokens), int(eos[0]) if eos.numel() else 0, dtype=torch.long, device=input_ids.device)
         rows, step = torch.arange(B, device=input_ids.device), -1  # the batch rows still generating
+        image_keys = input_ids == self.config.image_token_id
         for step in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
             if use_cache and step > 0:
-                logits, _ = self.decode(x[:, -1:], pos[:, -1:], mask, cache)
+                logits, _ = self.decode(x[:, -1:], pos[:, -1:], mask, cache, image_keys=image_keys)
             else:
-                logits, _ = self.decode(x, pos, mask, cache)
+                logits, _ = self.decode(x, pos, mask, cache, image_keys=image_keys)
             tok = sample(logits[:, -1].float(), temperature, top_p, generator)
             out[rows, step] = tok
             if on_token is not None:
@@ -433,11 +451,12 @@ class VLM(nn.Module):
             if not going.any():
                 break
             if not going.all():  # drop the finished rows
-                rows, x, mask, tok = rows[going], x[going], mask[going], tok[going]
+                rows, x, mask, tok, image_keys = rows[going], x[going], mask[going], tok[going], image_keys[going]
                 for c in cache or []:
                     c["k"], c["v"] = c["k"][going], c["v"][going]
             x = torch.cat([x, self.embed_tokens(tok[:, None])], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            image_keys = torch.cat([image_keys, torch.zeros_like(image_keys[:, :1])], 1)
         return out[:, :step + 1]
 
     # --- checkpoints
@@ -479,10 +498,7 @@ class VLM(nn.Module):
         _atomic_write(os.path.join(path, "model.safetensors"),
                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
         cfg = {**self.config.to_hf(), **(extra_config or {}), "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
-        def write_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(cfg, f, indent=2)
-        _atomic_write(os.path.join(path, "config.json"), write_config)
+        _atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
 def key_map(c: VLMConfig) -> dict:

@@ -2,7 +2,9 @@
 nanoattcot: the Att-CoT objective, the training loop and the command line.
 
     python nanoattcot.py                      # the synthetic experiment, end to end on CPU
-    python nanoattcot.py --compare            # sft and attcot side by side
+    python nanoattcot.py --compare            # sft and attcot side by side (--compare sft,attcot,avar: any list)
+    python nanoattcot.py --text-only --objective sft --out out/prior   # DRIFT's reasoning prior (no pixels)
+    python nanoattcot.py --objective sft --drift-prior out/prior/model     # sft with DRIFT's gradient bias
     python nanoattcot.py train --init DIR --data train.jsonl --eval-data eval.jsonl ...
     torchrun --nproc_per_node N nanoattcot.py train ...
     python nanoattcot.py generate --model DIR --image PATH --prompt "What is in the image?"
@@ -29,38 +31,12 @@ import torch.nn.functional as F
 import data
 import draw
 import eval as eval_mod
+import generate
 import kernels
+import related
 import synthetic
 from data import Processor
-from model import VLM, CheckpointError, TextConfig, VisionConfig, VLMConfig, pick_device
-
-
-def cmd_generate(args):
-    device = pick_device(args.device)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if dtype is None:  # bf16 where it is fast, fp32 on CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = VLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    proc = Processor.from_pretrained(args.model)
-    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    batch = {k: v.to(device) for k, v in proc(text, [args.image] if args.image else None).items()}
-
-    new_ids, printed = [], ""
-
-    def stream(tok):  # decode everything so far and print what is new (BPE pieces join up)
-        nonlocal printed
-        new_ids.append(int(tok[0]))
-        now = proc.decode(new_ids)
-        sys.stdout.write(now[len(printed):])
-        sys.stdout.flush()
-        printed = now
-
-    t0 = time.time()
-    model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=proc.eos_token_id, on_token=stream)
-    print(f"\n[{len(new_ids)} tokens in {time.time() - t0:.1f}s, prompt {batch['input_ids'].shape[1]} tokens]",
-          file=sys.stderr)
+from model import VLM, CheckpointError, pick_device
 
 
 # -----------------------------------------------------------------------------
@@ -82,11 +58,13 @@ def mass_inputs(spans):
 
 def loss_terms(model, batch, cfg, layers):
     """-> dict of summed terms and their counts (so that micro-batches and ranks can be averaged
-    exactly): ce_sum / n_label, vis_sum & vas_sum / r_count, ans_sum / a_count."""
-    need_mass = cfg.objective == "attcot" or cfg.measure_vas
+    exactly): ce_sum / n_label, vis_sum & vas_sum / r_count, ans_sum / a_count; for avar, img_sum /
+    img_count and sys_sum / sys_count (related.avar_terms)."""
+    avar = cfg.objective == "avar"
+    need_mass = cfg.objective == "attcot" or cfg.measure_vas or avar
     mass_fn = None
     if need_mass:
-        rows, q_pos, row_span, key_groups = mass_inputs(batch["spans"])
+        rows, q_pos, row_span, key_groups = (related.avar_inputs if avar else mass_inputs)(batch["spans"])
 
         def mass_fn(layer, q, k):  # q (B, Hq, T, d) -> the R/A rows only
             return kernels.attention_mass(data.take_rows(q, rows), k, q_pos, key_groups, num_groups=2, impl=cfg.mass_impl)
@@ -95,7 +73,9 @@ def loss_terms(model, batch, cfg, layers):
     labels = batch["labels"][:, 1:]
     ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     terms = {"ce_sum": ce, "n_label": (labels != -100).sum()}
-    if need_mass:
+    if avar:
+        terms.update(related.avar_terms(out.masses, layers, row_span, batch["spans"], cfg.eps))
+    elif need_mass:
         m = torch.stack([out.masses[layer] for layer in layers]).mean(0).mean(1)  # (B, Nq, 2)
         in_r, in_a = row_span == data.R, row_span == data.A
         m_vis = m[..., 0] if cfg.vis_target is None else m[..., 0].clamp(max=cfg.vis_target)  # floor: push only below t
@@ -109,7 +89,7 @@ def step_counts(batches):
     """The counts the loss terms are divided by, over all micro-batches of a step (float tensors)."""
     return {"n_label": sum((b["labels"][:, 1:] != -100).sum() for b in batches).float(),
             "r_count": sum((b["spans"] == data.R).sum() for b in batches).float(),
-            "a_count": sum((b["spans"] == data.A).sum() for b in batches).float()}
+            "a_count": sum((b["spans"] == data.A).sum() for b in batches).float(), **related.avar_counts(batches)}
 
 
 def total_loss(terms, counts, cfg):
@@ -118,6 +98,8 @@ def total_loss(terms, counts, cfg):
     loss = terms["ce_sum"] / counts["n_label"]
     if cfg.objective == "attcot":
         loss = loss + cfg.lambda_vis * terms["vis_sum"] / counts["r_count"] + cfg.lambda_ans * terms["ans_sum"] / counts["a_count"]
+    if cfg.objective == "avar":
+        loss = loss + cfg.avar_img * terms["img_sum"] / counts["img_count"] + cfg.avar_sys * terms["sys_sum"] / counts["sys_count"]
     return loss
 
 
@@ -129,7 +111,7 @@ class ConfigError(ValueError):
     """A flag value out of its range or choices: the command line prints the message alone."""
 
 
-OBJECTIVES, MASS_IMPLS = ("sft", "attcot"), ("auto", "cuda", "reference", "sdpa")
+OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "reference", "sdpa")
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
@@ -147,6 +129,17 @@ class TrainConfig:
     lambda_ans: float = 0.1
     vis_target: float = 0.5         # floor t: only rationale steps with m(V) < t are pushed (None: all)
     eps: float = 1e-6
+    avar_img: float = 0.15          # AVAR's weights (its released code's values)
+    avar_sys: float = 0.15
+    drift_prior: str = ""           # DRIFT: a checkpoint whose language model has this one's shapes
+    drift_mode: str = "adaptive_cosine"  # one of related.DRIFT_MODES
+    drift_alpha: float = 1.0
+    drift_no_rescale: bool = False
+    difficulty: str = ""            # "lo:hi": keep the records the starting model (--init) gets right at a rate in it
+    difficulty_samples: int = 4
+    visual_attn_scale: str = ""     # test-time intervention in the final eval: comma-separated factors f
+    visual_attn_layers: str = ":"   # ... in these layers (a:b)
+    text_only: bool = False         # the synthetic set's text version (the grid in words, no image): DRIFT's prior
     layers: str = "all"             # "all" or comma-separated layer indices
     mass_impl: str = "auto"         # one of MASS_IMPLS (kernels.attention_mass)
     measure_vas: bool = False       # compute masses (and log VAS) even for sft
@@ -183,7 +176,16 @@ class TrainConfig:
         self.lr_connector = (FINETUNE_LR_CONNECTOR if finetune else SCRATCH_LR) if self.lr_connector is None else self.lr_connector
         self.warmup = (max(1, round(0.03 * self.max_steps)) if finetune else SCRATCH_WARMUP) if self.warmup is None else self.warmup
         layers_ok = self.layers == "all" or all(x.strip().isdigit() for x in self.layers.split(","))
+        band, scales = numbers(self.difficulty, ":"), numbers(self.visual_attn_scale, ",")
+        band_ok = band == [] or (band is not None and len(band) == 2 and 0 <= band[0] <= band[1] <= 1)
+        scales_ok = scales is not None and all(f > 0 for f in scales)
         checks = [("objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+                  ("drift_mode", self.drift_mode in related.DRIFT_MODES, f"one of {', '.join(related.DRIFT_MODES)}"),
+                  ("drift_prior", not self.drift_prior or os.path.isdir(self.drift_prior), "an existing checkpoint folder"),
+                  ("difficulty", band_ok, "lo:hi with 0 <= lo <= hi <= 1"),
+                  ("difficulty", not self.difficulty or bool(self.init), "given with --init (the model whose success it measures)"),
+                  ("difficulty_samples", self.difficulty_samples >= 1, ">= 1"),
+                  ("visual_attn_scale", scales_ok, "comma-separated factors > 0"),
                   ("mass_impl", self.mass_impl in MASS_IMPLS, f"one of {', '.join(MASS_IMPLS)}"),
                   ("vis_target", self.vis_target is None or 0 < self.vis_target <= 1, "in (0, 1] or none"),
                   ("layers", layers_ok, '"all" or comma-separated layer indices'),
@@ -191,7 +193,8 @@ class TrainConfig:
                   *[(k, getattr(self, k) > 0, "> 0") for k in ("lr", "lr_vision", "lr_connector")],
                   *[(k, getattr(self, k) >= 1, ">= 1") for k in ("batch_size", "grad_accum", "max_len", "log_every",
                                                                    "n_train", "n_eval")],
-                  *[(k, getattr(self, k) >= 0, ">= 0") for k in ("lambda_vis", "lambda_ans", "weight_decay", "warmup",
+                  *[(k, getattr(self, k) >= 0, ">= 0") for k in ("lambda_vis", "lambda_ans", "avar_img", "avar_sys",
+                                                                   "drift_alpha", "weight_decay", "warmup",
                                                                    "max_steps", "save_every", "eval_every", "eval_limit",
                                                                    "peak_tflops")]]
         checks.append(("eval_data", bool(self.eval_data or not self.data), "given with --data (every run ends in an evaluation)"))
@@ -207,14 +210,11 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: no CUDA GPU here")
 
 
-def small_config(vocab_size, image_token_id):
-    """A teaching-size SmolVLM: 96 px images, 16 px patches, pixel shuffle 2 -> 9 image tokens."""
-    return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
-                                         num_attention_heads=3, patch_size=16, image_size=96),
-                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
-                                     max_position_embeddings=2048),
-                     scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")
+def numbers(text, sep):  # "0.2:0.8" -> [0.2, 0.8]; "" -> []; None if a part is not a number
+    try:
+        return [float(x) for x in text.split(sep)] if text else []
+    except ValueError:
+        return None
 
 
 def peak_flops(device, tflops=0.0):
@@ -292,12 +292,9 @@ def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
 def keep_freed_memory():
     """glibc hands freed blocks over 128 KB back to the OS, and every CPU step then page-faults its
     activations in again; keeping up to 1 GB of them makes a CPU step ~7% faster (measured here)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: 32 MB, glibc's largest
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    with contextlib.suppress(OSError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: 32 MB, glibc's largest
+        ctypes.CDLL("libc.so.6").mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
 def train(cfg: TrainConfig):
@@ -320,11 +317,12 @@ def train(cfg: TrainConfig):
     train_path, eval_path = cfg.data, cfg.eval_data
     if not train_path:
         data_dir = os.path.join(cfg.out, "data")
-        if rank == 0 and not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
+        if rank == 0 and not os.path.exists(synthetic.paths(data_dir, text_only=True)[1]):  # written last
             synthetic.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
         if world > 1:
             torch.distributed.barrier()
-        train_path, eval_path = os.path.join(data_dir, "train.jsonl"), eval_path or os.path.join(data_dir, "eval.jsonl")
+        train_path, synthetic_eval = synthetic.paths(data_dir, cfg.text_only)
+        eval_path = eval_path or synthetic_eval
     skips = data.Skips(cfg.strict)
     train_records = data.read_records(train_path, skips)
     eval_records = read_eval_records(eval_path, cfg, log)  # bad eval data fails now, not after training
@@ -332,14 +330,18 @@ def train(cfg: TrainConfig):
     resuming = cfg.resume and find_checkpoint(ckpt)
     if cfg.resume and not resuming:
         log(f"--resume: no checkpoint in {ckpt}; starting at step 0")
+    drift = None
+    if not resuming or cfg.drift_prior or cfg.difficulty:  # the starting model (DRIFT's Delta and the filter need it)
+        if cfg.init:
+            proc, model = Processor.from_pretrained(cfg.init), VLM.from_pretrained(cfg.init, dtype=torch.float32)
+        else:  # with a DRIFT prior, its tokenizer: the same token ids (and, with the same seed, the same initial weights)
+            texts = [r["question"] + " " + r["reply"] for r in train_records]
+            proc = Processor.from_pretrained(cfg.drift_prior) if cfg.drift_prior else \
+                data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
+            model = VLM(synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
+        drift, train_records = related.setup(cfg, model.to(device), proc, train_records, train_path, log)
     if resuming:
         proc, model = Processor.from_pretrained(ckpt), VLM.from_pretrained(ckpt, dtype=torch.float32)
-    elif cfg.init:
-        proc, model = Processor.from_pretrained(cfg.init), VLM.from_pretrained(cfg.init, dtype=torch.float32)
-    else:
-        texts = [r["question"] + " " + r["reply"] for r in train_records]
-        proc = data.new_processor(texts, tile=96, image_seq_len=9, vocab_size=600)
-        model = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
     model.to(device).checkpoint_activations(cfg.activation_checkpointing)
     examples = data.encode_all(proc, train_records, cfg.max_len, skips)
     if not examples:
@@ -416,6 +418,8 @@ def train(cfg: TrainConfig):
             if "vis_sum" in logged:
                 row.update(vis=logged["vis_sum"] / n["r_count"], ans=logged["ans_sum"] / n["a_count"],
                            vas=logged["vas_sum"] / n["r_count"])
+            if "img_sum" in logged:
+                row.update(img=logged["img_sum"] / n["img_count"], sys=logged["sys_sum"] / n["sys_count"])
             row["loss"] = loss_value = float(total_loss(logged, n, cfg))  # the global-batch loss
             if not math.isfinite(loss_value):
                 if not cfg.skip_nonfinite:
@@ -425,6 +429,8 @@ def train(cfg: TrainConfig):
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 continue
+            if drift:  # after the gradients are summed over micro-batches and ranks, before clipping
+                drift.apply(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -435,7 +441,7 @@ def train(cfg: TrainConfig):
                     f.write(json.dumps(row) + "\n")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     dt = time.time() - t0
-                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas") if k in row)
+                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas", "img", "sys") if k in row)
                     mfu = f" | MFU {100 * flops / dt / peak:.1f}%" if peak else ""
                     log(f"step {step:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
                         f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / max(step - (metrics[0]['step'] - 1), 1) * (cfg.max_steps - step):.0f}s")
@@ -479,11 +485,17 @@ def run_eval(model, proc, cfg, records, train_records, layers):
     return result
 
 
-def run(cfg, compare=False):
-    """Train, evaluate, print the table, write summary.json (both objectives side by side with compare)."""
-    objectives = ["sft", "attcot"] if compare else [cfg.objective]
+def run(cfg, compare=()):
+    """Train, evaluate, print the table, write summary.json and the report. compare: objectives to
+    run one after the other on the same data, side by side. With --visual-attn-scale each model is
+    also evaluated under the test-time intervention (a row per factor)."""
+    objectives = list(compare) or [cfg.objective]
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        raise ConfigError(f"--compare {','.join(objectives)}: {bad[0]!r} is not one of {', '.join(OBJECTIVES)}")
     if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
-        train_path, eval_path = synthetic.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
+        synthetic.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
+        train_path, eval_path = synthetic.paths(os.path.join(cfg.out, "data"), cfg.text_only)
         cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
     summaries = {}
     for objective in objectives:
@@ -501,11 +513,21 @@ def run(cfg, compare=False):
         with open(os.path.join(c.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         summaries[objective] = summary
+        for f in numbers(cfg.visual_attn_scale, ","):
+            try:
+                result["model"].boost_image_attention(f, cfg.visual_attn_layers)
+            except ValueError as e:
+                raise ConfigError(f"--visual-attn-layers: {e}") from None
+            ev = run_eval(result["model"], result["proc"], c, result["eval_records"], result["train_records"], result["layers"])
+            summaries[f"{objective} img x{f:g}"] = {**ev, "objective": objective}
+            result["model"].boost_image_attention(1.0)
     if summaries:
         print("\n" + eval_mod.table(summaries))
-        curves = [(f"Training curves ({o})", os.path.join(o, "curves.png") if compare else "curves.png") for o in summaries]
+        curves = [(f"Training curves ({o})", os.path.join(o, "curves.png") if compare else "curves.png") for o in objectives]
         meta = {"objectives": ", ".join(summaries), "data": cfg.data or "the synthetic set", "seed": cfg.seed,
                 "steps": cfg.max_steps, "n": next(iter(summaries.values()))["n"]}
+        if cfg.visual_attn_scale:
+            meta["intervention"] = f"image keys' attention times f in layers {cfg.visual_attn_layers} (rows 'img x f')"
         report = eval_mod.write_report({o: {k: v for k, v in s.items() if k != "config"} for o, s in summaries.items()},
                                        cfg.out, meta, curves)
         print(f"(eval n = {meta['n']}; report: {report}; outputs under {cfg.out})")
@@ -535,28 +557,19 @@ def main(argv=None):
 
 
 def _main(argv):
-    if argv[:1] == ["generate"]:
-        return main_generate(argv[1:])
+    if argv[:1] == ["generate"]:  # the same as python generate.py
+        return generate.main(argv[1:])
     p = argparse.ArgumentParser(description="Att-CoT training. With no arguments: the synthetic experiment end to "
                                 "end on CPU (data, tokenizer, small model, training, evaluation, summary.json).")
     add_config_args(p)
-    p.add_argument("--compare", action="store_true", help="run sft and attcot and print them side by side")
+    p.add_argument("--compare", nargs="?", const="sft,attcot", default="",
+                   help="objectives to run side by side, comma-separated (alone: sft,attcot)")
     args = vars(p.parse_args(argv[1:] if argv[:1] == ["train"] else argv))
-    compare = args.pop("compare")
+    compare = [o for o in args.pop("compare").split(",") if o]
     run(TrainConfig(**args), compare)
 
 
-def main_generate(argv):
-    g = argparse.ArgumentParser(prog="nanoattcot.py generate", description="answer a prompt about images")
-    g.add_argument("--model", required=True, help="folder with config.json, model.safetensors, tokenizer.json")
-    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    cmd_generate(g.parse_args(argv))
+
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model import TextConfig, VisionConfig, VLMConfig
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 KINDS, GRID = ("circle", "square", "triangle"), 3
 
@@ -134,10 +136,17 @@ def _twin(rng, grid, q):
     return None
 
 
+def in_words(grid):
+    """The grid as text, for the text-only version of the set (DRIFT's reasoning prior never sees pixels)."""
+    return " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "." for r in range(GRID))
+
+
 def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
     """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
     (balanced, each item with a counterfactual twin: same question, edited image, other answer),
-    with PNGs under images/. Each record keeps the boxes of the cells its answer depends on."""
+    with PNGs under images/. Each record keeps the boxes of the cells its answer depends on.
+    Beside them, train_text.jsonl and eval_text.jsonl: the same records with the grid in words in the
+    question and no image."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     cell = image_size / GRID
@@ -149,8 +158,12 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
         return {"id": name, "image": f"images/{name}.png", "question": _question_text(q), "rationale": rationale,
                 "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
 
+    def text_twin(rec, grid):
+        rec = {k: v for k, v in rec.items() if k not in ("image", "boxes")}
+        return json.dumps({**rec, "question": f"The grid: {in_words(grid)} {rec['question']}"}) + "\n"
+
     for split, n in (("train", n_train), ("eval", n_eval)):
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f, open(os.path.join(out_dir, f"{split}_text.jsonl"), "w") as t:
             i = 0
             while i < n:
                 qtype = ("count", "compare", "cell")[i % 3]
@@ -159,7 +172,28 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
                     twin = _twin(rng, grid, q)
                     if twin is None:
                         continue
-                    f.write(json.dumps(record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")) + "\n")
-                f.write(json.dumps(record(f"{split}{i:05d}", grid, q)) + "\n")
+                    rec = record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")
+                    f.write(json.dumps(rec) + "\n")
+                    t.write(text_twin(rec, twin))
+                rec = record(f"{split}{i:05d}", grid, q)
+                f.write(json.dumps(rec) + "\n")
+                t.write(text_twin(rec, grid))
                 i += 1
-    return os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
+    return paths(out_dir)
+
+
+def paths(out_dir, text_only=False):
+    """The train and eval files make_synthetic wrote in out_dir (their text versions with text_only)."""
+    text = "_text" if text_only else ""
+    return os.path.join(out_dir, f"train{text}.jsonl"), os.path.join(out_dir, f"eval{text}.jsonl")
+
+
+def small_config(vocab_size, image_token_id):
+    """The teaching-size SmolVLM this set trains: 96 px images, 16 px patches, pixel shuffle 2 -> 9
+    image tokens; 4 decoder layers of width 128."""
+    return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+                                         num_attention_heads=3, patch_size=16, image_size=96),
+                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
+                                     max_position_embeddings=2048),
+                     scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")

@@ -1,0 +1,73 @@
+"""
+Answer a prompt about images with a SmolVLM checkpoint, streaming the reply (the sampler is
+model.VLM.generate: KV cache, greedy or nucleus sampling).
+
+    python generate.py --model DIR --image PATH --prompt "What is in the image?"
+    python generate.py --model DIR --image PATH --prompt "..." --visual-attn-scale 2 --visual-attn-layers 0:8
+
+--visual-attn-scale f is the test-time intervention AVAR reports: the image keys' attention
+probabilities times f (then renormalised) in the layers given.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+import data
+from model import VLM, CheckpointError, pick_device
+
+
+def generate(args):
+    device = pick_device(args.device)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dtype is None:  # bf16 where it is fast, fp32 on CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = VLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    try:
+        model.boost_image_attention(args.visual_attn_scale, args.visual_attn_layers)
+    except ValueError as e:  # a factor <= 0 or a slice with no layer
+        sys.exit(f"error: --visual-attn-scale / --visual-attn-layers: {e}")
+    proc = data.Processor.from_pretrained(args.model)
+    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = {k: v.to(device) for k, v in proc(text, [args.image] if args.image else None).items()}
+
+    new_ids, printed = [], ""
+
+    def stream(tok):  # decode everything so far and print what is new (BPE pieces join up)
+        nonlocal printed
+        new_ids.append(int(tok[0]))
+        now = proc.decode(new_ids)
+        sys.stdout.write(now[len(printed):])
+        sys.stdout.flush()
+        printed = now
+
+    t0 = time.time()
+    model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=proc.eos_token_id, on_token=stream)
+    print(f"\n[{len(new_ids)} tokens in {time.time() - t0:.1f}s, prompt {batch['input_ids'].shape[1]} tokens]",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    g = argparse.ArgumentParser(prog="generate.py", description="answer a prompt about images")
+    g.add_argument("--model", required=True, help="folder with config.json, model.safetensors, tokenizer.json")
+    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--visual-attn-scale", type=float, default=1.0, help="the image keys' attention times this (1: off)")
+    g.add_argument("--visual-attn-layers", default=":", help="the layers of the intervention, a:b (default all)")
+    args = g.parse_args(argv)
+    try:
+        generate(args)
+    except (data.DataError, CheckpointError, FileNotFoundError) as e:  # a bad file: one line, no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The related methods: AVAR's L_img and L_sys against transformers' eager attention (float64), DRIFT's
+three biases by hand with its static Delta and its errors, the test-time intervention against the
+softmax with log f added to the image scores, and the difficulty filter's band and cache."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import data
+import eval as eval_mod
+import kernels
+import nanoattcot
+import related
+from model import VLM, CheckpointError
+from nanoattcot import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(out, **kw):
+    base = dict(out=str(out), n_train=64, n_eval=6, batch_size=8, max_steps=4, warmup=1, save_every=0,
+                log_every=100, device="cpu", objective="sft")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = config(tmp_path_factory.mktemp("r") / "run")
+    return cfg, nanoattcot.train(cfg)
+
+
+def batch_of(result, n=3):
+    return data.collate(data.encode_all(result["proc"], result["train_records"][:n]), result["proc"].pad_token_id)
+
+
+def test_system_span_is_the_scaffolding_before_the_users_content(run):
+    proc = run[1]["proc"]
+    ex = data.encode_record(proc, run[1]["train_records"][0])
+    system = proc.tokenizer.decode(ex["input_ids"][ex["spans"] == data.S].tolist(), skip_special_tokens=False)
+    assert system.replace(" ", "") == "<|im_start|>User:"
+    first_user = int((ex["spans"] == data.P).nonzero()[0])
+    assert (ex["spans"][:first_user] == data.S).all()
+
+
+def test_avar_terms_match_eager_attention_float64(run):
+    """L_img and L_sys per layer and head from a materialised softmax (transformers, eager, float64):
+    the mean over (user-turn query, image key) pairs, causally masked pairs counted as 0."""
+    from transformers import AutoModelForImageTextToText
+    cfg, result = run
+    batch = batch_of(result)
+    layers = [0, 1, 3]
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager",
+                                                     dtype=torch.float64).eval()
+    with torch.no_grad():
+        att = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+                 output_attentions=True).attentions
+    want = {"img": [], "sys": []}
+    for b, spans in enumerate(batch["spans"]):
+        rows = (spans == data.P) | (spans == data.V)
+        for name, keys, sign in (("img", spans == data.V, -1), ("sys", spans == data.S, 1)):
+            per = [torch.log(att[l][b, h][rows][:, keys].mean() + 1e-6) for l in layers for h in range(att[l].shape[1])]
+            want[name].append(sign * torch.stack(per).mean())
+    model = result["model"].double()
+    try:
+        terms = nanoattcot.loss_terms(model, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()},
+                                      TrainConfig(objective="avar", mass_impl="reference"), layers)
+    finally:
+        result["model"].float()
+    assert float(terms["img_count"]) == float(terms["sys_count"]) == 3
+    terms = {k: v.detach() for k, v in terms.items()}
+    assert abs(float(terms["img_sum"]) - float(sum(want["img"]))) < 5e-8  # an fp32 sum is 2e-7 off
+    assert abs(float(terms["sys_sum"]) - float(sum(want["sys"]))) < 5e-8
+    loss = nanoattcot.total_loss(terms, nanoattcot.step_counts([batch]), TrainConfig(objective="avar", avar_img=0.5, avar_sys=0.25))
+    ce = terms["ce_sum"] / (batch["labels"][:, 1:] != -100).sum()
+    assert abs(float(loss - ce) - float(0.5 * sum(want["img"]) / 3 + 0.25 * sum(want["sys"]) / 3)) < 5e-8
+
+
+def test_avar_without_masses_is_an_error():
+    spans = torch.tensor([[data.S, data.V, data.P, data.R]])
+    with pytest.raises(RuntimeError, match=r"no attention masses came back for layers \[1\]"):
+        related.avar_terms({0: torch.zeros(1, 1, 2, 2)}, [0, 1], torch.tensor([[data.V, data.P]]), spans)
+
+
+@pytest.mark.parametrize("mode,want", [("absolute", [1.0, 0.0]), ("gradnorm", [5.0, 0.0]),
+                                       ("adaptive_cosine", [4.0, 0.0])])
+def test_drift_bias_by_hand(mode, want):
+    """g = (3, 4), Delta = (1, 0): |g| = 5, cos = 3/5, so adaptive_cosine = (1 + 0.6) / 2 * 5 = 4 along Delta."""
+    got = related.drift_bias(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), mode)
+    assert torch.allclose(got, torch.tensor(want))
+    g = torch.tensor([-3.0, 4.0])  # opposite to Delta's side: cos = -0.6, adaptive_cosine shrinks to 0.2 * 5 = 1
+    assert torch.allclose(related.drift_bias(g, torch.tensor([2.0, 0.0]), "adaptive_cosine"), torch.tensor([1.0, 0.0]))
+
+
+def test_drift_delta_is_static_and_biases_the_gradients(run, tmp_path):
+    cfg, result = run
+    model = VLM.from_pretrained(os.path.join(cfg.out, "model"), dtype=torch.float32)
+    prior = VLM.from_pretrained(os.path.join(cfg.out, "model"), dtype=torch.float32)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    prior.save_pretrained(tmp_path / "prior")
+    lines = []
+    plain = related.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, rescale=False, log=lines.append)
+    scaled = related.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, log=lambda *a: None)
+    theirs, ours = dict(prior.named_parameters()), dict(model.named_parameters())
+    n_layers = len(model.layers)
+    assert len(plain.delta) == 7 * n_layers and f"biasing the gradients of {7 * n_layers} tensors" in lines[0]
+    assert not any(n.startswith(("vision.", "connector.", "embed_tokens", "lm_head")) for n in plain.delta)
+    name = "layers.1.self_attn.q_proj.weight"
+    start = theirs[name].detach() - ours[name].detach()
+    assert torch.allclose(plain.delta[name], start)
+    assert torch.allclose(scaled.delta[name].norm(), ours[name].norm()) and torch.allclose(
+        scaled.delta[name] / scaled.delta[name].norm(), start / start.norm(), atol=1e-6)
+    with torch.no_grad():  # the weights move (a training step): Delta stays what it was at the start
+        ours[name].add_(1.0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    plain.apply(model)
+    assert torch.allclose(ours[name].grad, 1 - 0.5 * start)
+    assert (ours["vision.post_layernorm.weight"].grad == 1).all()
+
+
+def test_drift_errors_name_the_problem(run, tmp_path, monkeypatch):
+    cfg, result = run
+    model = result["model"]
+    with pytest.raises(CheckpointError, match="no language-model projection to bias"):
+        monkeypatch.setattr(related, "DRIFT_MODULES", ("qkv_proj",))  # a naming mismatch: nothing would be hooked
+        related.Drift(model, os.path.join(cfg.out, "model"))
+    monkeypatch.undo()
+    small = VLM(model.config.__class__(**{**model.config.__dict__, "text": model.config.text.__class__(
+        **{**model.config.text.__dict__, "intermediate_size": 64})}))
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(CheckpointError, match=r"layers.0.gate_proj.weight is \(64, 128\), the model's is \(512, 128\)"):
+        related.Drift(model, str(tmp_path / "small"))
+
+
+def test_intervention_is_the_softmax_with_log_f_on_the_image_keys(run):
+    """Boosting layer 1 by f: layer 0 is untouched; layer 1's attention output is softmax(s + log f [image
+    key]) V computed by hand, and its masses are the unboosted ones f-reweighted (kernels.boosted)."""
+    cfg, result = run
+    model, batch = result["model"].double(), batch_of(result)
+    pixels = batch["pixel_values"].double()
+    seen = {}
+
+    def grab(tag):
+        def mass_fn(layer, q, k):
+            seen[tag, layer] = (q, k)
+            return kernels.attention_mass(q, k, torch.arange(q.shape[2]).expand(q.shape[0], -1), groups, 1, impl="reference")
+        return mass_fn
+    groups = (batch["spans"] == data.V).to(torch.uint8)
+    captured = {}
+    hook = model.layers[1].self_attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], out=out[0]))
+    try:
+        with torch.no_grad():
+            plain = model(batch["input_ids"], pixels, batch["pixel_attention_mask"], batch["attention_mask"],
+                          mass_layers=[0, 1], mass_fn=grab("plain"))
+            model.boost_image_attention(3.0, "1:2")
+            boosted = model(batch["input_ids"], pixels, batch["pixel_attention_mask"], batch["attention_mask"],
+                            mass_layers=[0, 1], mass_fn=grab("boost"))
+            att, (q, k) = model.layers[1].self_attn, seen["boost", 1]
+            B, T = batch["input_ids"].shape
+            rep = att.n_head // att.n_kv
+            v = att.v_proj(captured["x"]).view(B, T, att.n_kv, att.hd).transpose(1, 2).repeat_interleave(rep, 1)
+            scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(att.hd)
+            scores = scores + math.log(3.0) * (batch["spans"] == data.V)[:, None, None, :]
+            visible = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & batch["attention_mask"].bool()[:, None, None, :]
+            p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            want = att.o_proj((p @ v).transpose(1, 2).reshape(B, T, -1))
+    finally:
+        model.boost_image_attention(1.0)
+        hook.remove()
+        result["model"].float()
+    assert torch.equal(plain.masses[0], boosted.masses[0]) and torch.equal(plain.masses[1], boosted.masses[1])
+    real = batch["attention_mask"].bool()
+    assert (captured["out"] - want)[real].abs().max() < 1e-8  # float64 (SDPA on CPU: ~1e-9)
+    image_mass = (p * (batch["spans"] == data.V)[:, None, None, :]).sum(-1)  # (B, H, T)
+    got = kernels.boosted(torch.stack([boosted.masses[1][..., 0], 1 - boosted.masses[1][..., 0]], -1), 3.0)[..., 0]
+    assert (got - image_mass)[real[:, None, :].expand_as(got)].abs().max() < 1e-7
+
+
+def test_boosted_masses_by_hand():
+    m = torch.tensor([0.2, 0.3])  # image, rationale: f = 2 gives the image 0.4 of 1.2
+    assert torch.allclose(kernels.boosted(m, 2.0), torch.tensor([0.4 / 1.2, 0.3 / 1.2]))
+    assert kernels.boosted(m, 1.0) is m
+
+
+def test_boosted_generation_with_cache_equals_without(run):
+    """The image keys follow the KV cache and the rows that leave the batch."""
+    cfg, result = run
+    model, proc = result["model"], result["proc"]
+    recs = result["train_records"][:3]
+    prompts = [data.record_prompt(proc, r) for r in recs]
+    batch = proc(prompts, [[data.load_image(p) for p in r["images"]] for r in recs], padding_side="left")
+    model.boost_image_attention(4.0, ":")
+    try:
+        a = model.generate(**batch, max_new_tokens=12, eos_token_id=proc.eos_token_id)
+        b = model.generate(**batch, max_new_tokens=12, eos_token_id=proc.eos_token_id, use_cache=False)
+    finally:
+        model.boost_image_attention(1.0)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        model.boost_image_attention(2.0, "9:")  # no such layer
+    with pytest.raises(ValueError):
+        model.boost_image_attention(0.0, ":")
+
+
+def test_difficulty_filter_band_and_cache(tmp_path, monkeypatch):
+    records = [{"source": f"f:{i}", "type": "count" if i % 2 else "cell", "answer": "1"} for i in range(8)]
+    rates = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.25, 1.0]
+    calls = []
+
+    def stub(model, proc, recs, k, *args, **kw):
+        calls.append(k)
+        return rates
+    monkeypatch.setattr(related, "success_rates", stub)
+    lines = []
+    kept = related.difficulty_filter(None, None, records, (0.25, 0.75), 4, str(tmp_path), "m", log=lines.append)
+    assert [r["source"] for r in kept] == ["f:1", "f:2", "f:3", "f:5", "f:6"] and calls == [4]
+    assert lines[-1] == ("difficulty: kept 5 of 8 (rate in [0.25, 0.75]); success rate bands: 0 1, 0.25-0.75 5, 1 2; "
+                         "kept per type: cell 2/4, count 3/4")
+    again = related.difficulty_filter(None, None, records, (0.5, 1.0), 4, str(tmp_path), "m", log=lines.append)
+    assert calls == [4] and [r["source"] for r in again] == ["f:2", "f:3", "f:4", "f:5", "f:7"]  # from the cache
+    related.difficulty_filter(None, None, records, (0.5, 1.0), 2, str(tmp_path), "m", log=lines.append)
+    assert calls == [4, 2]  # another k is another measurement
+
+
+def test_success_rates_count_sampled_answers(monkeypatch):
+    """k samples per record, each scored like the eval: here the stub answers record i right on its
+    first i samples."""
+    records = [{"source": f"f:{i}", "question": "q", "answer": "2", "images": []} for i in range(3)]
+
+    def fake_generate(model, proc, recs, *args, temperature=0.0, **kw):
+        assert temperature == 1.0 and len(recs) == 9
+        return ["Answer: 2" if j % 3 < i else "Answer: 5" for i in range(3) for j in range(3)]
+    monkeypatch.setattr(eval_mod, "generate_answers", fake_generate)
+    model = torch.nn.Linear(1, 1)
+    assert related.success_rates(model, None, records, 3) == [0.0, 1 / 3, 2 / 3]
+
+
+def test_compare_list_avar_and_intervention_rows(tmp_path, capsys):
+    """--compare sft,avar with --visual-attn-scale: one report, a row per objective and per factor."""
+    out = tmp_path / "cmp"
+    nanoattcot.main(["--compare", "sft,avar", "--out", str(out), "--n-train", "48", "--n-eval", "4", "--max-steps", "2",
+                     "--batch-size", "8", "--save-every", "0", "--device", "cpu", "--visual-attn-scale", "4",
+                     "--visual-attn-layers", "2:"])
+    report = json.load(open(out / "report.json"))
+    assert list(report["results"]) == ["sft", "sft img x4", "avar", "avar img x4"]
+    rows = [json.loads(l) for l in open(out / "avar" / "metrics.jsonl")]
+    assert all("img" in r and "sys" in r for r in rows)
+    r = report["results"]
+    for name in ("sft", "avar"):  # the boost in layers 2-3 raises their image mass, leaves layers 0-1 alone
+        plain, boosted = (r[n]["where_it_looks"]["gold"]["image_mass_by_layer"] for n in (name, f"{name} img x4"))
+        assert plain[:2] == pytest.approx(boosted[:2], abs=1e-6) and all(b > p for p, b in zip(plain[2:], boosted[2:]))
+    with pytest.raises(SystemExit, match="'dpo' is not one of sft, attcot, avar"):
+        nanoattcot.main(["--compare", "sft,dpo", "--out", str(tmp_path / "x"), "--device", "cpu"])
+
+
+def test_text_only_set_carries_the_grid_in_words(tmp_path):
+    import synthetic
+    synthetic.make_synthetic(str(tmp_path), n_train=6, n_eval=3)
+    train, text = ([json.loads(l) for l in open(p)] for p in (tmp_path / "train.jsonl", tmp_path / "train_text.jsonl"))
+    assert len(train) == len(text) and all("image" not in t and "boxes" not in t for t in text)
+    for im, tx in zip(train, text):
+        assert tx["question"].endswith(im["question"]) and tx["answer"] == im["answer"]
+        if im["type"] != "cell":  # a count or compare rationale walks every cell: untagged, the grid in words
+            walk = re.sub(r" \((?:circle|square|triangle) \d+\)", "", im["rationale"].split(" So ")[0])
+            assert tx["question"] == f"The grid: {walk} {im['question']}"
