@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
     path, hf = checkpoints["idefics3_gqa_untied_s2"]
     IMAGES[1].save(tmp_path / "photo.png")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "generate", "--model", str(path),
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(path),
                           "--image", str(tmp_path / "photo.png"), "--prompt", "How many circles?",
                           "--max-new-tokens", "6", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -26,6 +26,10 @@ def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
     answer = proc.decode(want[0, b["input_ids"].shape[1]:])
     assert answer and run.stdout.rstrip("\n") == answer
     assert "tokens in" in run.stderr
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(path), "--prompt", "hi",
+                          "--device", "cpu", "--visual-attn-scale", "2", "--visual-attn-layers", "7:"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --visual-attn-scale / --visual-attn-layers: ")
 
 
 def test_generate_names_a_missing_model(tmp_path):

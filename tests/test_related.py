@@ -268,3 +268,29 @@ def test_text_only_set_carries_the_grid_in_words(tmp_path):
         if im["type"] != "cell":  # a count or compare rationale walks every cell: untagged, the grid in words
             walk = re.sub(r" \((?:circle|square|triangle) \d+\)", "", im["rationale"].split(" So ")[0])
             assert tx["question"] == f"The grid: {walk} {im['question']}"
+
+
+def test_drift_is_wired_before_clipping_and_matches_across_accumulation_and_ranks(run, tmp_path):
+    """From scratch with the prior's tokenizer and the same seed: the first step's summed gradients
+    (as clipping gets them) equal the unbiased ones (alpha 0) minus the adaptive_cosine bias toward
+    prior - initial weights; 2 gloo processes x 2 micro-batches give the same biased gradients."""
+    from test_train import COMMON, run_dumping_grads
+    import synthetic
+    prior = os.path.join(run[0].out, "model")
+    flags = [*COMMON, "--objective", "sft", "--drift-prior", prior]
+    plain = run_dumping_grads(tmp_path, "a0", ["--batch-size", "8", *flags, "--drift-alpha", "0"])
+    one = run_dumping_grads(tmp_path, "a1", ["--batch-size", "8", *flags])
+    two = run_dumping_grads(tmp_path, "ddp", ["--batch-size", "2", "--grad-accum", "2", *flags],
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"))
+    for a, b in zip(one[1], two[1]):
+        assert (a - b).norm() <= 1e-5 * a.norm() + 1e-9
+    proc = data.Processor.from_pretrained(prior)
+    torch.manual_seed(0)  # the run's initial weights
+    start = VLM(synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
+    drift = related.Drift(start, prior, log=lambda *a: None)
+    biased = 0
+    for (name, _), g0, g1 in zip(start.named_parameters(), plain[1], one[1]):
+        want = g0 - related.drift_bias(g0, drift.delta[name], "adaptive_cosine") if name in drift.delta else g0
+        assert torch.allclose(g1, want, rtol=1e-4, atol=1e-7), name
+        biased += name in drift.delta and not torch.allclose(g0, g1)
+    assert biased == len(drift.delta) == 28
