@@ -8,6 +8,7 @@ nanoattcot: the Att-CoT objective, the training loop and the command line.
     python nanoattcot.py train --init DIR --data train.jsonl --eval-data eval.jsonl ...
     torchrun --nproc_per_node N nanoattcot.py train ...
     python nanoattcot.py generate --model DIR --image PATH --prompt "What is in the image?"
+    python nanoattcot.py grpo --init out/model [--reward-avar] [--reward-region]   # the RL stage (grpo.py)
 
 DIR is a SmolVLM / Idefics3 folder as published (config.json, model.safetensors, tokenizer and
 processor files), e.g. HuggingFaceTB/SmolVLM-256M-Instruct downloaded with any tool.
@@ -559,6 +560,9 @@ def main(argv=None):
 def _main(argv):
     if argv[:1] == ["generate"]:  # the same as python generate.py
         return generate.main(argv[1:])
+    if argv[:1] == ["grpo"]:  # the RL stage, in its own file (it uses this one's checkpoints)
+        import grpo
+        return grpo.main(argv[1:])
     p = argparse.ArgumentParser(description="Att-CoT training. With no arguments: the synthetic experiment end to "
                                 "end on CPU (data, tokenizer, small model, training, evaluation, summary.json).")
     add_config_args(p)

@@ -1,0 +1,167 @@
+"""GRPO: the advantage, clipping and k3 on numbers worked by hand; the completion mask with eos == pad
+and truncation; the region-to-cell mapping on a hand-built tiled image; the AVAR and SAYO rewards
+against transformers' eager attention (float64); one step moves log-probs the way the rewards say;
+resume equals an uninterrupted run."""
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import grpo
+import nanoattcot
+from grpo import GRPOConfig
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A briefly trained small model: the checkpoint GRPO starts from."""
+    out = tmp_path_factory.mktemp("g") / "sft"
+    nanoattcot.train(nanoattcot.TrainConfig(out=str(out), n_train=64, n_eval=4, batch_size=8, max_steps=4, warmup=1,
+                                            save_every=0, log_every=100, device="cpu", objective="sft"))
+    return str(out / "model")
+
+
+def config(start, out, **kw):
+    base = dict(init=start, out=str(out), n_train=64, n_eval=4, prompts_per_step=2, num_generations=4,
+                max_new_tokens=12, max_steps=2, lr=1e-4, device="cpu", save_every=0, log_every=100)
+    return GRPOConfig(**{**base, **kw})
+
+
+def test_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased: 0.577
+    want = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]) / torch.tensor([[std + 1e-4], [1e-4]])
+    assert torch.allclose(grpo.advantages(r), want)
+    assert torch.allclose(grpo.advantages(r, std_scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]))
+
+
+def test_clipped_loss_and_k3_by_hand():
+    """ratio 1.5 and 0.5 against A = +1 and -1, eps 0.2 / 0.28: -min(ratio A, clip(ratio) A)."""
+    cfg = GRPOConfig(beta=0.5)
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]]))
+    adv, zero = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.zeros(4, 1)
+    per, (kl, clipped) = grpo.policy_loss(logp, zero, zero, adv, torch.ones(4, 1), cfg)
+    k3 = torch.exp(-logp) + logp - 1  # ref 0: exp(ref - logp) - (ref - logp) - 1
+    assert torch.allclose(per[:, 0], torch.tensor([-1.28, 1.5, -0.5, 0.8]) + 0.5 * k3[:, 0])
+    assert abs(float(k3[0, 0]) - (1 / 1.5 + math.log(1.5) - 1)) < 1e-7 and int(clipped) == 2  # rows 0 and 3
+    assert torch.allclose(kl, k3.sum())
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    per = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
+    assert float(grpo.aggregate(per, mask, 3, 2, "token")) == pytest.approx(9 / 3)
+    assert float(grpo.aggregate(per, mask, 3, 2, "seq")) == pytest.approx((2 + 5) / 2)
+
+
+def test_completion_mask_with_eos_as_pad_and_truncation():
+    ids = torch.tensor([[5, 6, 2, 2], [5, 2, 7, 2], [5, 6, 7, 8]])  # eos = pad = 2
+    mask, truncated = grpo.completion_mask(ids, 2)
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False], [True] * 4]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_region_lights_exactly_its_cells_in_a_tiled_image(tmp_path):
+    """96 x 64 with 32-px tiles: 3 x 2 tiles of 2 x 2 cells (16 px), then the global image (cells 48 x 32).
+    A box inside tile (row 1, col 1) across its top two cells lights those and the global cells it crosses."""
+    proc = data.new_processor(["a question and an answer"] * 4, tile=32, image_seq_len=4, vocab_size=300, split=True)
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    rec = {"images": [str(tmp_path / "im.png")], "boxes": [[40, 36, 56, 44]], "source": "t:1", "question": "q?"}
+    ids = proc(data.record_prompt(proc, rec), [[str(tmp_path / "im.png")]])["input_ids"][0]
+    lit = grpo.region_tokens(proc, rec, ids)
+    image_positions = (ids == proc.image_token_id).nonzero()[:, 0]
+    assert len(image_positions) == 7 * 4
+    assert [i for i, p in enumerate(image_positions) if lit[p]] == [4 * 4 + 0, 4 * 4 + 1, 6 * 4 + 2, 6 * 4 + 3]
+    assert int(lit.sum()) == 4 and grpo.region_tokens(proc, {**rec, "boxes": []}, ids) is None
+
+
+def test_top_entropy_tokens_ignore_padding():
+    m_region = torch.tensor([[0.2, 0.1, 0.4, 0.9]])
+    m_image = torch.tensor([[0.4, 0.4, 0.4, 0.9]])
+    entropy = torch.tensor([[1.0, 3.0, 2.0, 9.0]])           # the padding has the highest entropy
+    mask = torch.tensor([[True, True, True, False]])
+    got = grpo.sayo_reward(m_region, m_image, torch.tensor([2]), torch.tensor([8]), entropy, mask, 0.5, 1e-6)
+    r = lambda a, v: math.tanh(math.log((a / 2 + 1e-6) / (v / 8 + 1e-6)))
+    assert float(got) == pytest.approx((r(0.1, 0.4) + r(0.4, 0.4)) / 2)  # ceil(0.5 * 3) = 2 tokens: entropy 3 and 2
+
+
+def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    cfg = config(start, tmp_path / "g", reward_avar=0.3, reward_region=1.0, num_generations=2)
+    proc = data.Processor.from_pretrained(start)
+    model = grpo.VLM.from_pretrained(start, dtype=torch.float32)
+    import synthetic
+    synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
+    recs = data.read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
+    seq, truncated, texts, has_region = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))
+    texts = [recs[i // 2]["rationale"] + " Answer: " + recs[i // 2]["answer"] if i % 2 == 0 else "Answer: purple"
+             for i in range(len(texts))]  # the rewards read these texts; the masses come from the sampled tokens
+    model.double()
+    seq64 = {k: v.double() if v.is_floating_point() else v for k, v in seq.items()}
+    rows = torch.arange(len(texts))
+    _, entropy, masses = grpo.score(model, seq64, rows, [0, 1, 2, 3])
+    _, parts = grpo.rewards_of(recs, texts, {"masses": masses, "entropy": entropy}, seq, has_region, cfg, [0, 1, 2, 3], [3], 2)
+    hf = AutoModelForImageTextToText.from_pretrained(start, attn_implementation="eager", dtype=torch.float64).eval()
+    assert parts["accuracy"].tolist() == [1, 0, 1, 0] and parts["avar"][1] == 0  # AVAR counts right answers only
+    for b in range(len(texts)):  # one row at a time, padding removed (transformers' eager attention gives NaN on it)
+        real, start_b = seq["attention_mask"][b].bool(), int(seq["start"][b])
+        with torch.no_grad():
+            out = hf(input_ids=seq["input_ids"][b][real][None], pixel_values=seq64["pixel_values"][b:b + 1],
+                     pixel_attention_mask=seq["pixel_attention_mask"][b:b + 1], output_attentions=True)
+        image, system, region = (((seq["groups"][b][real] >> bit) & 1).bool() for bit in (0, 1, 2))
+        A = torch.stack([a[0][:, start_b:] for a in out.attentions])  # (L, H, n, T): the completion's rows
+        avar = (A * image).sum() / (A * system).sum() * parts["accuracy"][b]
+        assert float(parts["avar"][b]) == pytest.approx(float(avar), rel=1e-6, abs=1e-9)
+        last = A[3].mean(0)                                           # (n, T): mean over heads
+        a = (last * region).sum(-1) / region.sum()
+        v = (last * image).sum(-1) / image.sum()
+        r = torch.tanh(torch.log((a + 1e-6) / (v + 1e-6)))
+        logp = torch.log_softmax(out.logits[0, start_b - 1:-1], -1)
+        top = (-(logp.exp() * logp).sum(-1)).argsort(descending=True)[:math.ceil(0.3 * len(r))]
+        assert float(parts["region"][b]) == pytest.approx(float(r[top].mean()), abs=1e-7)  # r is in [-1, 1]
+
+
+def test_one_step_moves_logprobs_the_way_the_rewards_say(start, tmp_path, monkeypatch):
+    """Rewards 1 for each group's first completion, 0 for the rest: after one step its log-prob is
+    higher and the others' lower (inner_steps 2, so the ratio and clipping path runs too)."""
+    seen = {}
+    real = grpo.rollouts
+
+    def rollouts(*args):
+        seen["r"] = real(*args)
+        return seen["r"]
+
+    def rewards(recs, texts, *args):
+        r = torch.tensor([1.0 if i % 4 == 0 else 0.0 for i in range(len(texts))])
+        return r, {"accuracy": r}
+    monkeypatch.setattr(grpo, "rollouts", rollouts)
+    monkeypatch.setattr(grpo, "rewards_of", rewards)
+    result = grpo.train(config(start, tmp_path / "g", max_steps=1, inner_steps=2, keep_truncated=True, lr=3e-4))
+    seq = seen["r"][0]
+    rows = torch.arange(seq["cmask"].shape[0])
+    total = lambda m: (grpo.score(m, seq, rows)[0] * seq["cmask"]).sum(1)
+    change = total(result["model"]) - total(result["start"])
+    first = rows % 4 == 0
+    assert (change[first] > 0).all() and change[~first].mean() < 0, change
+
+
+def test_resume_equals_an_uninterrupted_run(start, tmp_path, monkeypatch):
+    """Rewards that differ within each group (the text's length mod 3), so that every step moves the model."""
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    kw = dict(max_steps=3, keep_truncated=True)
+    straight = grpo.train(config(start, tmp_path / "a", **kw))
+    assert not torch.equal(straight["model"].lm_head.weight, straight["start"].lm_head.weight)
+    real = grpo.rollouts
+
+    def interrupted(model, proc, recs, cfg, step, device):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(model, proc, recs, cfg, step, device)
+    monkeypatch.setattr(grpo, "rollouts", interrupted)
+    with pytest.raises(SystemExit):
+        grpo.train(config(start, tmp_path / "b", **kw))
+    monkeypatch.setattr(grpo, "rollouts", real)
+    resumed = grpo.train(config(start, tmp_path / "b", resume=True, **kw))
+    assert [m["reward"] for m in resumed["metrics"]] == [m["reward"] for m in straight["metrics"]]
+    for (name, p), q in zip(straight["model"].named_parameters(), resumed["model"].parameters()):
+        assert torch.equal(p, q), name
