@@ -8,6 +8,7 @@ batch; and in the text, each <image> becomes its tiles' <fake_token_around_image
 <image>*image_seq_len blocks.
 """
 import collections
+import functools
 import json
 import math
 import os
@@ -495,6 +496,12 @@ def record_prompt(proc, rec):
     return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": question}]}])
 
 
+@functools.lru_cache(maxsize=8)
+def chat_head(proc):
+    """The chat template's text before a user's content ("<|im_start|>User: "): the S span."""
+    return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}]).split("\0")[0]
+
+
 def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises RecordError naming
     the record for a missing or unreadable image, an image without a place, or too many tokens.
@@ -519,8 +526,7 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     enc = proc.tokenizer.encode(prompt + reply)
     ids = torch.tensor(enc.ids)
     starts = torch.tensor([s for s, _ in enc.offsets])
-    head = len(proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}]).split("\0")[0])
-    span = torch.where(starts < head, S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
+    span = torch.where(starts < len(chat_head(proc)), S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
     span[ids == proc.image_token_id] = V
     if len(ids) > max_len:
         raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")

@@ -150,8 +150,7 @@ def region_tokens(proc, rec, ids):
 def system_tokens(proc, ids, mask):
     """(B, T) left-padded prompt ids -> (B, T) bool: the chat scaffolding before the user's content
     (data.S; the leading tokens shared with the template's head, as data.encode_record tags them)."""
-    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}]).split("\0")[0]
-    head_ids = proc.tokenizer.encode(head).ids
+    head_ids = proc.tokenizer.encode(data.chat_head(proc)).ids
     out = torch.zeros_like(ids, dtype=torch.bool)
     for b in range(ids.shape[0]):
         start = int((mask[b] == 0).sum())
@@ -308,18 +307,12 @@ def train(cfg: GRPOConfig):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, metrics, metrics_path = 0, [], os.path.join(cfg.out, "metrics.jsonl")
     if resuming:
-        state = nanoattcot.load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["random"])
-        metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        step, metrics = nanoattcot.restore(ckpt, opt, metrics_path)
         log(f"resumed from {ckpt} at step {step}")
     log(f"grpo: {len(records)} prompts from {train_path}, {cfg.prompts_per_step} x {cfg.num_generations} completions "
         f"a step, rewards: accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, region {cfg.reward_region}")
     G, t0, tokens = cfg.num_generations, time.time(), 0
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     try:
         while step < cfg.max_steps:
             recs = []
@@ -332,10 +325,12 @@ def train(cfg: GRPOConfig):
                                      for s in range(0, len(texts), cfg.micro_batch)]
             old = {"logp": [], "entropy": [], "ref": [], "masses": {l: [] for l in mass_layers}}
             for rows in chunks:  # the rollouts' log-probs, entropies and masses, in chunks
-                logp, entropy, masses = score(model, seq, rows, mass_layers)
+                with amp():  # the same autocast as SFT
+                    logp, entropy, masses = score(model, seq, rows, mass_layers)
+                    ref = score(start, seq, rows)[0]
                 old["logp"].append(logp)
                 old["entropy"].append(entropy)
-                old["ref"].append(score(start, seq, rows)[0])
+                old["ref"].append(ref)
                 for l in mass_layers:
                     old["masses"][l].append(masses[l])
             old = {k: torch.cat(v) if isinstance(v, list) else {l: torch.cat(m) for l, m in v.items()} for k, v in old.items()}
@@ -346,7 +341,8 @@ def train(cfg: GRPOConfig):
             for _ in range(cfg.inner_steps):
                 loss_sum, kl_sum, n_clipped = 0.0, 0.0, 0
                 for rows in chunks:
-                    logp = score(model, seq, rows, grad=True)[0]
+                    with amp():
+                        logp = score(model, seq, rows, grad=True)[0]
                     per, (kl, clipped) = policy_loss(logp, old["logp"][rows], old["ref"][rows], adv[rows], loss_mask[rows], cfg)
                     loss = aggregate(per, loss_mask[rows], n_tokens, n_seqs, cfg.loss_agg)
                     loss.backward()

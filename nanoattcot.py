@@ -7,7 +7,7 @@ nanoattcot: the Att-CoT objective, the training loop and the command line.
     python nanoattcot.py --objective sft --drift-prior out/prior/model     # sft with DRIFT's gradient bias
     python nanoattcot.py train --init DIR --data train.jsonl --eval-data eval.jsonl ...
     torchrun --nproc_per_node N nanoattcot.py train ...
-    python nanoattcot.py generate --model DIR --image PATH --prompt "What is in the image?"
+    python generate.py --model DIR --image PATH --prompt "What is in the image?"   # (generate.py)
     python nanoattcot.py grpo --init out/model [--reward-avar] [--reward-region]   # the RL stage (grpo.py)
 
 DIR is a SmolVLM / Idefics3 folder as published (config.json, model.safetensors, tokenizer and
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 import data
 import draw
 import eval as eval_mod
-import generate
 import kernels
 import related
 import synthetic
@@ -270,6 +269,20 @@ def load_trainer_state(path):
         raise CheckpointError(f"{file}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
+def restore(ckpt, opt, metrics_path, rewrite=True):
+    """A checkpoint's optimizer and RNG state -> (step, the metrics rows up to it); rows logged after
+    the checkpoint are dropped from metrics_path (they are redone)."""
+    state = load_trainer_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["random"])
+    metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
+    if rewrite:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    return state["step"], metrics
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -367,16 +380,7 @@ def train(cfg: TrainConfig):
     step, metrics = 0, []
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if resuming:
-        state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["random"])
-        if os.path.exists(metrics_path):  # drop rows logged after the checkpoint: they are redone
-            metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]]
-        if rank == 0:
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in metrics)
+        step, metrics = restore(ckpt, opt, metrics_path, rewrite=rank == 0)
         log(f"resumed from {ckpt} at step {step}")
     ddp = net = model
     if world > 1:
@@ -558,8 +562,6 @@ def main(argv=None):
 
 
 def _main(argv):
-    if argv[:1] == ["generate"]:  # the same as python generate.py
-        return generate.main(argv[1:])
     if argv[:1] == ["grpo"]:  # the RL stage, in its own file (it uses this one's checkpoints)
         import grpo
         return grpo.main(argv[1:])

@@ -33,7 +33,7 @@ def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
 
 
 def test_generate_names_a_missing_model(tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "nanoattcot.py"), "generate", "--model",
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model",
                           str(tmp_path / "nope"), "--prompt", "hi", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "nope/config.json: not found" in run.stderr
 
@@ -57,10 +57,10 @@ def jsonl(path, lines):
     return str(path)
 
 
-def user_error(argv):
+def user_error(argv, main=nanoattcot.main):
     """Runs the command line in this process; returns the message it exits with."""
     with pytest.raises(SystemExit) as e:
-        nanoattcot.main(argv)
+        main(argv)
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
     return e.value.code
 
@@ -107,6 +107,11 @@ def test_a_malformed_line_is_skipped_and_counted(tmp_path, capsys):
     (["--layers", "0,7"], "error: --layers 0,7: the model has 4 layers (0 to 3)"),
     (["--data", "train.jsonl"], "error: --eval-data '': must be given with --data (every run ends in an evaluation)"),
     (["--device", "tpu9"], "error: --device 'tpu9': not a device (auto, cpu, cuda, cuda:N)"),
+    (["--difficulty", "0.8:0.2", "--init", "."], "error: --difficulty '0.8:0.2': must be lo:hi with 0 <= lo <= hi <= 1"),
+    (["--difficulty", "0.2:0.8"], "error: --difficulty '0.2:0.8': must be given with --init (the model whose success it measures)"),
+    (["--visual-attn-scale", "2,0"], "error: --visual-attn-scale '2,0': must be comma-separated factors > 0"),
+    (["--drift-mode", "sideways"], "error: --drift-mode 'sideways': must be one of absolute, gradnorm, adaptive_cosine"),
+    (["--drift-prior", "nowhere"], "error: --drift-prior 'nowhere': must be an existing checkpoint folder"),
 ])
 def test_bad_flag_values_are_one_line(tmp_path, flags, message):
     assert user_error(["train", "--out", str(tmp_path), *TRAIN, *flags]) == message
@@ -114,10 +119,10 @@ def test_bad_flag_values_are_one_line(tmp_path, flags, message):
 
 def test_unknown_objective_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
-        nanoattcot.main(["train", "--objective", "avar"])
-    assert e.value.code == 2 and "invalid choice: 'avar'" in capsys.readouterr().err
-    with pytest.raises(nanoattcot.ConfigError, match="--objective 'avar': must be one of sft, attcot"):
-        nanoattcot.TrainConfig(objective="avar")  # from Python too
+        nanoattcot.main(["train", "--objective", "dpo"])
+    assert e.value.code == 2 and "invalid choice: 'dpo'" in capsys.readouterr().err
+    with pytest.raises(nanoattcot.ConfigError, match="--objective 'dpo': must be one of sft, attcot, avar"):
+        nanoattcot.TrainConfig(objective="dpo")  # from Python too
 
 
 def test_fine_tuning_defaults(tmp_path):
@@ -132,12 +137,13 @@ def test_bad_checkpoint_folders_are_one_line(checkpoints, tmp_path):
     path, _ = checkpoints["idefics3_gqa_untied_s2"]
     d = tmp_path / "ckpt"
     shutil.copytree(path, d)
-    generate = ["generate", "--model", str(d), "--prompt", "hi", "--device", "cpu"]
+    import generate
+    args = ["--model", str(d), "--prompt", "hi", "--device", "cpu"]
     (d / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
-    assert user_error(generate).startswith(f"error: {d / 'model.safetensors'}: not a readable safetensors file")
+    assert user_error(args, generate.main).startswith(f"error: {d / 'model.safetensors'}: not a readable safetensors file")
     shutil.copy(path / "model.safetensors", d / "model.safetensors")
     (d / "tokenizer.json").write_text("{}")
-    assert user_error(generate).startswith(f"error: {d / 'tokenizer.json'}: cannot read the tokenizer")
+    assert user_error(args, generate.main).startswith(f"error: {d / 'tokenizer.json'}: cannot read the tokenizer")
     assert user_error(["train", "--init", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *TRAIN]) == \
         f"error: --init '{tmp_path / 'none'}': must be an existing checkpoint folder"
 
