@@ -289,8 +289,7 @@ def train(cfg: GRPOConfig):
     train_path, eval_path = cfg.data, cfg.eval_data
     if not train_path:
         data_dir = os.path.join(cfg.out, "data")
-        if not os.path.exists(synthetic.paths(data_dir, text_only=True)[1]):
-            synthetic.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+        synthetic.make_once(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
         train_path, eval_path = synthetic.paths(data_dir)
     records = data.read_records(train_path, data.Skips())
     eval_records = data.read_records(eval_path, data.Skips())[:cfg.eval_limit or None]

@@ -331,8 +331,8 @@ def train(cfg: TrainConfig):
     train_path, eval_path = cfg.data, cfg.eval_data
     if not train_path:
         data_dir = os.path.join(cfg.out, "data")
-        if rank == 0 and not os.path.exists(synthetic.paths(data_dir, text_only=True)[1]):  # written last
-            synthetic.make_synthetic(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+        if rank == 0:
+            synthetic.make_once(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
         if world > 1:
             torch.distributed.barrier()
         train_path, synthetic_eval = synthetic.paths(data_dir, cfg.text_only)
@@ -366,6 +366,10 @@ def train(cfg: TrainConfig):
     layers = list(range(n_layers)) if cfg.layers == "all" else [int(x) for x in cfg.layers.split(",")]
     if not all(0 <= i < n_layers for i in layers):
         raise ConfigError(f"--layers {cfg.layers}: the model has {n_layers} layers (0 to {n_layers - 1})")
+    try:  # the final eval's intervention slice fails now, not after training (f = 1 changes nothing)
+        model.boost_image_attention(1.0, cfg.visual_attn_layers)
+    except ValueError as e:
+        raise ConfigError(f"--visual-attn-layers {cfg.visual_attn_layers}: {e}") from None
 
     # optimizer: separate learning rates for the vision tower, the connector and the language model
     if cfg.freeze_vision:
@@ -518,11 +522,8 @@ def run(cfg, compare=()):
         with open(os.path.join(c.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         summaries[objective] = summary
-        for f in numbers(cfg.visual_attn_scale, ","):
-            try:
-                result["model"].boost_image_attention(f, cfg.visual_attn_layers)
-            except ValueError as e:
-                raise ConfigError(f"--visual-attn-layers: {e}") from None
+        for f in numbers(cfg.visual_attn_scale, ","):  # the slice was checked before training
+            result["model"].boost_image_attention(f, cfg.visual_attn_layers)
             ev = run_eval(result["model"], result["proc"], c, result["eval_records"], result["train_records"], result["layers"])
             summaries[f"{objective} img x{f:g}"] = {**ev, "objective": objective}
             result["model"].boost_image_attention(1.0)
@@ -573,9 +574,6 @@ def _main(argv):
     args = vars(p.parse_args(argv[1:] if argv[:1] == ["train"] else argv))
     compare = [o for o in args.pop("compare").split(",") if o]
     run(TrainConfig(**args), compare)
-
-
-
 
 
 if __name__ == "__main__":

@@ -182,6 +182,12 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
     return paths(out_dir)
 
 
+def make_once(out_dir, n_train=2000, n_eval=300, seed=0):
+    """make_synthetic, unless out_dir already holds the set (its last file, eval_text.jsonl, is there)."""
+    if not os.path.exists(paths(out_dir, text_only=True)[1]):
+        make_synthetic(out_dir, n_train, n_eval, seed)
+
+
 def paths(out_dir, text_only=False):
     """The train and eval files make_synthetic wrote in out_dir (their text versions with text_only)."""
     text = "_text" if text_only else ""

@@ -112,6 +112,8 @@ def test_a_malformed_line_is_skipped_and_counted(tmp_path, capsys):
     (["--visual-attn-scale", "2,0"], "error: --visual-attn-scale '2,0': must be comma-separated factors > 0"),
     (["--drift-mode", "sideways"], "error: --drift-mode 'sideways': must be one of absolute, gradnorm, adaptive_cosine"),
     (["--drift-prior", "nowhere"], "error: --drift-prior 'nowhere': must be an existing checkpoint folder"),
+    (["--visual-attn-scale", "2", "--visual-attn-layers", "9:"],  # before training, not after it
+     "error: --visual-attn-layers 9:: image attention boost 1.0 in layers []: want f > 0 and some layer"),
 ])
 def test_bad_flag_values_are_one_line(tmp_path, flags, message):
     assert user_error(["train", "--out", str(tmp_path), *TRAIN, *flags]) == message
