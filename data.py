@@ -525,8 +525,9 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
         cut -= 1
     enc = proc.tokenizer.encode(prompt + reply)
     ids = torch.tensor(enc.ids)
-    starts = torch.tensor([s for s, _ in enc.offsets])
-    span = torch.where(starts < len(chat_head(proc)), S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
+    starts, ends = torch.tensor(enc.offsets).T
+    # S by end offset: a token straddling the head's last space (" What" after "User:") is the user's
+    span = torch.where(ends <= len(chat_head(proc)), S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
     span[ids == proc.image_token_id] = V
     if len(ids) > max_len:
         raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")

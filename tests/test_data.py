@@ -35,6 +35,7 @@ def test_spans_and_labels(proc, tmp_path):
     assert text_of(proc, ex, data.R) == " Row 1: a large red circle."
     assert text_of(proc, ex, data.A) == " Answer: 1<end_of_utterance>\n"
     assert text_of(proc, ex, data.P).endswith("How many red shapes are there?<end_of_utterance>\nAssistant:")
+    assert text_of(proc, ex, data.S) == data.chat_head(proc)
     assert ((ex["labels"] != -100) == (ex["spans"] >= data.R)).all()
     assert ex["pixel_values"].shape == (1, 3, 32, 32)
 
@@ -42,8 +43,11 @@ def test_spans_and_labels(proc, tmp_path):
 def test_think_format_and_llava_json(proc, tmp_path):
     path = tmp_path / "llava.json"
     path.write_text(json.dumps([{"conversations": [
-        {"from": "human", "value": "Which?"}, {"from": "gpt", "value": "<think>look left</think><answer>B</answer>"}]}]))
+        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "<think>look left</think><answer>B</answer>"}]}]))
     ex = data.encode_record(proc, data.read_records(str(path))[0])
+    head, question = text_of(proc, ex, data.S), text_of(proc, ex, data.P)  # " How" is one token here
+    assert data.chat_head(proc).startswith(head) and head + question == data.chat_head(proc) + question.lstrip()
+    assert question.lstrip().startswith("How many?")
     assert text_of(proc, ex, data.R).startswith(" <think>look left")
     assert text_of(proc, ex, data.A).endswith("answer>B</answer><end_of_utterance>\n")
     assert "pixel_values" not in ex
@@ -95,10 +99,10 @@ def test_bad_records_are_counted_or_named(proc, tmp_path):
 def test_bad_llava_records(tmp_path):
     path = tmp_path / "l.json"
     path.write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": "look Answer: B"}]},
-        {"conversations": [{"from": "human", "value": "Which?"}]},                                 # no gpt turn
+        {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "look Answer: B"}]},
+        {"conversations": [{"from": "human", "value": "How many?"}]},                                 # no gpt turn
         {"conversations": [{"from": "gpt", "value": "Answer: B"}]},                                # no question
-        {"conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": "B"}]},  # no marker
+        {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "B"}]},  # no marker
         {"image": "x.png"}, "text"]))
     skips = data.Skips()
     records = data.read_records(str(path), skips)
