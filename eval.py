@@ -81,6 +81,11 @@ def is_correct(pred, gold, choices=None):
     return matches(parse_answer(pred, gold, choices), gold, choices)
 
 
+def is_right(rec, text):
+    """Whether a reply's answer is the record's gold one (the difficulty filter's, GRPO's accuracy)."""
+    return matches(read_answer(rec, text), rec["answer"], rec.get("choices"))
+
+
 def matches(got, gold, choices=None):
     """A parsed answer (parse_answer) against the gold one, by is_correct's rules."""
     gold = str(gold).strip()

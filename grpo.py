@@ -254,9 +254,7 @@ def rollouts(model, proc, recs, cfg, step, device):
 def rewards_of(recs, texts, old, seq, has_region, cfg, avar_layers, region_layers, G):
     """-> total reward (B,) and its parts {accuracy, format, avar, region} (B,) each."""
     cmask, groups, device = seq["cmask"], seq["groups"], seq["cmask"].device
-    right = torch.tensor([eval_mod.matches(eval_mod.read_answer(recs[i // G], t), recs[i // G]["answer"],
-                                           recs[i // G].get("choices")) for i, t in enumerate(texts)],
-                         dtype=torch.float, device=device)
+    right = torch.tensor([eval_mod.is_right(recs[i // G], t) for i, t in enumerate(texts)], dtype=torch.float, device=device)
     fmt = torch.tensor([float("Answer:" in t and bool(t.split("Answer:")[0].strip())) for t in texts], device=device)
     parts = {"accuracy": right, "format": fmt}
     masses, entropy = old["masses"], old["entropy"]

@@ -137,7 +137,7 @@ def success_rates(model, proc, records, k, batch_size=64, max_new_tokens=160, se
     repeated = [r for r in records for _ in range(k)]
     texts = eval_mod.generate_answers(model, proc, repeated, batch_size, max_new_tokens, log=log, temperature=1.0,
                                       generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
-    right = [eval_mod.matches(eval_mod.read_answer(r, t), r["answer"], r.get("choices")) for r, t in zip(repeated, texts)]
+    right = [eval_mod.is_right(r, t) for r, t in zip(repeated, texts)]
     return [sum(right[i * k:(i + 1) * k]) / k for i in range(len(records))]
 
 
