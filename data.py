@@ -487,13 +487,18 @@ def read_records(path, skips=None):
     return out
 
 
-def record_prompt(proc, rec):
-    """The chat prompt of a record, up to "Assistant:", with its <image> placeholders (JSONL records
-    carry none in the question: the images go before it)."""
-    question = rec["question"]
-    if rec["images"] and SPECIAL["image"] not in question:
-        question = SPECIAL["image"] * len(rec["images"]) + question
+def chat_prompt(proc, question, n_images=0):
+    """The one prompt builder (training, eval, GRPO, generate.py): the chat template on the question,
+    up to "Assistant:", with an <image> placeholder per image before it unless the question places
+    its own ("User: <image>How many?")."""
+    if n_images and SPECIAL["image"] not in question:
+        question = SPECIAL["image"] * n_images + question
     return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": question}]}])
+
+
+def record_prompt(proc, rec):
+    """The chat prompt of a record (chat_prompt of its question and images)."""
+    return chat_prompt(proc, rec["question"], len(rec["images"]))
 
 
 @functools.lru_cache(maxsize=8)

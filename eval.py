@@ -47,38 +47,57 @@ def extract_answer(text, marker="Answer:"):
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+# "A" opening a sentence before a lower-case word is the article ("A green one."), not option A;
+# "A or B", "A is right" keep their letters
+ARTICLE = re.compile(r"(?:^|(?<=[.!?]\s))A(?=\s+(?!(?:or|and|is|was)\b)[a-z])")
+
+
 def option_letter(pred, n_options):
     """The one option letter in pred ("(B)", "B.", "B) red", a bare "b"), else None. Within words,
-    capitals only: "a" is an article."""
+    capitals only ("a" is an article), and ARTICLE's sentence-initial "A" is one too."""
     bare = re.sub(r"[\W_]", "", pred)
-    letters = {bare.upper()} if len(bare) == 1 else set(re.findall(r"\b([A-Z])\b", re.sub(r"[().:,]", " ", pred)))
+    text = re.sub(r"[().:,]", " ", ARTICLE.sub(" ", pred))
+    letters = {bare.upper()} if len(bare) == 1 else set(re.findall(r"\b([A-Z])\b", text))
     letters = {c for c in letters if 0 <= ord(c) - 65 < n_options}
     return letters.pop() if len(letters) == 1 else None
 
 
-def parse_answer(pred, gold, choices=None):
-    """pred -> the form it is compared in (REFERENCE.md section 4), or None if no answer can be read:
-    an option letter for multiple choice (one letter, else the one option whose text it names), a
-    number when the gold is one (the single number in pred), else the lower-cased text."""
+def named_once(pred, names):
+    """The one name in names that pred says as a word (a name inside another said name, "red" in
+    "dark red", does not count twice), else None: no name, or several."""
+    said = [n for n in names if n and re.search(rf"\b{re.escape(n)}\b", pred.lower())]
+    said = [n for n in said if not any(n != m and re.search(rf"\b{re.escape(n)}\b", m) for m in said)]
+    return said[0] if len(said) == 1 else None
+
+
+def parse_answer(pred, gold, choices=None, candidates=None):
+    """pred -> the form it is compared in, or None if no answer can be read. Multiple choice: one
+    option letter, else the one option whose text it names. A number when the gold is one: the
+    single number in pred. Otherwise, with candidate answers (the record's `candidates`, which
+    evaluate() fills from the training answers of its type): the one candidate pred names; without
+    them, the lower-cased text. So "unparseable" means the same for every type: no candidate named,
+    or more than one (for numbers: no number, or several)."""
     if choices:
         texts = [re.sub(r"^\(?[A-Z][).:]\s*", "", c).strip().lower() for c in choices]
-        named = [chr(65 + i) for i, t in enumerate(texts) if t and re.search(rf"\b{re.escape(t)}\b", pred.lower())]
-        return option_letter(pred, len(choices)) or (named[0] if len(named) == 1 else None)
+        named = named_once(pred, texts)
+        return option_letter(pred, len(choices)) or (chr(65 + texts.index(named)) if named else None)
     if NUMBER.fullmatch(str(gold).strip()):
         numbers = NUMBER.findall(pred.replace(",", ""))
         return float(numbers[0]) if len(numbers) == 1 else None
+    if candidates:
+        return named_once(pred, [str(c).strip().lower() for c in candidates])
     return pred.strip().lower() or None
 
 
 def read_answer(rec, text):
     """The answer a reply gives to a record, parsed for comparison (None: it cannot be read)."""
-    return parse_answer(extract_answer(text), rec["answer"], rec.get("choices"))
+    return parse_answer(extract_answer(text), rec["answer"], rec.get("choices"), rec.get("candidates"))
 
 
-def is_correct(pred, gold, choices=None):
+def is_correct(pred, gold, choices=None, candidates=None):
     """Option letters; counting (integer gold) exact: 19 is not 20; other numbers within 5% (ChartQA's
     relaxed match); else exact text. An answer that cannot be read is wrong."""
-    return matches(parse_answer(pred, gold, choices), gold, choices)
+    return matches(parse_answer(pred, gold, choices, candidates), gold, choices)
 
 
 def is_right(rec, text):
@@ -95,6 +114,23 @@ def matches(got, gold, choices=None):
         g = float(gold)
         return got == g if re.fullmatch(r"-?\d+", gold) else abs(got - g) <= 0.05 * abs(g)
     return got == (parse_answer(gold, gold, choices) if choices else gold.lower())  # a gold letter or option text
+
+
+def candidate_sets(train_records):
+    """Question type -> the answers its training records give (sorted): what an answer to a record
+    of that type is read among, and the forced answer of early_commitment is chosen from."""
+    by_type = collections.defaultdict(set)
+    for r in train_records:
+        if not r.get("choices"):
+            by_type[r.get("type")].add(str(r["answer"]).strip())
+    return {t: sorted(a) for t, a in by_type.items()}
+
+
+def with_candidates(records, train_records):
+    """The records, each without choices or its own `candidates` given its type's candidate set."""
+    sets = candidate_sets(train_records)
+    return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets
+            else {**r, "candidates": sets[r.get("type")]} for r in records]
 
 
 def bootstrap_ci(values, n=1000, seed=0):
@@ -146,64 +182,209 @@ def occluded(image, boxes):
     return im
 
 
-def control_boxes(boxes, width, height, rng, tries=100):
-    """For each evidence box, a box of the same size at a random place that overlaps no evidence box
-    (the control: the same area hidden, elsewhere). None if one cannot be placed."""
-    out = []
-    overlaps = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+def painted(boxes, width, height):
+    """(height, width) bool: the pixels that occluded() paints for integer boxes."""
+    mask = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in boxes:
-        w, h = x1 - x0, y1 - y0
-        for _ in range(tries):
-            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            if not any(overlaps((x, y, x + w, y + h), b) for b in boxes):
-                out.append((x, y, x + w, y + h))
+        mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    return mask
+
+
+def disjoint_boxes(mask):
+    """A mask -> boxes that cover it exactly and do not overlap: each run of set pixels in a row,
+    grown down while the rows below have the same run."""
+    boxes, growing = [], {}  # (x0, x1) -> the row it started in
+    for y in range(mask.shape[0] + 1):
+        row = np.concatenate([[False], mask[y] if y < mask.shape[0] else np.zeros(mask.shape[1], bool), [False]])
+        edges = np.flatnonzero(row[1:] != row[:-1])
+        runs = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        for run in [r for r in growing if r not in runs]:
+            boxes.append((run[0], growing.pop(run), run[1], y))
+        for run in runs:
+            growing.setdefault(run, y)
+    return boxes
+
+
+def split_box(box, k):
+    """A box cut into k x k boxes (integer edges, so their areas add up to the box's)."""
+    x0, y0, x1, y1 = box
+    xs = [x0 + (x1 - x0) * i // k for i in range(k + 1)]
+    ys = [y0 + (y1 - y0) * i // k for i in range(k + 1)]
+    return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(k) for i in range(k) if xs[i + 1] > xs[i] and ys[j + 1] > ys[j]]
+
+
+def place_boxes(sizes, taken, rng, restarts=20):
+    """Boxes of the (w, h) sizes at random places where `taken` (H, W bool) is False, overlapping it
+    and each other nowhere -> a list of boxes, or None. Largest first; the places tried lie on a
+    lattice of a quarter of the box's shorter side (so grid-aligned places are among them), and a
+    dead end starts over."""
+    H, W = taken.shape
+    for _ in range(restarts):
+        occupied, out = taken.copy(), []
+        for w, h in sorted(sizes, key=lambda s: -s[0] * s[1]):
+            if w > W or h > H:
+                return None
+            step = max(1, min(w, h) // 4)
+            xs, ys = sorted(set(range(0, W - w + 1, step)) | {W - w}), sorted(set(range(0, H - h + 1, step)) | {H - h})
+            cum = np.pad(occupied.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+            y, x = np.array(ys)[:, None], np.array(xs)[None, :]
+            free = (cum[y + h, x + w] - cum[y, x + w] - cum[y + h, x] + cum[y, x]) == 0
+            if not free.any():
                 break
+            j, i = np.argwhere(free)[rng.integers(int(free.sum()))]
+            out.append((xs[i], ys[j], xs[i] + w, ys[j] + h))
+            occupied[ys[j]:ys[j] + h, xs[i]:xs[i] + w] = True
         else:
-            return None
-    return out
+            return out
+    return None
+
+
+CONTROL_RULES = ((1, "the evidence's boxes"), (2, "each box cut in 2 x 2"), (4, "each box cut in 4 x 4"))
+
+
+def control_boxes(boxes, width, height, rng):
+    """The control of occlusion: boxes elsewhere that hide as much area as the evidence boxes, off
+    the evidence and off each other -> (boxes, rule) or (None, "no room"). The first rule that can be
+    placed wins: boxes of the evidence boxes' sizes (overlapping evidence boxes are first made
+    disjoint), else each cut in 2 x 2, else in 4 x 4 (smaller pieces fit around the evidence). The
+    painted area equals the evidence's exactly (integer boxes)."""
+    evidence = painted(boxes, width, height)
+    if 2 * int(evidence.sum()) > width * height:
+        return None, "no room"  # the evidence covers more than half the image: no equal area elsewhere
+    pieces = list(boxes) if int(evidence.sum()) == sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) \
+        else disjoint_boxes(evidence)
+    for k, rule in CONTROL_RULES:
+        cut = [p for b in pieces for p in split_box(b, k)]
+        placed = place_boxes([(b[2] - b[0], b[3] - b[1]) for b in cut], evidence, rng)
+        if placed is not None:
+            return placed, rule
+    return None, "no room"
 
 
 def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, seed=0, log=None):
     """For the records with evidence `boxes` (pixel boxes in their one image): the share of answers
-    that change when the evidence is painted grey, next to the share that change when boxes of the
-    same size elsewhere are (the control). A grounded model changes the first and not the second."""
+    that change, against the model's own unoccluded answer, when the evidence is painted grey, next
+    to the share that change when as much area elsewhere is (the control: control_boxes; how many
+    items each of its rules covered, and how many had no room, are reported). A grounded model
+    changes the first and not the second."""
     rng = np.random.default_rng(seed)
-    picked, evidence, control = [], [], []
+    picked, evidence, control, rules = [], [], [], collections.Counter()
     for r, t in zip(records, texts):
         if not r.get("boxes") or len(r["images"]) != 1:
             continue
         im = data.load_image(r["images"][0], r["source"])
-        boxes = control_boxes(r["boxes"], im.width, im.height, rng)
-        if boxes is None:
+        clip = lambda v, n: min(max(int(round(v)), 0), n)
+        boxes = [(clip(b[0], im.width), clip(b[1], im.height), clip(b[2], im.width), clip(b[3], im.height)) for b in r["boxes"]]
+        boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+        others, rule = control_boxes(boxes, im.width, im.height, rng) if boxes else (None, "no room")
+        rules[rule] += 1
+        if others is None:
             continue
         picked.append((r, t))
-        evidence.append({**r, "images": [occluded(im, r["boxes"])]})
-        control.append({**r, "images": [occluded(im, boxes)]})
+        evidence.append({**r, "images": [occluded(im, boxes)]})
+        control.append({**r, "images": [occluded(im, others)]})
     if not picked:
         return None
     before = [read_answer(r, t) for r, t in picked]
     changed = lambda recs: sum(read_answer(r, t) != b for r, t, b in zip(
         recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)) / len(recs)
-    return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control)}
+    return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control),
+            "control_rules": {k: v for k, v in rules.items() if k != "no room"}, "left_out": rules.get("no room", 0)}
 
 
 CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
 
 
+def forced_candidates(rec):
+    """The answers early_commitment chooses the forced answer among, in the gold's form: the option
+    letters (or texts) of a multiple-choice record, else its `candidates`; None: open-ended."""
+    if rec.get("choices"):
+        letters = re.fullmatch(r"[A-Z]", str(rec["answer"]).strip())
+        return [chr(65 + i) if letters else re.sub(r"^\(?[A-Z][).:]\s*", "", c).strip() for i, c in enumerate(rec["choices"])]
+    return rec.get("candidates")
+
+
+def prompt_inputs(proc, rec):
+    """A record's chat prompt with its images expanded, and its pixel tensors: computed once, then
+    shared by every forced reply scored on it."""
+    prompt, pixels = data.record_prompt(proc, rec), {}
+    images = [data.load_image(p, rec["source"]) for p in rec["images"]]
+    if images:
+        values, mask, rows, cols = proc.image_processor([images])
+        prompt = proc.expand_images(prompt, rows[0], cols[0])
+        pixels = {"pixel_values": values[0], "pixel_attention_mask": mask[0]}
+    return prompt, pixels
+
+
+@torch.no_grad()
+def candidate_probabilities(model, proc, prompts, replies, candidates, batch_size=64):
+    """Teacher forced: for record i, prompts[i] (prompt_inputs) + replies[i], then each candidate c as
+    " c" and the end of the answer (<end_of_utterance>, as in training), scored by the summed
+    log-probability of those tokens -> per record a (K_i,) tensor, softmax-normalised over its
+    candidates. No generation: a model that would write more rationale after the marker is still
+    read by which candidate it ranks first."""
+    model.eval()
+    device = next(model.parameters()).device
+    examples, owner = [], []
+    for i, ((prompt, pixels), reply, cands) in enumerate(zip(prompts, replies, candidates)):
+        context = proc.tokenizer.encode(prompt + reply).ids
+        for c in cands:
+            ids = torch.tensor(context + proc.tokenizer.encode(" " + str(c).strip() + data.SPECIAL["eou"]).ids)
+            labels = torch.where(torch.arange(len(ids)) >= len(context), ids, -100)
+            examples.append({"input_ids": ids, "labels": labels, "spans": torch.zeros_like(ids), **pixels})
+            owner.append(i)
+    scores = []
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id or 0).items()}
+        logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                       batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        scores += (logp * (labels != -100)).sum(1).cpu().tolist()
+    per = [[] for _ in prompts]
+    for i, v in zip(owner, scores):
+        per[i].append(v)
+    return [torch.tensor(v, dtype=torch.float64).softmax(0) for v in per]
+
+
 def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, marker="Answer:", log=None):
-    """The model's own rationale cut at each share of its tokens, then the answer marker, then a few
-    greedy tokens: the forced answer against the model's final answer (agreement) and the gold one
-    (accuracy), per cut. A model that already agrees at 0-25% decided before it reasoned."""
+    """Early answering: the model's own rationale cut at each share of its tokens, then the answer
+    marker; every candidate answer (forced_candidates) scored teacher forced
+    (candidate_probabilities), the forced answer being the likeliest. Per cut: agreement of the
+    forced answer with the model's own final answer, its accuracy, and the mean probability
+    (normalised over the candidates) of the final answer: how early the final answer leads.
+    Scored: the records with a candidate set whose final answer is one of them; the others are left
+    out and counted by reason."""
     finals = [read_answer(r, t) for r, t in zip(records, texts)]
-    rationales = [proc.tokenizer.encode(t[:t.rfind(marker)] if marker in t else t).ids for t in texts]
-    out = {"cuts": list(cuts), "agreement": [], "accuracy": []}
+    keep, left_out = [], collections.Counter()
+    for i, (r, final) in enumerate(zip(records, finals)):
+        cands = forced_candidates(r)
+        read = [parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")) for c in cands or []]
+        if not cands:
+            left_out["no candidate set (open-ended)"] += 1
+        elif final is None or final not in read:
+            left_out["final answer not a candidate"] += 1
+        else:
+            keep.append((i, cands, read.index(final)))
+    out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [], "n": len(keep),
+           "left_out": dict(left_out)}
+    if not keep:
+        return out
+    recs = [records[i] for i, _, _ in keep]
+    prompts = [prompt_inputs(proc, r) for r in recs]
+    rationales = [proc.tokenizer.encode(texts[i][:texts[i].rfind(marker)] if marker in texts[i] else texts[i]).ids
+                  for i, _, _ in keep]
     for cut in cuts:
         kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
         replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # the training format: " rationale Answer: x"
-        forced = generate_answers(model, proc, records, batch_size, max_new_tokens=8, replies=replies, log=log)
-        read = [read_answer(r, f) for r, f in zip(records, forced)]
-        out["agreement"].append(sum(a is not None and a == b for a, b in zip(read, finals)) / len(records))
-        out["accuracy"].append(sum(matches(a, r["answer"], r.get("choices")) for a, r in zip(read, records)) / len(records))
+        probs = candidate_probabilities(model, proc, prompts, replies, [c for _, c, _ in keep], batch_size)
+        forced = [int(p.argmax()) for p in probs]
+        out["agreement"].append(sum(f == j for f, (_, _, j) in zip(forced, keep)) / len(keep))
+        out["accuracy"].append(sum(matches(parse_answer(str(c[f]), r["answer"], r.get("choices"), r.get("candidates")),
+                                           r["answer"], r.get("choices")) for f, (_, c, _), r in zip(forced, keep, recs)) / len(keep))
+        out["final_answer_probability"].append(sum(float(p[j]) for p, (_, _, j) in zip(probs, keep)) / len(keep))
+        if log:
+            log(f"cut {cut}%: {len(keep)} items x their candidates scored")
     return out
 
 
@@ -329,6 +510,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     and items/s per phase. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
+    eval_records = with_candidates(eval_records, train_records)  # answers are read among their type's
     phase_log = lambda phase: (lambda line: log(f"  {phase}: {line}")) if log else None
     t0, seconds = time.time(), {}
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens, log=phase_log("cot"))
@@ -346,7 +528,8 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
     # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
     wrong = [(r, preds[key(i, r)]) for i, r in enumerate(eval_records) if not right[key(i, r)]]
-    says_prior = [r.get("type") in prior and is_correct(p, prior[r.get("type")], r.get("choices")) for r, p in wrong]
+    says_prior = [r.get("type") in prior and is_correct(p, prior[r.get("type")], r.get("choices"), r.get("candidates"))
+                  for r, p in wrong]
     pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
     consistent = [right[a] and right[b] for a, b in pairs]
     t0 = time.time()
@@ -385,7 +568,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t, "direct": d}
                      for r, t, d in list(zip(eval_records, texts, direct))[:5]],
     }
-    items = {"cot": len(eval_records), "direct": len(eval_records), "commitment": len(eval_records) * len(CUTS),
+    items = {"cot": len(eval_records), "direct": len(eval_records), "commitment": commit["n"] * len(CUTS) if commit else 0,
              "occlusion": 2 * occlude["n"] if occlude else 0, "masses": (len(eval_records) + len(own)) * bool(layers)}
     result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items() if n and seconds[k] > 0}
     by_type = collections.defaultdict(list)
@@ -415,9 +598,14 @@ def table_rows(summaries):
                      l["answer_mass_on_image"]) if l else "-" for l in looks]))
     rows.append(("occlusion: changed evid / ctrl", [pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"])
                                                     if r.get("occlusion") else "-" for r in runs]))
+    rows.append(("occlusion: items / left out", [f"{r['occlusion']['n']} / {r['occlusion']['left_out']}"
+                                                 if r.get("occlusion") else "-" for r in runs]))
+    commits = [r.get("early_commitment") if (r.get("early_commitment") or {}).get("n") else None for r in runs]
+    rows.append(("forced answer: items scored", [str(c["n"]) if c else "-" for c in commits]))
     for i, cut in enumerate(CUTS):  # early commitment: the answer forced after cut% of the rationale
-        rows.append((f"forced at {cut}%: agree / acc", [pair(r["early_commitment"]["agreement"][i],
-                     r["early_commitment"]["accuracy"][i]) if r.get("early_commitment") else "-" for r in runs]))
+        rows.append((f"forced at {cut}%: agree/acc/p(final)", [
+            f"{c['agreement'][i]:.2f}/{c['accuracy'][i]:.2f}/{c['final_answer_probability'][i]:.2f}" if c else "-"
+            for c in commits]))
     return rows
 
 
@@ -460,13 +648,15 @@ def figures(results, out):
                                  "position in the rationale (%)", "image mass", ylim=(0, 1)) for w in ("own", "gold")]
         save("Where the rationale looks, along its length (mean over layers)", "image_mass_along_rationale.png",
              draw.grid(along, 2))
-    commits = [(n, r["early_commitment"]) for n, r in results.items() if r.get("early_commitment")]
+    commits = [(n, r["early_commitment"]) for n, r in results.items() if (r.get("early_commitment") or {}).get("n")]
     if commits:
-        panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)", what,
+        panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)", label,
                                   ylim=(0, 1), xticks=commits[0][1]["cuts"], corner="bottom")
-                  for what, title in (("agreement", "forced answer = final answer"), ("accuracy", "forced answer right"))]
-        save("Early commitment: the answer forced after a share of the model's own rationale", "early_commitment.png",
-             draw.grid(panels, 2))
+                  for what, title, label in (("final_answer_probability", "probability of the final answer", "probability"),
+                                             ("agreement", "forced answer = final answer", "agreement"),
+                                             ("accuracy", "forced answer right", "accuracy"))]
+        save("Early commitment: the answer forced (teacher forced, among the candidates) after a share of the "
+             "model's own rationale", "early_commitment.png", draw.grid(panels, 3))
     for k, first in enumerate(runs[0].get("heatmaps") or []):
         same = [(n, next((h for h in r.get("heatmaps") or [] if (h["image"], h["question"]) == (first["image"], first["question"])), None))
                 for n, r in results.items()]
@@ -566,7 +756,7 @@ def main(argv=None):
     except (data.DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(table(results))
-    meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(results, args.model)), "data": args.data,
+    meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(model_names(args.model), args.model)), "data": args.data,
             "n": len(records), "train data (text prior)": args.train_data or "none", "device": str(device)}
     if scales:
         meta["intervention"] = f"image keys' attention times f in layers {args.visual_attn_layers} (rows 'img x f')"

@@ -29,8 +29,7 @@ def generate(args):
     except ValueError as e:  # a factor <= 0 or a slice with no layer
         sys.exit(f"error: --visual-attn-scale / --visual-attn-layers: {e}")
     proc = data.Processor.from_pretrained(args.model)
-    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = data.chat_prompt(proc, args.prompt, len(args.image))  # the prompt format training and eval use
     batch = {k: v.to(device) for k, v in proc(text, [args.image] if args.image else None).items()}
 
     new_ids, printed = [], ""

@@ -79,9 +79,11 @@ def loss_terms(model, batch, cfg, layers):
         m = torch.stack([out.masses[layer] for layer in layers]).mean(0).mean(1)  # (B, Nq, 2)
         in_r, in_a = row_span == data.R, row_span == data.A
         m_vis = m[..., 0] if cfg.vis_target is None else m[..., 0].clamp(max=cfg.vis_target)  # floor: push only below t
+        below = (m[..., 0].detach() < (cfg.vis_target or 1.0)) & in_r  # the steps L_vis pushes
         terms.update(vis_sum=-(torch.log(m_vis + cfg.eps) * in_r).sum(), r_count=in_r.sum(),
                      ans_sum=-(torch.log(m[..., 1] + cfg.eps) * in_a).sum(), a_count=in_a.sum(),
-                     vas_sum=(m[..., 0].detach() * in_r).sum())
+                     vas_sum=(m[..., 0].detach() * in_r).sum(), below_count=below.sum(),
+                     below_mass_sum=(m[..., 0].detach() * below).sum())
     return terms
 
 
@@ -208,6 +210,8 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: no CUDA GPU here")
+        if self.mass_impl == "cuda" and device.type != "cuda":
+            raise ConfigError(f"--mass-impl cuda: the kernel runs on a CUDA device, and this run's is {device}")
 
 
 def numbers(text, sep):  # "0.2:0.8" -> [0.2, 0.8]; "" -> []; None if a part is not a number
@@ -393,7 +397,7 @@ def train(cfg: TrainConfig):
         net = torch.compile(ddp)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    t0, tokens, flops, nonfinite = time.time(), 0, 0.0, 0
+    t0, tokens, flops, nonfinite, first_step = time.time(), 0, 0.0, 0, step  # the ETA counts the steps run here
     peak = peak_flops(device, cfg.peak_tflops)
     try:
         while step < cfg.max_steps:
@@ -427,6 +431,9 @@ def train(cfg: TrainConfig):
             if "vis_sum" in logged:
                 row.update(vis=logged["vis_sum"] / n["r_count"], ans=logged["ans_sum"] / n["a_count"],
                            vas=logged["vas_sum"] / n["r_count"])
+                if cfg.vis_target is not None:  # under the floor L_vis sits at -log t; these say what it pushes
+                    row.update(below=logged["below_count"] / n["r_count"],
+                               below_vas=logged["below_mass_sum"] / max(logged["below_count"], 1.0))
             if "img_sum" in logged:
                 row.update(img=logged["img_sum"] / n["img_count"], sys=logged["sys_sum"] / n["sys_count"])
             row["loss"] = loss_value = float(total_loss(logged, n, cfg))  # the global-batch loss
@@ -439,7 +446,7 @@ def train(cfg: TrainConfig):
                 step += 1
                 continue
             if drift:  # after the gradients are summed over micro-batches and ranks, before clipping
-                drift.apply(model)
+                row["drift_ratio"] = drift.apply(model)  # |alpha bias| / |task gradient|
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -450,10 +457,11 @@ def train(cfg: TrainConfig):
                     f.write(json.dumps(row) + "\n")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     dt = time.time() - t0
-                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas", "img", "sys") if k in row)
+                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas", "below", "below_vas", "img", "sys",
+                                                                  "drift_ratio") if k in row)
                     mfu = f" | MFU {100 * flops / dt / peak:.1f}%" if peak else ""
                     log(f"step {step:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
-                        f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / max(step - (metrics[0]['step'] - 1), 1) * (cfg.max_steps - step):.0f}s")
+                        f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / max(step - first_step, 1) * (cfg.max_steps - step):.0f}s")
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:
@@ -502,6 +510,8 @@ def run(cfg, compare=()):
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ConfigError(f"--compare {','.join(objectives)}: {bad[0]!r} is not one of {', '.join(OBJECTIVES)}")
+    if compare and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("--compare runs on one process: under torchrun, train each objective with --objective")
     if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
         synthetic.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
         train_path, eval_path = synthetic.paths(os.path.join(cfg.out, "data"), cfg.text_only)

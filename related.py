@@ -107,9 +107,16 @@ class Drift:
 
     @torch.no_grad()
     def apply(self, model):
+        """Bias the gradients -> |alpha bias| / |g| over the biased tensors (logged each step: with
+        `absolute` at the default rescale the bias is the weights' size, and clipping then leaves the
+        task gradient a small share of the step)."""
+        bias_sq, grad_sq = 0.0, 0.0
         for name, p in model.named_parameters():
             if name in self.delta and p.grad is not None:
-                p.grad.sub_(self.alpha * drift_bias(p.grad, self.delta[name], self.mode))
+                bias = self.alpha * drift_bias(p.grad, self.delta[name], self.mode)
+                bias_sq, grad_sq = bias_sq + float(bias.double().pow(2).sum()), grad_sq + float(p.grad.double().pow(2).sum())
+                p.grad.sub_(bias)
+        return (bias_sq / max(grad_sq, 1e-300)) ** 0.5
 
 
 # -----------------------------------------------------------------------------
@@ -124,8 +131,7 @@ def setup(cfg, model, proc, records, train_path, log=print):
     if cfg.difficulty:
         lo, hi = (float(x) for x in cfg.difficulty.split(":"))
         records = difficulty_filter(model, proc, records, (lo, hi), cfg.difficulty_samples,
-                                    os.path.dirname(os.path.abspath(train_path)), os.path.abspath(cfg.init),
-                                    seed=cfg.seed, log=log)
+                                    os.path.dirname(os.path.abspath(train_path)), seed=cfg.seed, log=log)
         model.train()
         if not records:
             raise data.DataError(f"--difficulty {cfg.difficulty}: no training record has a success rate in that band")
@@ -141,25 +147,39 @@ def success_rates(model, proc, records, k, batch_size=64, max_new_tokens=160, se
     return [sum(right[i * k:(i + 1) * k]) / k for i in range(len(records))]
 
 
-def difficulty_filter(model, proc, records, band, k, cache_dir, model_id, batch_size=64, seed=0, log=print):
+def content_key(model, records, k, seed):
+    """A name for what the success rates depend on: the model's weights and the records themselves
+    (hashed, so a retrained model in the same folder or an edited data file is a new measurement), k
+    and the seed."""
+    h = hashlib.sha1(json.dumps([k, seed, [{f: v for f, v in r.items() if f != "source"} for r in records]],
+                                sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def difficulty_filter(model, proc, records, band, k, cache_dir, batch_size=64, seed=0, log=print):
     """Keep the records whose success rate (success_rates) lies in band = (lo, hi). The rates are
-    cached in cache_dir under a name from the model, k, seed and the records, so a resumed run (or
-    another band) does not sample again. Logs how many were kept per band and per question type."""
+    cached in cache_dir under content_key, so a resumed run (or another band) does not sample again.
+    Under DDP rank 0 samples and writes the cache while the others wait, then all read it. Logs how
+    many were kept per band and per question type."""
     lo, hi = band
-    key = hashlib.sha1(json.dumps([model_id, k, seed, [r["source"] for r in records]]).encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir, f"difficulty-{key}.json")
-    if os.path.exists(cache):
-        rates = json.load(open(cache))["rates"]
-        log(f"difficulty: success rates from {cache}")
-    else:
+    cache = os.path.join(cache_dir, f"difficulty-{content_key(model, records, k, seed)}.json")
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not os.path.exists(cache) and (not dist or torch.distributed.get_rank() == 0):
         t0 = time.time()
         rates = success_rates(model, proc, records, k, batch_size, seed=seed,
                               log=lambda line: log(f"  difficulty sampling: {line}"))
         tmp = cache + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"model": model_id, "k": k, "seed": seed, "rates": rates}, f)
+            json.dump({"k": k, "seed": seed, "rates": rates}, f)
         os.replace(tmp, cache)
         log(f"difficulty: {len(records)} x {k} samples in {time.time() - t0:.0f}s, rates cached in {cache}")
+    if dist:
+        torch.distributed.barrier()
+    rates = json.load(open(cache))["rates"]
+    log(f"difficulty: success rates from {cache}")
     bands = collections.Counter("0" if r == 0 else "1" if r == 1 else f"< {lo:g}" if r < lo else f"> {hi:g}" if r > hi
                                 else f"{lo:g}-{hi:g}" for r in rates)
     kept = [rec for rec, r in zip(records, rates) if lo <= r <= hi]

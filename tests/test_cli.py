@@ -19,8 +19,8 @@ def test_generate_prints_the_greedy_answer(checkpoints, tmp_path):
                           "--max-new-tokens", "6", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     proc = data.Processor.from_pretrained(path)
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                  {"type": "text", "text": "How many circles?"}]}])
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "<image>How many circles?"}]}])
+    assert text == data.record_prompt(proc, {"question": "How many circles?", "images": ["photo.png"]})  # as trained
     b = proc(text, [[str(tmp_path / "photo.png")]])
     want = hf.generate(**b, max_new_tokens=6, do_sample=False, eos_token_id=proc.eos_token_id)
     answer = proc.decode(want[0, b["input_ids"].shape[1]:])
@@ -114,9 +114,30 @@ def test_a_malformed_line_is_skipped_and_counted(tmp_path, capsys):
     (["--drift-prior", "nowhere"], "error: --drift-prior 'nowhere': must be an existing checkpoint folder"),
     (["--visual-attn-scale", "2", "--visual-attn-layers", "9:"],  # before training, not after it
      "error: --visual-attn-layers 9:: image attention boost 1.0 in layers []: want f > 0 and some layer"),
+    (["--mass-impl", "cuda"], "error: --mass-impl cuda: the kernel runs on a CUDA device, and this run's is cpu"),
 ])
 def test_bad_flag_values_are_one_line(tmp_path, flags, message):
     assert user_error(["train", "--out", str(tmp_path), *TRAIN, *flags]) == message
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--avar-layers", "x"], "error: --avar-layers 'x': must be all, last or comma-separated layer indices"),
+    (["--region-layers", "1,x"], "error: --region-layers '1,x': must be all, last or comma-separated layer indices"),
+    (["--device", "tpu9"], "error: --device 'tpu9': not a device (auto, cpu, cuda, cuda:N)"),
+    (["--temperature", "0"], "error: --temperature 0.0: must be > 0 (at 0 the G completions of a prompt are one, "
+                             "every advantage is 0 and nothing trains)"),
+])
+def test_bad_grpo_flags_are_one_line_before_any_work(tmp_path, flags, message, monkeypatch):
+    import grpo
+    monkeypatch.setattr(grpo.VLM, "from_pretrained", lambda *a, **kw: pytest.fail("a model was loaded first"))
+    monkeypatch.setattr(grpo.synthetic, "make_once", lambda *a, **kw: pytest.fail("data was made first"))
+    assert user_error(["grpo", "--init", str(tmp_path), "--out", str(tmp_path / "g"), *flags]) == message
+
+
+def test_compare_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert user_error(["--compare", "--out", str(tmp_path), *TRAIN]) == \
+        "error: --compare runs on one process: under torchrun, train each objective with --objective"
 
 
 def test_unknown_objective_is_refused(capsys):
@@ -129,8 +150,8 @@ def test_unknown_objective_is_refused(capsys):
 
 def test_fine_tuning_defaults(tmp_path):
     """--init without explicit rates: fine-tuning ones and a short warmup; from scratch: the fast ones."""
-    ft, scratch = nanoattcot.TrainConfig(init=str(tmp_path), max_steps=1000), nanoattcot.TrainConfig()
-    assert (ft.lr, ft.lr_vision, ft.lr_connector, ft.warmup) == (1e-5, 1e-5, 1e-4, 30)
+    ft, scratch = nanoattcot.TrainConfig(init=str(tmp_path), max_steps=2000), nanoattcot.TrainConfig(max_steps=2000)
+    assert (ft.lr, ft.lr_vision, ft.lr_connector, ft.warmup) == (1e-5, 1e-5, 1e-4, 60)  # 3% of the steps
     assert (scratch.lr, scratch.lr_vision, scratch.lr_connector, scratch.warmup) == (3e-3, 3e-3, 3e-3, 30)
     assert nanoattcot.TrainConfig(init=str(tmp_path), lr=2e-5, warmup=0).lr == 2e-5
 

@@ -1,6 +1,9 @@
 """Answer extraction and scoring on hand-written cases (REFERENCE.md section 4), and each measure of
 evaluate() on a case whose value is known (a stub generator stands in for the model)."""
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 import eval as eval_mod
 
@@ -26,6 +29,9 @@ def test_extract_answer(reply, answer):
     ("B) green", "B", CHOICES, True, True),
     ("the answer is b", "B", CHOICES, False, False),                     # lower-case b is not an option letter
     ("it is a green one", "B", CHOICES, True, True),                     # "a" is an article; "green" names B
+    ("A green one.", "B", CHOICES, True, True),                          # so is a sentence's first "A"
+    ("It is red. A blue one is not.", "A", CHOICES, False, False),       # ... and "red" and "blue" are two
+    ("A is right", "A", CHOICES, True, True),                            # "A" before a verb is the letter
     ("A or B", "B", CHOICES, False, False),                              # two letters: unreadable
     ("red and green", "B", CHOICES, False, False),                       # two option texts: unreadable
     ("D", "B", CHOICES, False, False),                                   # no option D
@@ -50,13 +56,55 @@ def test_scoring_table(pred, gold, choices, correct, readable):
     assert (eval_mod.parse_answer(pred, gold, choices) is not None) is readable
 
 
+YES_NO, COLOURS = ["no", "yes"], ["blue", "green", "red", "yellow"]
+
+
+@pytest.mark.parametrize("pred,gold,candidates,correct,readable", [
+    ("Yes, there are.", "yes", YES_NO, True, True),
+    ("no", "yes", YES_NO, False, True),
+    ("Row 1: nothing, a large green circle", "yes", YES_NO, False, False),  # names no candidate
+    ("yes or no", "yes", YES_NO, False, False),                              # names two
+    ("not sure", "no", YES_NO, False, False),                                # "not" is not "no"
+    ("the red one", "red", COLOURS, True, True),
+    ("red, not blue", "red", COLOURS, False, False),
+    ("a large green circle", "red", COLOURS, False, True),
+    ("dark red", "red", ["red", "dark red"], False, True),                   # "red" inside "dark red" is one name
+    ("Row 1: nothing", "yes", None, False, True),                            # open-ended: any text is an answer
+])
+def test_unparseable_means_no_candidate_or_several(pred, gold, candidates, correct, readable):
+    assert eval_mod.is_correct(pred, gold, None, candidates) is correct
+    assert (eval_mod.parse_answer(pred, gold, None, candidates) is not None) is readable
+
+
+def test_evaluate_reads_answers_among_the_training_answers_of_their_type(monkeypatch):
+    """The CoT reply "Row 1: nothing" to a yes/no question is unparseable once the type's candidates
+    (yes, no: the training answers) are known."""
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: ["Row 1: nothing" for r in recs])
+    recs = [r for r in records() if r["type"] == "compare"]
+    ev = eval_mod.evaluate(None, None, recs, [{"type": "compare", "answer": a} for a in ("yes", "no")], commitment=False)
+    assert ev["unparseable"] == 2 and ev["unparseable_direct"] == 2
+    ev = eval_mod.evaluate(None, None, recs, [], commitment=False)
+    assert ev["unparseable"] == 0  # no candidates: the text itself is the (wrong) answer
+
+
 def test_gold_option_text_is_matched_to_its_letter():
     assert eval_mod.is_correct("C", "blue", CHOICES) and not eval_mod.is_correct("A", "blue", CHOICES)
 
 
 def test_bootstrap_interval():
-    lo, hi = eval_mod.bootstrap_ci([1] * 70 + [0] * 30)
-    assert lo < 0.7 < hi and 0.14 < hi - lo < 0.22  # the normal approximation: 2 * 1.96 * sqrt(.7 * .3 / 100) = 0.18
+    """The percentile interval of the resampled means of 400 values (280 ones): the resampled mean is
+    Binomial(400, 0.7) / 400, whose 2.5% and 97.5% quantiles are computed exactly; a 90% interval
+    (0.0075 narrower at each end) fails."""
+    from math import comb
+    n, k = 400, 280
+    cdf, quantiles = 0.0, {}
+    for i in range(n + 1):
+        cdf += comb(n, i) * 0.7**i * 0.3**(n - i)
+        for q in (0.025, 0.975):
+            if cdf >= q and q not in quantiles:
+                quantiles[q] = i / n
+    lo, hi = eval_mod.bootstrap_ci([1] * k + [0] * (n - k), n=20000)
+    assert lo == pytest.approx(quantiles[0.025], abs=0.0026) and hi == pytest.approx(quantiles[0.975], abs=0.0026)
     assert eval_mod.bootstrap_ci([1, 1, 1]) == (1.0, 1.0) and eval_mod.bootstrap_ci([]) is None
 
 
@@ -92,70 +140,184 @@ def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
 @pytest.fixture(scope="module")
 def proc():
     import data
-    return data.new_processor(["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30,
-                              tile=32, image_seq_len=4, vocab_size=300)
+    corpus = ["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30 + [f"Answer: {n}" for n in "0137"] * 10
+    return data.new_processor(corpus, tile=32, image_seq_len=4, vocab_size=300)
 
 
 RATIONALE = "Row 1: a red circle. Row 2: nothing. Row 3: a blue square. So 2 circles."
 
 
-def stub_generator(forced_answer):
-    """The CoT pass writes RATIONALE and the gold answer; a forced pass answers forced_answer(reply, gold)."""
-    def generate(model, proc, recs, batch_size=64, max_new_tokens=160, replies=None, log=None):
-        if replies is None:
-            return [f" {RATIONALE} Answer: {r['answer']}" for r in recs]
-        assert all(reply.startswith(" ") and reply.endswith(" Answer:") for reply in replies)
-        return [forced_answer(reply, r["answer"]) for reply, r in zip(replies, recs)]
-    return generate
+class HandSetModel(torch.nn.Module):
+    """A stub VLM whose next-token logits are set by hand: prefers(ids so far) -> {token id: logit},
+    0 for every other token."""
+    def __init__(self, vocab_size, prefers):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
+        self.vocab_size, self.prefers = vocab_size, prefers
+
+    def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, **kw):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b in range(B):
+            for t in range(T):
+                for token, value in self.prefers(input_ids[b, :t + 1].tolist()).items():
+                    logits[b, t, token] = value
+        return SimpleNamespace(logits=logits)
 
 
-def test_early_commitment_of_a_model_that_decides_late(monkeypatch, proc):
-    """Forced answers right only once the whole rationale is there: agreement and accuracy 0 at
-    0-75% and 1 at 100%; the 0% reply is the answer marker alone."""
+def one_token(proc, text):
+    ids = proc.tokenizer.encode(text).ids
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def late_model(proc, final="2", carries_on=False):
+    """Leans to " 0" (logit 5) until the rationale's summary (" So") is in the prefix, then to the
+    final answer. carries_on: after the answer marker it would rather write " Row" (logit 10)."""
+    so, row, colon = one_token(proc, " So"), one_token(proc, " Row"), one_token(proc, ":")
+    zero, fin = one_token(proc, " 0"), one_token(proc, " " + final)
+
+    def prefers(ids):
+        out = {fin if so in ids else zero: 5.0}
+        if carries_on and ids[-1] == colon:
+            out[row] = 10.0
+        return out
+    return HandSetModel(proc.tokenizer.get_vocab_size(), prefers)
+
+
+def count_records():
+    """Three count items (gold 2, 3, 1) whose model wrote RATIONALE and the final answer 2."""
+    recs = [{**r, "candidates": ["0", "1", "2", "3"]} for r in records() if r["type"] == "count"]
+    return recs, [f" {RATIONALE} Answer: 2" for _ in recs]
+
+
+def test_early_commitment_reads_the_forced_answer_from_the_probabilities(proc):
+    """Before the summary the stub ranks " 0" first, after it the final answer 2: agreement with the
+    model's own final answer 0 then 1, accuracy against the gold 0 then 1/3 (only one gold is 2), and
+    the final answer's probability over the four candidates 1 / (e^5 + 3), then e^5 / (e^5 + 3)."""
+    import math
+    recs, texts = count_records()
+    ec = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    assert ec["cuts"] == [0, 25, 50, 75, 100] and ec["n"] == 3 and ec["left_out"] == {}
+    assert ec["agreement"] == [0, 0, 0, 0, 1] and ec["accuracy"] == [0, 0, 0, 0, pytest.approx(1 / 3)]
+    low, high = 1 / (math.exp(5) + 3), math.exp(5) / (math.exp(5) + 3)
+    assert ec["final_answer_probability"] == pytest.approx([low] * 4 + [high], rel=1e-9)
+
+
+def test_early_commitment_ignores_a_model_that_would_carry_on_writing(proc):
+    """A model that would write " Row ..." after the marker (greedy text that reads as the count 1)
+    gives the same forced answers and probabilities: the candidates are scored, not generated."""
+    recs, texts = count_records()
+    plain = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    chatty = eval_mod.early_commitment(late_model(proc, carries_on=True), proc, recs, texts)
+    assert chatty["agreement"] == plain["agreement"] and chatty["accuracy"] == plain["accuracy"]
+    assert chatty["final_answer_probability"] == pytest.approx(plain["final_answer_probability"], rel=1e-9)
+
+
+def test_early_commitment_scores_the_training_format(proc, monkeypatch):
+    """What is scored: prompt, the cut rationale (a prefix of the model's own), " Answer:", then
+    " c<end_of_utterance>" for each candidate; the 0% reply is the marker alone."""
     seen = []
+    real = eval_mod.candidate_probabilities
 
-    def late(reply, gold):
-        seen.append(reply)
-        return f" {gold}" if "So 2 circles." in reply else " 0"
-    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(late))
-    recs = [r for r in records() if r["type"] == "count"]
-    ec = eval_mod.early_commitment(None, proc, recs, [f" {RATIONALE} Answer: {r['answer']}" for r in recs])
-    assert ec == {"cuts": [0, 25, 50, 75, 100], "agreement": [0, 0, 0, 0, 1], "accuracy": [0, 0, 0, 0, 1]}
-    assert seen[0] == " Answer:" and seen[-1] == f" {RATIONALE} Answer:"
-    assert all(RATIONALE.startswith(s[1:-len(" Answer:")]) for s in seen)  # each cut is a prefix of the rationale
+    def spy(model, proc, prompts, replies, candidates, batch_size=64):
+        seen.append((replies, candidates))
+        return real(model, proc, prompts, replies, candidates, batch_size)
+    monkeypatch.setattr(eval_mod, "candidate_probabilities", spy)
+    recs, texts = count_records()
+    eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    assert [r[0] for r, _ in seen][0] == " Answer:" and seen[-1][0][0] == f" {RATIONALE} Answer:"
+    assert all(RATIONALE.startswith(r[0][1:-len(" Answer:")]) for r, _ in seen)
+    assert all(c == [["0", "1", "2", "3"]] * 3 for _, c in seen)
 
 
-def test_early_commitment_of_a_model_that_decided_before_reasoning(monkeypatch, proc):
-    """Forced answers already final at 0%: agreement 1 at every cut; through evaluate()."""
-    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
-    ev = eval_mod.evaluate(None, proc, records(), [{"type": "count", "answer": "1"}])
-    assert ev["early_commitment"]["agreement"] == [1.0] * 5 and ev["early_commitment"]["accuracy"] == [1.0] * 5
+def test_early_commitment_leaves_out_and_counts(proc):
+    """No candidate set (open-ended), or a final answer outside it: left out, counted by reason."""
+    recs, texts = count_records()
+    recs = recs + [{**recs[0], "id": "open", "candidates": None, "answer": "a circle"}, {**recs[0], "id": "seven"}]
+    texts = texts + [" Row 1: a circle. Answer: a circle", " So 7. Answer: 7"]
+    ec = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    assert ec["n"] == 3 and ec["left_out"] == {"no candidate set (open-ended)": 1, "final answer not a candidate": 1}
+
+
+def test_early_commitment_through_evaluate_takes_candidates_from_training(monkeypatch, proc):
+    """evaluate() gives each record its type's training answers as candidates; a model that leans to
+    its final answer from the start agrees at every cut."""
+    monkeypatch.setattr(eval_mod, "generate_answers",
+                        lambda m, p, recs, *a, **kw: [f" {RATIONALE} Answer: {r['answer']}" for r in recs])
+    train = [{"type": "count", "answer": n} for n in ("0", "1", "2", "3")]
+    early = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {one_token(proc, " 2"): 5.0})
+    recs = [r for r in records() if r["id"] in ("a", "ab")] + [{**records()[0], "id": "z", "type": "describe"}]
+    ev = eval_mod.evaluate(early, proc, recs, train)
+    ec = ev["early_commitment"]
+    assert ec["n"] == 2 and ec["left_out"] == {"no candidate set (open-ended)": 1}  # z: no training answers of its type
+    assert ec["agreement"] == [0.5] * 5  # the stub always ranks 2 first: right for a, not for ab
     assert set(ev["seconds"]) == {"cot", "direct", "masses", "commitment", "occlusion", "heatmaps"}
     assert ev["where_it_looks"] is None and ev["heatmaps"] == []  # no layers
 
 
-def test_control_boxes_have_the_same_size_and_avoid_the_evidence():
+def check_control(evidence, control, width, height):
+    """The control hides as much area as the evidence (within 2% once rasterised), off the evidence and
+    off itself, inside the image."""
     import numpy as np
-    rng, evidence = np.random.default_rng(0), [(0, 0, 32, 32), (32, 64, 64, 96)]
-    for _ in range(50):
-        boxes = eval_mod.control_boxes(evidence, 96, 96, rng)
-        assert [(b[2] - b[0], b[3] - b[1]) for b in boxes] == [(32, 32), (32, 32)]
-        assert all(0 <= b[0] and b[2] <= 96 and 0 <= b[1] and b[3] <= 96 for b in boxes)
-        assert not any(c[0] < e[2] and e[0] < c[2] and c[1] < e[3] and e[1] < c[3] for c in boxes for e in evidence)
-    assert eval_mod.control_boxes([(0, 0, 96, 96)], 96, 96, rng) is None  # no room elsewhere
+    ev, ct = eval_mod.painted(evidence, width, height), eval_mod.painted(control, width, height)
+    assert all(0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height for b in control)
+    assert not (ev & ct).any()
+    assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in control) == int(ct.sum())  # no two control boxes overlap
+    assert abs(int(ct.sum()) - int(ev.sum())) <= 0.02 * int(ev.sum())
+    return np.count_nonzero(ct)
+
+
+def test_control_boxes_on_hand_made_evidence():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    evidence = [(0, 0, 32, 32), (32, 64, 64, 96), (64, 0, 96, 32)]
+    for _ in range(30):
+        boxes, rule = eval_mod.control_boxes(evidence, 96, 96, rng)
+        assert rule == "the evidence's boxes" and sorted((b[2] - b[0], b[3] - b[1]) for b in boxes) == [(32, 32)] * 3
+        check_control(evidence, boxes, 96, 96)
+    centre = [(24, 24, 72, 72)]  # a 48 x 48 box fits nowhere around it (24-px margins): four 24 x 24 do
+    boxes, rule = eval_mod.control_boxes(centre, 96, 96, rng)
+    assert rule == "each box cut in 2 x 2" and len(boxes) == 4
+    check_control(centre, boxes, 96, 96)
+    overlapping = [(0, 0, 40, 40), (20, 20, 60, 60)]  # the union (2,800 px), not the sum of the areas (3,200)
+    boxes, rule = eval_mod.control_boxes(overlapping, 96, 96, rng)
+    assert check_control(overlapping, boxes, 96, 96) == 2800
+    assert eval_mod.control_boxes([(0, 0, 96, 60)], 96, 96, rng) == (None, "no room")  # more than half the image
+
+
+def test_control_boxes_on_the_whole_synthetic_eval_set(tmp_path):
+    """Every item of the synthetic eval set whose evidence covers at most half the image gets a control
+    of equal area; the others (5 or more evidence cells of 9) are the only ones left out."""
+    import json
+    import numpy as np
+    import synthetic
+    _, eval_path = synthetic.make_synthetic(str(tmp_path), n_train=3, n_eval=150, seed=0)
+    rng, left_out = np.random.default_rng(0), 0
+    for line in open(eval_path):
+        r = json.loads(line)
+        boxes, rule = eval_mod.control_boxes([tuple(b) for b in r["boxes"]], 96, 96, rng)
+        if boxes is None:
+            assert 2 * len(r["boxes"]) * 32 * 32 > 96 * 96
+            left_out += 1
+        else:
+            check_control(r["boxes"], boxes, 96, 96)
+    assert 0 < left_out < 40
 
 
 def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
     """The stub answers the colour at the centre of the evidence box: greying the evidence changes
-    every answer, greying as much area elsewhere changes none; records without boxes are left out."""
+    every answer, greying as much area elsewhere changes none. Changed is measured against the
+    model's own unoccluded answer (red), not the gold (green). Records without boxes are left out;
+    evidence larger than half the image is left out and counted."""
     from PIL import Image
     im = Image.new("RGB", (96, 96), (255, 255, 255))
     im.paste((255, 0, 0), (0, 0, 32, 32))
     im.save(tmp_path / "a.png")
-    recs = [{"id": f"r{i}", "question": "Colour?", "answer": "red", "type": "cell", "source": f"f:{i}",
-             "images": [str(tmp_path / "a.png")], "boxes": [[0, 0, 32, 32]]} for i in range(6)]
-    recs.append({"id": "nobox", "question": "Colour?", "answer": "red", "type": "cell", "source": "f:7",
-                 "images": [str(tmp_path / "a.png")]})
+    rec = lambda i, boxes: {"id": f"r{i}", "question": "Colour?", "answer": "green", "type": "cell", "source": f"f:{i}",
+                            "images": [str(tmp_path / "a.png")], "boxes": boxes}
+    recs = [rec(i, [[0, 0, 32, 32]]) for i in range(6)] + [rec(6, [[0, 0, 96, 64]])]
+    recs.append({k: v for k, v in rec(7, None).items() if k != "boxes"})
 
     def reads_the_box(model, proc, records, *args, **kw):
         pixel = lambda r: Image.open(r["images"][0]).getpixel((16, 16)) if isinstance(r["images"][0], str) \
@@ -163,13 +325,14 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
         return [f"Answer: {'red' if pixel(r) == (255, 0, 0) else 'grey'}" for r in records]
     monkeypatch.setattr(eval_mod, "generate_answers", reads_the_box)
     got = eval_mod.occlusion(None, None, recs, ["Answer: red"] * len(recs))
-    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0}
+    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0,
+                   "control_rules": {"the evidence's boxes": 6}, "left_out": 1}
     assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
     assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
 
 
 def test_table_shows_every_measure(monkeypatch):
-    monkeypatch.setattr(eval_mod, "generate_answers", stub_generator(lambda reply, gold: f" {gold}."))
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: [f"So. Answer: {r['answer']}" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     text = eval_mod.table({"sft": {**ev, "wall_seconds": 1.5}, "attcot": {**ev, "wall_seconds": 2.0}})
     assert text.splitlines()[0].split() == ["sft", "attcot"] and "accuracy_cot_ci95" in text
@@ -204,8 +367,10 @@ def hand_result(scale, image):
                                    "answer_mass_on_rationale": 0.5, "answer_mass_on_image": 0.4, "n": 10}
                                for w in ("gold", "own")},
             "early_commitment": {"cuts": [0, 25, 50, 75, 100], "agreement": [0.1, 0.2, 0.3, 0.5, 1.0],
-                                 "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8]},
-            "occlusion": {"n": 8, "evidence_changed": 0.6, "control_changed": 0.2},
+                                 "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8], "final_answer_probability": [0.3, 0.4, 0.5, 0.6, 0.9],
+                                 "n": 10, "left_out": {}},
+            "occlusion": {"n": 8, "evidence_changed": 0.6, "control_changed": 0.2,
+                          "control_rules": {"the evidence's boxes": 8}, "left_out": 1},
             "heatmaps": [{"image": image, "question": "How many?", "boxes": [(0, 0, 48, 48), (48, 0, 96, 48),
                                                                              (0, 48, 48, 96), (48, 48, 96, 96)],
                           "steps": [{"text": "Row 1: a red circle.", "image_mass": 0.6, "weights": [0.3, 0.3, 0, 0]},
@@ -227,7 +392,7 @@ def test_report_files_and_pictures(tmp_path):
     assert back["results"]["attcot"]["accuracy_cot"] == pytest.approx(0.88) and back["meta"] == {"data": "eval.jsonl"}
     assert "| measure | sft | attcot |" in md and "| accuracy_direct | 0.400 | 0.440 |" in md and "| sft | cot 1.0" in md
     sizes = {"accuracy.png": (520, 340), "image_mass_by_layer.png": (1070, 360), "image_mass_along_rationale.png": (1070, 360),
-             "early_commitment.png": (1070, 360)}
+             "early_commitment.png": (1600, 360)}
     for name, size in sizes.items():
         assert f"({name})" in md and Image.open(tmp_path / "rep" / name).size == size
     heat = Image.open(tmp_path / "rep" / "attention_1.png")

@@ -41,12 +41,14 @@ def test_advantages_by_hand():
 def test_clipped_loss_and_k3_by_hand():
     """ratio 1.5 and 0.5 against A = +1 and -1, eps 0.2 / 0.28: -min(ratio A, clip(ratio) A)."""
     cfg = GRPOConfig(beta=0.5)
-    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]]))
-    adv, zero = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.zeros(4, 1)
-    per, (kl, clipped) = grpo.policy_loss(logp, zero, zero, adv, torch.ones(4, 1), cfg)
-    k3 = torch.exp(-logp) + logp - 1  # ref 0: exp(ref - logp) - (ref - logp) - 1
+    old, ref = torch.full((4, 1), -1.0), torch.full((4, 1), -2.0)  # the sampling policy and the reference differ
+    logp = old + torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    per, (kl, clipped) = grpo.policy_loss(logp, old, ref, adv, torch.ones(4, 1), cfg)
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1  # against the reference model, not the old policy
     assert torch.allclose(per[:, 0], torch.tensor([-1.28, 1.5, -0.5, 0.8]) + 0.5 * k3[:, 0])
-    assert abs(float(k3[0, 0]) - (1 / 1.5 + math.log(1.5) - 1)) < 1e-7 and int(clipped) == 2  # rows 0 and 3
+    d = -1 - math.log(1.5)  # ref - logp in row 0
+    assert abs(float(k3[0, 0]) - (math.exp(d) - d - 1)) < 1e-6 and int(clipped) == 2  # rows 0 and 3
     assert torch.allclose(kl, k3.sum())
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     per = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
@@ -143,6 +145,58 @@ def test_one_step_moves_logprobs_the_way_the_rewards_say(start, tmp_path, monkey
     change = total(result["model"]) - total(result["start"])
     first = rows % 4 == 0
     assert (change[first] > 0).all() and change[~first].mean() < 0, change
+
+
+def test_truncated_completions_leave_the_loss_by_default(start, tmp_path, monkeypatch):
+    """Every completion marked truncated: by default none is in the loss and one step leaves the weights
+    as they were (Adam on a zero gradient); with keep_truncated they train."""
+    real = grpo.rollouts
+
+    def all_truncated(*args):
+        seq, truncated, texts, has_region = real(*args)
+        return seq, torch.ones_like(truncated), texts, has_region
+    monkeypatch.setattr(grpo, "rollouts", all_truncated)
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    dropped = grpo.train(config(start, tmp_path / "a", max_steps=1))
+    for p, q in zip(dropped["model"].parameters(), dropped["start"].parameters()):
+        assert torch.equal(p, q)
+    kept = grpo.train(config(start, tmp_path / "b", max_steps=1, keep_truncated=True))
+    assert not torch.equal(kept["model"].lm_head.weight, kept["start"].lm_head.weight)
+
+
+def test_old_logprobs_are_taken_once_per_batch_of_rollouts(start, tmp_path, monkeypatch):
+    """inner_steps 3: the ratio is 1 at the first update and moves away from 1 at the later ones (the
+    old log-probs stay those of the policy that sampled; both passes at its temperature, 0.7)."""
+    seen, real = [], grpo.policy_loss
+
+    def spy(logp, logp_old, *args):
+        seen.append(float((logp.detach() - logp_old).abs().max()))
+        return real(logp, logp_old, *args)
+    monkeypatch.setattr(grpo, "policy_loss", spy)
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    grpo.train(config(start, tmp_path / "g", max_steps=1, inner_steps=3, keep_truncated=True, micro_batch=64,
+                      temperature=0.7))
+    assert len(seen) == 3 and seen[0] < 1e-5 and seen[1] > 1e-3 and seen[2] > seen[1]
+
+
+def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
+    """The log-probs and entropies GRPO's ratio and KL use are those of logits / temperature, the
+    distribution the completions were sampled from."""
+    cfg = config(start, tmp_path / "g", temperature=0.5)
+    proc, model = data.Processor.from_pretrained(start), grpo.VLM.from_pretrained(start, dtype=torch.float32)
+    import synthetic
+    synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
+    recs = data.read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
+    seq = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))[0]
+    rows = torch.arange(seq["cmask"].shape[0])
+    logp, entropy, _ = grpo.score(model, seq, rows, temperature=0.5)
+    with torch.no_grad():
+        logits = model(seq["input_ids"], seq["pixel_values"], seq["pixel_attention_mask"], seq["attention_mask"]).logits
+    for b in range(len(rows)):
+        s, n = int(seq["start"][b]), int(seq["cmask"][b].sum())
+        want = torch.log_softmax(logits[b, s - 1:s - 1 + n] / 0.5, -1)
+        assert torch.allclose(logp[b, :n], want.gather(-1, seq["completion"][b, :n, None])[:, 0], atol=1e-5)
+        assert torch.allclose(entropy[b, :n], -(want.exp() * want).sum(-1), atol=1e-4)
 
 
 def test_resume_equals_an_uninterrupted_run(start, tmp_path, monkeypatch):

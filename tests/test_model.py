@@ -206,19 +206,29 @@ def test_cached_equals_uncached_and_batched_equals_single(checkpoints):
 
 
 def test_generation_stops_at_eos(checkpoints):
+    """A row that samples an eos keeps its tokens up to it and is eos after it; the other row goes on as
+    without the eos; generation stops once every row has ended. Sampling: the same seed gives the same
+    tokens with and without the KV cache, and a vanishing top-p is greedy."""
     path, _ = checkpoints["idefics3_gqa_untied_s2"]
     ours = VLM.from_pretrained(path).eval()
     b = prompts(path, TEXTS[:2], IMAGE_LISTS[:2])
     free = ours.generate(**b, max_new_tokens=8)
     eos = int(free[0, 2])  # make the third greedy token of sample 0 the eos
     got = ours.generate(**b, max_new_tokens=8, eos_token_id=eos)
-    assert got[0, 2] == eos and (got[0, 2:] == eos).all()
+    assert torch.equal(got[0, :3], free[0, :3]) and (got[0, 2:] == eos).all()
     first_eos_1 = (free[1] == eos).nonzero()
     n1 = int(first_eos_1[0]) + 1 if len(first_eos_1) else 8
-    assert torch.equal(got[1, :n1], free[1, :n1])
-    torch.manual_seed(0)
-    sampled = ours.generate(**b, max_new_tokens=5, temperature=1.0, top_p=0.9)
-    assert sampled.shape == (2, 5)
+    assert torch.equal(got[1, :n1], free[1, :n1]) and (got[1, n1:] == eos).all()
+    eos_1 = next(int(t) for t in free[1, :4].flip(0) if int(t) not in free[0, :3].tolist())  # ends row 1 by step 4
+    both = ours.generate(**b, max_new_tokens=8, eos_token_id=[eos, eos_1])
+    n = 1 + max(int((torch.isin(free[i], torch.tensor([eos, eos_1]))).nonzero()[0]) for i in range(2))
+    assert both.shape == (2, n) and n <= 4
+    for row in range(2):
+        k = int(torch.isin(free[row], torch.tensor([eos, eos_1])).nonzero()[0]) + 1
+        assert torch.equal(both[row, :k], free[row, :k]) and torch.isin(both[row, k:], torch.tensor([eos])).all()
+    sample = lambda **kw: ours.generate(**b, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(sample(top_p=0.9), sample(top_p=0.9, use_cache=False))
+    assert torch.equal(sample(top_p=1e-9), free[:, :6])
 
 
 def test_attention_masses_match_materialised_attention(checkpoints):

@@ -118,9 +118,12 @@ def test_drift_delta_is_static_and_biases_the_gradients(run, tmp_path):
         ours[name].add_(1.0)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    plain.apply(model)
+    ratio = plain.apply(model)
     assert torch.allclose(ours[name].grad, 1 - 0.5 * start)
     assert (ours["vision.post_layernorm.weight"].grad == 1).all()
+    biased = [ours[n] for n in plain.delta]  # |0.5 Delta| over |g| = |ones| on the biased tensors
+    want = 0.5 * sum(float(d.double().pow(2).sum()) for d in plain.delta.values()) ** 0.5 / sum(p.numel() for p in biased) ** 0.5
+    assert ratio == pytest.approx(want, rel=1e-6)
 
 
 def test_drift_errors_name_the_problem(run, tmp_path, monkeypatch):
@@ -208,6 +211,8 @@ def test_boosted_generation_with_cache_equals_without(run):
 
 
 def test_difficulty_filter_band_and_cache(tmp_path, monkeypatch):
+    """The band, and the cache keyed by content: the same weights and records read it back; another k,
+    retrained weights or an edited record sample again."""
     records = [{"source": f"f:{i}", "type": "count" if i % 2 else "cell", "answer": "1"} for i in range(8)]
     rates = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.25, 1.0]
     calls = []
@@ -216,15 +221,25 @@ def test_difficulty_filter_band_and_cache(tmp_path, monkeypatch):
         calls.append(k)
         return rates
     monkeypatch.setattr(related, "success_rates", stub)
-    lines = []
-    kept = related.difficulty_filter(None, None, records, (0.25, 0.75), 4, str(tmp_path), "m", log=lines.append)
+    lines, model = [], torch.nn.Linear(2, 2)
+    kept = related.difficulty_filter(model, None, records, (0.25, 0.75), 4, str(tmp_path), log=lines.append)
     assert [r["source"] for r in kept] == ["f:1", "f:2", "f:3", "f:5", "f:6"] and calls == [4]
     assert lines[-1] == ("difficulty: kept 5 of 8 (rate in [0.25, 0.75]); success rate bands: 0 1, 0.25-0.75 5, 1 2; "
                          "kept per type: cell 2/4, count 3/4")
-    again = related.difficulty_filter(None, None, records, (0.5, 1.0), 4, str(tmp_path), "m", log=lines.append)
+    again = related.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
     assert calls == [4] and [r["source"] for r in again] == ["f:2", "f:3", "f:4", "f:5", "f:7"]  # from the cache
-    related.difficulty_filter(None, None, records, (0.5, 1.0), 2, str(tmp_path), "m", log=lines.append)
+    moved = [{**r, "source": f"g:{i}"} for i, r in enumerate(records)]  # the same records in another file
+    related.difficulty_filter(model, None, moved, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    assert calls == [4]
+    related.difficulty_filter(model, None, records, (0.5, 1.0), 2, str(tmp_path), log=lines.append)
     assert calls == [4, 2]  # another k is another measurement
+    edited = records[:3] + [{**records[3], "answer": "2"}] + records[4:]
+    related.difficulty_filter(model, None, edited, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    assert calls == [4, 2, 4]
+    with torch.no_grad():
+        model.weight.add_(1e-3)  # retrained, same folder
+    related.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    assert calls == [4, 2, 4, 4]
 
 
 def test_success_rates_count_sampled_answers(monkeypatch):
@@ -294,3 +309,30 @@ def test_drift_is_wired_before_clipping_and_matches_across_accumulation_and_rank
         assert torch.allclose(g1, want, rtol=1e-4, atol=1e-7), name
         biased += name in drift.delta and not torch.allclose(g0, g1)
     assert biased == len(drift.delta) == 28
+
+
+def _difficulty_on_rank(rank, cache_dir, port):
+    """One of two gloo processes: the difficulty filter with a stub sampler that leaves a file per call."""
+    import time
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def stub(model, proc, recs, k, *args, **kw):
+        open(os.path.join(cache_dir, f"sampled-on-rank-{rank}"), "w").close()
+        time.sleep(1.0)  # rank 1 reaches the cache check while rank 0 is still sampling
+        return [0.5] * len(recs)
+    related.success_rates = stub
+    torch.manual_seed(0)
+    records = [{"source": f"f:{i}", "type": "count", "answer": "1"} for i in range(4)]
+    kept = related.difficulty_filter(torch.nn.Linear(2, 2), None, records, (0.25, 0.75), 2, cache_dir, log=lambda l: None)
+    assert len(kept) == 4
+    dist.destroy_process_group()
+
+
+def test_difficulty_filter_under_ddp_samples_on_rank_0_only(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_difficulty_on_rank, args=(str(tmp_path), 29547), nprocs=2)
+    made = sorted(os.listdir(tmp_path))
+    assert [f for f in made if f.startswith("sampled")] == ["sampled-on-rank-0"]
+    assert len([f for f in made if f.startswith("difficulty-") and f.endswith(".json")]) == 1

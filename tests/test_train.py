@@ -7,11 +7,13 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import data
+
 import nanoattcot
 from nanoattcot import TrainConfig
 
@@ -72,6 +74,9 @@ def test_loss_terms_match_materialised_attention(trained):
         assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
         assert abs(float(terms["vas_sum"] / terms["r_count"]) - m_v[in_r].mean()) < 1e-4
         assert abs(float(terms["ans_sum"] / terms["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
+        surely, maybe = (m_v[in_r] < (floor or 1) + d for d in (-1e-5, 1e-5))  # the steps under the floor (the log's)
+        assert int(surely.sum()) <= int(terms["below_count"]) <= int(maybe.sum()) and int(surely.sum()) > 0
+        assert float(m_v[in_r][surely].sum()) - 1e-3 < float(terms["below_mass_sum"]) < float(m_v[in_r][maybe].sum()) + 1e-3
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
 
@@ -143,11 +148,13 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
     model_dir, data_dir = os.path.join(cfg.out, "model"), os.path.join(cfg.out, "data")
     eval_mod.main(["--model", model_dir, "--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"),
                    "--train-data", os.path.join(data_dir, "train.jsonl"), "--limit", "4", "--max-new-tokens", "12",
-                   "--out", str(tmp_path / "rep"), "--device", "cpu"])
+                   "--out", str(tmp_path / "rep"), "--device", "cpu", "--visual-attn-scale", "2"])
     out, err = capsys.readouterr()
-    assert out.splitlines()[0].split() == ["run", "run-2"] and "accuracy_direct_ci95" in out
+    assert out.splitlines()[0].split() == ["run", "run", "img", "x2", "run-2", "run-2", "img", "x2"]
+    assert "accuracy_direct_ci95" in out
     assert "cot: 4/4 items" in err and "ETA" in err
     md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"- models: run = {model_dir}, run-2 = {model_dir}\n" in md  # a folder per model, not per row
     assert all(f"({f})" in md for f in ("accuracy.png", "image_mass_by_layer.png", "early_commitment.png", "attention_1.png"))
     assert Image.open(tmp_path / "rep" / "attention_1.png").height > 2 * 160  # a row per model
     with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
@@ -256,8 +263,14 @@ def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
     steps = count_steps(monkeypatch)
-    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))["metrics"]
-    assert "resumed from" in capsys.readouterr().out and len(steps) == 4  # steps 5 to 8 only
+    clock = iter(range(1000))  # a clock that ticks a second per reading: the ETA is then exact
+    monkeypatch.setattr(nanoattcot, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    capsys.readouterr()
+    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True, log_every=1))["metrics"]
+    out = capsys.readouterr().out
+    assert "resumed from" in out and len(steps) == 4  # steps 5 to 8 only
+    first = next(l for l in out.splitlines() if l.startswith("step "))
+    assert first.startswith("step     5/8") and first.endswith("ETA 3s")  # 1 s for the 1 step run since the resume
     assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed == straight[0]
     assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
 
