@@ -27,7 +27,7 @@ import draw
 import eval as eval_mod
 import kernels
 import synthetic
-from model import VLM, CheckpointError, pick_device
+from model import VLM, CheckpointError, device_problem, pick_device
 
 
 @dataclass
@@ -37,7 +37,7 @@ class GRPOConfig:
     data: str = ""                  # training prompts (records with gold answers); empty: the synthetic set
     eval_data: str = ""
     n_train: int = 20000            # the synthetic set's sizes (the same seed and sizes as the SFT run: the same set)
-    n_eval: int = 150
+    n_eval: int = 150               # eval items, each with its twin: 300 records
     prompts_per_step: int = 4
     num_generations: int = 8        # G completions per prompt
     max_new_tokens: int = 96
@@ -92,12 +92,8 @@ def check(cfg):
         spec = getattr(cfg, name)
         if spec not in ("all", "last") and not all(x.strip().isdigit() for x in spec.split(",")):
             raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: must be all, last or comma-separated layer indices")
-    try:
-        device = pick_device(cfg.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {cfg.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: no CUDA GPU here")
+    if device_problem(cfg.device):
+        raise ConfigError(device_problem(cfg.device))
 
 
 # -----------------------------------------------------------------------------

@@ -203,6 +203,15 @@ def pick_device(name):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_problem(name):
+    """Why a --device value cannot be used here (None if it can): what the commands check before any work."""
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        return f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)"
+    return f"--device {name}: no CUDA GPU here" if device.type == "cuda" and not torch.cuda.is_available() else None
+
+
 def pixel_shuffle(x, s):  # (n, S, D) -> (n, S/s^2, D*s^2): each s x s block of patches becomes one token
     n, S, D = x.shape
     h = w = math.isqrt(S)

@@ -36,7 +36,7 @@ import kernels
 import related
 import synthetic
 from data import Processor
-from model import VLM, CheckpointError, pick_device
+from model import VLM, CheckpointError, device_problem, pick_device
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class TrainConfig:
     eval_every: int = 0             # 0: at the end only
     save_every: int = 250
     n_train: int = 20000            # synthetic set sizes (fewer train images and the small model memorises them)
-    n_eval: int = 150
+    n_eval: int = 150               # eval items; each has its counterfactual twin: 300 eval records
     eval_limit: int = 0             # evaluate on at most this many records (0: all)
     seed: int = 0
     device: str = "auto"
@@ -204,14 +204,10 @@ class TrainConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be {want}")
-        try:
-            device = pick_device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"--device {self.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: no CUDA GPU here")
-        if self.mass_impl == "cuda" and device.type != "cuda":
-            raise ConfigError(f"--mass-impl cuda: the kernel runs on a CUDA device, and this run's is {device}")
+        if device_problem(self.device):
+            raise ConfigError(device_problem(self.device))
+        if self.mass_impl == "cuda" and pick_device(self.device).type != "cuda":
+            raise ConfigError(f"--mass-impl cuda: the kernel runs on a CUDA device, and this run's is {pick_device(self.device)}")
 
 
 def numbers(text, sep):  # "0.2:0.8" -> [0.2, 0.8]; "" -> []; None if a part is not a number
@@ -550,6 +546,12 @@ def run(cfg, compare=()):
     return summaries
 
 
+HELP = {"n_train": "synthetic training records (default %(default)s)",
+        "n_eval": "synthetic eval ITEMS: each comes with its counterfactual twin, so the eval has twice as many "
+                  "records (default %(default)s: 300 records)",
+        "eval_limit": "evaluate on at most this many records, twins counted (0: all)"}
+
+
 def add_config_args(p):
     choices = {"objective": OBJECTIVES, "mass_impl": MASS_IMPLS}
     for f in fields(TrainConfig):
@@ -558,7 +560,7 @@ def add_config_args(p):
             p.add_argument(flag, action="store_true", default=f.default)
         else:
             kind = (lambda s: None if s.lower() == "none" else float(s)) if f.name == "vis_target" else f.type
-            p.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name))
+            p.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=HELP.get(f.name))
 
 
 # the errors a user can cause (a bad file, flag or checkpoint): one line, no traceback; anything else is a bug
