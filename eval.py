@@ -47,26 +47,36 @@ def extract_answer(text, marker="Answer:"):
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-# "A" opening a sentence before a lower-case word is the article ("A green one."), not option A;
-# "A or B", "A is right" keep their letters
-ARTICLE = re.compile(r"(?:^|(?<=[.!?]\s))A(?=\s+(?!(?:or|and|is|was)\b)[a-z])")
+# "A" opening a sentence before a lower-case word: the article when the reply names an option by its
+# text ("A green one."), the letter otherwise ("A is right", "A has the most circles", "A or B")
+ARTICLE = re.compile(r"(?:^|(?<=[.!?]\s))A(?=\s+[a-z])")
 
 
-def option_letter(pred, n_options):
+def option_letter(pred, n_options, article=False):
     """The one option letter in pred ("(B)", "B.", "B) red", a bare "b"), else None. Within words,
-    capitals only ("a" is an article), and ARTICLE's sentence-initial "A" is one too."""
+    capitals only ("a" is an article); with article, ARTICLE's "A" is not a letter either."""
     bare = re.sub(r"[\W_]", "", pred)
-    text = re.sub(r"[().:,]", " ", ARTICLE.sub(" ", pred))
+    text = re.sub(r"[().:,]", " ", ARTICLE.sub(" ", pred) if article else pred)
     letters = {bare.upper()} if len(bare) == 1 else set(re.findall(r"\b([A-Z])\b", text))
     letters = {c for c in letters if 0 <= ord(c) - 65 < n_options}
     return letters.pop() if len(letters) == 1 else None
 
 
+def names_said(pred, names):
+    """The names that pred says as words, longest first, each occurrence counted once ("red" inside
+    "dark red" is not "red"; "dark red and red" says both)."""
+    text, said = pred.lower(), []
+    for n in sorted({n for n in names if n}, key=len, reverse=True):
+        pattern = rf"\b{re.escape(n)}\b"
+        if re.search(pattern, text):
+            said.append(n)
+            text = re.sub(pattern, " ", text)
+    return said
+
+
 def named_once(pred, names):
-    """The one name in names that pred says as a word (a name inside another said name, "red" in
-    "dark red", does not count twice), else None: no name, or several."""
-    said = [n for n in names if n and re.search(rf"\b{re.escape(n)}\b", pred.lower())]
-    said = [n for n in said if not any(n != m and re.search(rf"\b{re.escape(n)}\b", m) for m in said)]
+    """The one name in names that pred says, else None: no name, or several."""
+    said = names_said(pred, names)
     return said[0] if len(said) == 1 else None
 
 
@@ -74,13 +84,15 @@ def parse_answer(pred, gold, choices=None, candidates=None):
     """pred -> the form it is compared in, or None if no answer can be read. Multiple choice: one
     option letter, else the one option whose text it names. A number when the gold is one: the
     single number in pred. Otherwise, with candidate answers (the record's `candidates`, which
-    evaluate() fills from the training answers of its type): the one candidate pred names; without
-    them, the lower-cased text. So "unparseable" means the same for every type: no candidate named,
-    or more than one (for numbers: no number, or several)."""
+    evaluate() fills in: with_candidates): the one candidate pred names; without them, the
+    lower-cased text. So "unparseable" means the same for every type: no candidate named, or more
+    than one (for numbers: no number, or several). A known limit of naming: "yes, there are no
+    squares" names both yes and no."""
     if choices:
         texts = [re.sub(r"^\(?[A-Z][).:]\s*", "", c).strip().lower() for c in choices]
-        named = named_once(pred, texts)
-        return option_letter(pred, len(choices)) or (chr(65 + texts.index(named)) if named else None)
+        named = names_said(pred, texts)
+        letter = option_letter(pred, len(choices), article=bool(named))
+        return letter or (chr(65 + texts.index(named[0])) if len(named) == 1 else None)
     if NUMBER.fullmatch(str(gold).strip()):
         numbers = NUMBER.findall(pred.replace(",", ""))
         return float(numbers[0]) if len(numbers) == 1 else None
@@ -116,21 +128,27 @@ def matches(got, gold, choices=None):
     return got == (parse_answer(gold, gold, choices) if choices else gold.lower())  # a gold letter or option text
 
 
+CLOSED_SET = 20  # a question type with more distinct training answers than this is open-ended
+
+
 def candidate_sets(train_records):
-    """Question type -> the answers its training records give (sorted): what an answer to a record
-    of that type is read among, and the forced answer of early_commitment is chosen from."""
+    """Question type -> the distinct answers its training records give (case and spacing folded,
+    sorted), for the types with at most CLOSED_SET of them: what an answer to a record of that type
+    is read among. Records without a type, or of an open-ended type, get none."""
     by_type = collections.defaultdict(set)
     for r in train_records:
-        if not r.get("choices"):
-            by_type[r.get("type")].add(str(r["answer"]).strip())
-    return {t: sorted(a) for t, a in by_type.items()}
+        if not r.get("choices") and r.get("type") is not None:
+            by_type[r["type"]].add(str(r["answer"]).strip().lower())
+    return {t: sorted(a) for t, a in by_type.items() if len(a) <= CLOSED_SET}
 
 
 def with_candidates(records, train_records):
-    """The records, each without choices or its own `candidates` given its type's candidate set."""
+    """The records, each without choices or its own `candidates` given its type's candidate set and
+    its own gold answer (so that a right answer unseen in training can still be read; which answer
+    is gold is not told by a set that always holds it)."""
     sets = candidate_sets(train_records)
     return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets
-            else {**r, "candidates": sets[r.get("type")]} for r in records]
+            else {**r, "candidates": sorted(set(sets[r["type"]]) | {str(r["answer"]).strip().lower()})} for r in records]
 
 
 def bootstrap_ci(values, n=1000, seed=0):
@@ -264,22 +282,24 @@ def control_boxes(boxes, width, height, rng):
 def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, seed=0, log=None):
     """For the records with evidence `boxes` (pixel boxes in their one image): the share of answers
     that change, against the model's own unoccluded answer, when the evidence is painted grey, next
-    to the share that change when as much area elsewhere is (the control: control_boxes; how many
-    items each of its rules covered, and how many had no room, are reported). A grounded model
-    changes the first and not the second."""
+    to the share that change when as much area elsewhere is (the control: control_boxes). Reported:
+    how many items each control rule covered, and the items left out by reason (no evidence box,
+    not one image, no room for the control). A grounded model changes the first and not the second."""
     rng = np.random.default_rng(seed)
-    picked, evidence, control, rules = [], [], [], collections.Counter()
+    picked, evidence, control, rules, left_out = [], [], [], collections.Counter(), collections.Counter()
     for r, t in zip(records, texts):
         if not r.get("boxes") or len(r["images"]) != 1:
+            left_out["no evidence box" if not r.get("boxes") else "not one image"] += 1
             continue
         im = data.load_image(r["images"][0], r["source"])
         clip = lambda v, n: min(max(int(round(v)), 0), n)
         boxes = [(clip(b[0], im.width), clip(b[1], im.height), clip(b[2], im.width), clip(b[3], im.height)) for b in r["boxes"]]
         boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
-        others, rule = control_boxes(boxes, im.width, im.height, rng) if boxes else (None, "no room")
-        rules[rule] += 1
+        others, rule = control_boxes(boxes, im.width, im.height, rng) if boxes else (None, "boxes outside the image")
         if others is None:
+            left_out[rule] += 1
             continue
+        rules[rule] += 1
         picked.append((r, t))
         evidence.append({**r, "images": [occluded(im, boxes)]})
         control.append({**r, "images": [occluded(im, others)]})
@@ -289,7 +309,7 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
     changed = lambda recs: sum(read_answer(r, t) != b for r, t, b in zip(
         recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)) / len(recs)
     return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control),
-            "control_rules": {k: v for k, v in rules.items() if k != "no room"}, "left_out": rules.get("no room", 0)}
+            "control_rules": dict(rules), "left_out": dict(left_out)}
 
 
 CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
@@ -337,10 +357,12 @@ def candidate_probabilities(model, proc, prompts, replies, candidates, batch_siz
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id or 0).items()}
         logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                       batch["attention_mask"]).logits[:, :-1].float()
+                       batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        scores += (logp * (labels != -100)).sum(1).cpu().tolist()
+        scored = labels != -100  # the softmax only where a candidate's token is scored
+        logp = logits[scored].float().log_softmax(-1).gather(-1, labels[scored][:, None])[:, 0]
+        rows = torch.arange(len(labels), device=device)[:, None].expand_as(labels)[scored]
+        scores += torch.zeros(len(labels), device=device, dtype=logp.dtype).index_add_(0, rows, logp).cpu().tolist()
     per = [[] for _ in prompts]
     for i, v in zip(owner, scores):
         per[i].append(v)
@@ -358,14 +380,16 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
     finals = [read_answer(r, t) for r, t in zip(records, texts)]
     keep, left_out = [], collections.Counter()
     for i, (r, final) in enumerate(zip(records, finals)):
-        cands = forced_candidates(r)
-        read = [parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")) for c in cands or []]
-        if not cands:
+        readings = {}  # one candidate per reading ("2" and "02" are one answer)
+        for c in forced_candidates(r) or []:
+            readings.setdefault(parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")), str(c))
+        readings.pop(None, None)
+        if not readings:
             left_out["no candidate set (open-ended)"] += 1
-        elif final is None or final not in read:
+        elif final not in readings:
             left_out["final answer not a candidate"] += 1
         else:
-            keep.append((i, cands, read.index(final)))
+            keep.append((i, list(readings.values()), list(readings).index(final)))
     out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [], "n": len(keep),
            "left_out": dict(left_out)}
     if not keep:
@@ -598,7 +622,7 @@ def table_rows(summaries):
                      l["answer_mass_on_image"]) if l else "-" for l in looks]))
     rows.append(("occlusion: changed evid / ctrl", [pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"])
                                                     if r.get("occlusion") else "-" for r in runs]))
-    rows.append(("occlusion: items / left out", [f"{r['occlusion']['n']} / {r['occlusion']['left_out']}"
+    rows.append(("occlusion: items / left out", [f"{r['occlusion']['n']} / {sum(r['occlusion']['left_out'].values())}"
                                                  if r.get("occlusion") else "-" for r in runs]))
     commits = [r.get("early_commitment") if (r.get("early_commitment") or {}).get("n") else None for r in runs]
     rows.append(("forced answer: items scored", [str(c["n"]) if c else "-" for c in commits]))
@@ -710,7 +734,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints: one table, report.json, report.md and PNGs.")
     p.add_argument("--model", action="append", required=True, help="a checkpoint folder (repeat to compare)")
     p.add_argument("--data", required=True, help="eval records (JSONL or LLaVA JSON, as for training)")
-    p.add_argument("--train-data", default="", help="training records, for the text-prior baseline")
+    p.add_argument("--train-data", default="", help="training records: the text-prior baseline, and each question "
+                   "type's candidate answers, which answers are read among and early commitment scores")
     p.add_argument("--out", default="report")
     p.add_argument("--limit", type=int, default=0, help="at most this many eval records (0: all)")
     p.add_argument("--device", default="auto")

@@ -162,7 +162,8 @@ def content_key(model, records, k, seed):
 def difficulty_filter(model, proc, records, band, k, cache_dir, batch_size=64, seed=0, log=print):
     """Keep the records whose success rate (success_rates) lies in band = (lo, hi). The rates are
     cached in cache_dir under content_key, so a resumed run (or another band) does not sample again.
-    Under DDP rank 0 samples and writes the cache while the others wait, then all read it. Logs how
+    Under DDP rank 0 samples and writes the cache (atomically) while the others wait for the file,
+    then all read it (the cache folder must be shared by the ranks, as the data is). Logs how
     many were kept per band and per question type."""
     lo, hi = band
     cache = os.path.join(cache_dir, f"difficulty-{content_key(model, records, k, seed)}.json")
@@ -176,8 +177,8 @@ def difficulty_filter(model, proc, records, band, k, cache_dir, batch_size=64, s
             json.dump({"k": k, "seed": seed, "rates": rates}, f)
         os.replace(tmp, cache)
         log(f"difficulty: {len(records)} x {k} samples in {time.time() - t0:.0f}s, rates cached in {cache}")
-    if dist:
-        torch.distributed.barrier()
+    while dist and not os.path.exists(cache):  # the other ranks wait on the file, not in a collective: sampling
+        time.sleep(2)                          # may take longer than NCCL's timeout (10 minutes by default)
     rates = json.load(open(cache))["rates"]
     log(f"difficulty: success rates from {cache}")
     bands = collections.Counter("0" if r == 0 else "1" if r == 1 else f"< {lo:g}" if r < lo else f"> {hi:g}" if r > hi

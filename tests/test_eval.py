@@ -32,6 +32,8 @@ def test_extract_answer(reply, answer):
     ("A green one.", "B", CHOICES, True, True),                          # so is a sentence's first "A"
     ("It is red. A blue one is not.", "A", CHOICES, False, False),       # ... and "red" and "blue" are two
     ("A is right", "A", CHOICES, True, True),                            # "A" before a verb is the letter
+    ("A has the most circles", "A", CHOICES, True, True),                # ... whatever the verb: no option text named
+    ("A red or a blue one", "A", CHOICES, False, False),                 # two option texts, and "A" is their article
     ("A or B", "B", CHOICES, False, False),                              # two letters: unreadable
     ("red and green", "B", CHOICES, False, False),                       # two option texts: unreadable
     ("D", "B", CHOICES, False, False),                                   # no option D
@@ -70,6 +72,7 @@ YES_NO, COLOURS = ["no", "yes"], ["blue", "green", "red", "yellow"]
     ("a large green circle", "red", COLOURS, False, True),
     ("dark red", "red", ["red", "dark red"], False, True),                   # "red" inside "dark red" is one name
     ("Row 1: nothing", "yes", None, False, True),                            # open-ended: any text is an answer
+    ("dark red and red", "red", ["red", "dark red"], False, False),          # both said
 ])
 def test_unparseable_means_no_candidate_or_several(pred, gold, candidates, correct, readable):
     assert eval_mod.is_correct(pred, gold, None, candidates) is correct
@@ -85,6 +88,18 @@ def test_evaluate_reads_answers_among_the_training_answers_of_their_type(monkeyp
     assert ev["unparseable"] == 2 and ev["unparseable_direct"] == 2
     ev = eval_mod.evaluate(None, None, recs, [], commitment=False)
     assert ev["unparseable"] == 0  # no candidates: the text itself is the (wrong) answer
+
+
+def test_candidate_sets_fold_case_and_keep_the_gold():
+    """Training answers that differ in case are one candidate; an eval record's own gold is among its
+    candidates even if training never gave it; untyped records and many-answer types get none."""
+    train = [{"type": "yn", "answer": a} for a in ("Yes", "yes", "no")] + [{"answer": "a blue square"}] + \
+        [{"type": "free", "answer": f"thing {i}"} for i in range(eval_mod.CLOSED_SET + 1)]
+    assert eval_mod.candidate_sets(train) == {"yn": ["no", "yes"]}
+    recs = eval_mod.with_candidates([{"type": "yn", "answer": "maybe"}, {"answer": "a blue square"},
+                                     {"type": "free", "answer": "thing 3"}], train)
+    assert recs[0]["candidates"] == ["maybe", "no", "yes"] and "candidates" not in recs[1] and "candidates" not in recs[2]
+    assert eval_mod.read_answer(recs[0], "Answer: maybe.") == "maybe" and eval_mod.read_answer(recs[2], "It is thing 3") == "it is thing 3"
 
 
 def test_gold_option_text_is_matched_to_its_letter():
@@ -140,7 +155,7 @@ def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
 @pytest.fixture(scope="module")
 def proc():
     import data
-    corpus = ["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30 + [f"Answer: {n}" for n in "0137"] * 10
+    corpus = ["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30 + [f"Answer: {n}" for n in ("0", "1", "3", "7", "A", "B", "C", "green")] * 10
     return data.new_processor(corpus, tile=32, image_seq_len=4, vocab_size=300)
 
 
@@ -240,6 +255,49 @@ def test_early_commitment_leaves_out_and_counts(proc):
     assert ec["n"] == 3 and ec["left_out"] == {"no candidate set (open-ended)": 1, "final answer not a candidate": 1}
 
 
+def test_early_commitment_scores_the_end_of_the_answer(proc):
+    """" 0" is the likelier first token, but the stub would go on after it (<end_of_utterance> at
+    logit -30 there): the candidate 2, which ends, is the forced answer at every cut."""
+    zero, two, eou = one_token(proc, " 0"), one_token(proc, " 2"), proc.tokenizer.token_to_id("<end_of_utterance>")
+    model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {zero: 5.0, two: 2.0, **({eou: -30.0} if ids[-1] == zero else {})})
+    recs, texts = count_records()
+    assert eval_mod.early_commitment(model, proc, recs, texts)["agreement"] == [1.0] * 5
+
+
+def test_early_commitment_of_a_multiple_choice_record(proc):
+    """The candidates of a multiple-choice record are its option letters (a letter gold) or its option
+    texts (a text gold); the forced answer is compared with the final answer by its reading."""
+    rec = {"id": "m", "question": "Which colour?", "answer": "B", "type": "mc", "images": [], "source": "f:1",
+           "choices": ["A. red", "B. green", "C. blue"]}
+    assert eval_mod.forced_candidates(rec) == ["A", "B", "C"]
+    assert eval_mod.forced_candidates({**rec, "answer": "green"}) == ["red", "green", "blue"]
+    model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {one_token(proc, " B"): 5.0, one_token(proc, " green"): 5.0})
+    ec = eval_mod.early_commitment(model, proc, [rec, {**rec, "id": "m2"}], [" Row 1: a circle. Answer: B", " So. Answer: green"])
+    assert ec["n"] == 2 and ec["agreement"] == [1.0] * 5 and ec["accuracy"] == [1.0] * 5
+
+
+def test_early_commitment_reads_the_image(proc, tmp_path):
+    """The scored sequences carry the record's image (expanded to its image tokens, the pixels to the
+    model): a stub that answers 2 on a bright image and 0 on a dark one tells them apart."""
+    from PIL import Image
+    for name, colour in (("bright", (250, 250, 250)), ("dark", (5, 5, 5))):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{name}.png")
+    zero, two = one_token(proc, " 0"), one_token(proc, " 2")
+
+    class LooksAtPixels(HandSetModel):
+        def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, **kw):
+            n_image = (input_ids == proc.image_token_id).sum(1)
+            assert (n_image == proc.image_seq_len).all()  # one tile of 4 image tokens per sequence
+            bright = pixel_values.flatten(1).mean(1) > 0
+            logits = torch.zeros(*input_ids.shape, self.vocab_size)
+            logits[bright, :, two], logits[~bright, :, zero] = 5.0, 5.0
+            return SimpleNamespace(logits=logits)
+    recs, texts = count_records()
+    recs = [{**r, "images": [str(tmp_path / ("bright.png" if i % 2 == 0 else "dark.png"))]} for i, r in enumerate(recs)]
+    ec = eval_mod.early_commitment(LooksAtPixels(proc.tokenizer.get_vocab_size(), None), proc, recs, texts)
+    assert ec["agreement"] == [pytest.approx(2 / 3)] * 5  # the final answer is 2: right on the two bright images
+
+
 def test_early_commitment_through_evaluate_takes_candidates_from_training(monkeypatch, proc):
     """evaluate() gives each record its type's training answers as candidates; a model that leans to
     its final answer from the start agrees at every cut."""
@@ -280,6 +338,10 @@ def test_control_boxes_on_hand_made_evidence():
     boxes, rule = eval_mod.control_boxes(centre, 96, 96, rng)
     assert rule == "each box cut in 2 x 2" and len(boxes) == 4
     check_control(centre, boxes, 96, 96)
+    frame = [(20, 20, 76, 76)]  # 20-px margins: 28 x 28 pieces fit nowhere, 14 x 14 ones do
+    boxes, rule = eval_mod.control_boxes(frame, 96, 96, rng)
+    assert rule == "each box cut in 4 x 4" and len(boxes) == 16
+    check_control(frame, boxes, 96, 96)
     overlapping = [(0, 0, 40, 40), (20, 20, 60, 60)]  # the union (2,800 px), not the sum of the areas (3,200)
     boxes, rule = eval_mod.control_boxes(overlapping, 96, 96, rng)
     assert check_control(overlapping, boxes, 96, 96) == 2800
@@ -325,8 +387,8 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
         return [f"Answer: {'red' if pixel(r) == (255, 0, 0) else 'grey'}" for r in records]
     monkeypatch.setattr(eval_mod, "generate_answers", reads_the_box)
     got = eval_mod.occlusion(None, None, recs, ["Answer: red"] * len(recs))
-    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0,
-                   "control_rules": {"the evidence's boxes": 6}, "left_out": 1}
+    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0, "control_rules": {"the evidence's boxes": 6},
+                   "left_out": {"no room": 1, "no evidence box": 1}}
     assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
     assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
 
@@ -370,7 +432,7 @@ def hand_result(scale, image):
                                  "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8], "final_answer_probability": [0.3, 0.4, 0.5, 0.6, 0.9],
                                  "n": 10, "left_out": {}},
             "occlusion": {"n": 8, "evidence_changed": 0.6, "control_changed": 0.2,
-                          "control_rules": {"the evidence's boxes": 8}, "left_out": 1},
+                          "control_rules": {"the evidence's boxes": 8}, "left_out": {"no room": 1}},
             "heatmaps": [{"image": image, "question": "How many?", "boxes": [(0, 0, 48, 48), (48, 0, 96, 48),
                                                                              (0, 48, 48, 96), (48, 48, 96, 96)],
                           "steps": [{"text": "Row 1: a red circle.", "image_mass": 0.6, "weights": [0.3, 0.3, 0, 0]},

@@ -179,6 +179,27 @@ def test_old_logprobs_are_taken_once_per_batch_of_rollouts(start, tmp_path, monk
     assert len(seen) == 3 and seen[0] < 1e-5 and seen[1] > 1e-3 and seen[2] > seen[1]
 
 
+def test_the_loop_scores_every_pass_at_the_sampling_temperature(start, tmp_path, monkeypatch):
+    """The old log-probs, the reference model's and the gradient pass all take --temperature."""
+    seen, real = [], grpo.score
+
+    def spy(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
+        seen.append((model is start_model[0], grad, temperature))
+        return real(model, seq, rows, mass_layers, grad, temperature)
+    start_model = [None]
+    real_load = grpo.VLM.from_pretrained
+
+    def load(*a, **kw):  # the first model train() loads is the frozen reference
+        m = real_load(*a, **kw)
+        start_model[0] = start_model[0] or m
+        return m
+    monkeypatch.setattr(grpo.VLM, "from_pretrained", load)
+    monkeypatch.setattr(grpo, "score", spy)
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    grpo.train(config(start, tmp_path / "g", max_steps=1, keep_truncated=True, micro_batch=64, temperature=0.7))
+    assert sorted(set(seen)) == [(False, False, 0.7), (False, True, 0.7), (True, False, 0.7)]
+
+
 def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
     """The log-probs and entropies GRPO's ratio and KL use are those of logits / temperature, the
     distribution the completions were sampled from."""
