@@ -210,9 +210,53 @@ def _backward(ctx, dmass, dlse):
 _mass_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -----------------------------------------------------------------------------
+# the kernel checks itself before it is trusted: a wrong kernel must never train by default
+
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative L2 error
+_verdicts = {}  # (device, dtype, head dim) -> None: the kernel passed; else what failed
+
+
+def self_check(device, dtype, head_dim):
+    """The kernel against the reference on a small problem shaped like a real call: GQA (6 query
+    heads on 2), 3 groups, ragged q_pos with padding rows (-1), Nq = 70 and Tk = 150 so that query
+    and key tiles are cut at both ends; the masses and both gradients compared by relative L2 error
+    within the dtype's tolerance. -> None if it passed, else one line naming the worst error and
+    the shape. Run once per (device, dtype, head dim) and process (two small forward + backward
+    pairs, one of them the reference's)."""
+    key = (str(device), dtype, head_dim)
+    if key not in _verdicts:
+        B, Hq, Hkv, Nq, Tk, G = 2, 6, 2, 70, 150, 3
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, Hq, Nq, head_dim, generator=g).to(device, dtype)
+        k = torch.randn(B, Hkv, Tk, head_dim, generator=g).to(device, dtype)
+        q_pos = torch.randint(0, Tk, (B, Nq), generator=g).sort(1).values
+        q_pos[1, -9:] = -1  # padding rows see no key
+        groups = torch.randint(0, 2**G, (B, Tk), generator=g).to(torch.uint8)
+        upstream = torch.randn(B, Hq, Nq, G, generator=g).to(device)
+        q_pos, groups = q_pos.to(device), groups.to(device)
+        outs = []
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):  # called from eval too
+            for use_cuda in (True, False):
+                qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+                mass, _ = _mass_fwd(qq, kk, q_pos, groups, G, head_dim ** -0.5, use_cuda)
+                (mass * upstream).sum().backward()
+                outs.append((mass.detach(), qq.grad, kk.grad))
+        errs = {name: float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+                for name, a, b in zip(("mass", "dq", "dk"), *outs)}
+        worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
+        tol = SELF_CHECK_TOL[dtype]
+        _verdicts[key] = None if all(math.isfinite(e) and e <= tol for e in errs.values()) else (
+            f"{worst} off by {errs[worst]:.2e} (relative L2, tolerance {tol:g}) on {device}, {str(dtype)[6:]}, "
+            f"q {(B, Hq, Nq, head_dim)}, k {(B, Hkv, Tk, head_dim)}, {G} groups")
+    return _verdicts[key]
+
+
 def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto"):
-    """See the module docstring. impl: "auto" (the CUDA kernel when it can run, else the reference),
-    "cuda", "reference" or "sdpa" (one stock attention call with V = the group bits)."""
+    """See the module docstring. impl: "auto" (the CUDA kernel when it can run and has passed its
+    self_check, else the reference on CPU and the SDPA route on a GPU), "cuda" (the kernel; raises
+    if it fails its self-check), "reference" or "sdpa" (one stock attention call with V = the group
+    bits)."""
     if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1]
             or q.shape[0] != k.shape[0]):
         raise ValueError(f"attention_mass: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit "
@@ -230,6 +274,13 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     if impl == "sdpa":
         return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
     use_cuda = {"auto": _use_cuda(q), "cuda": True, "reference": False}[impl]
+    failed = use_cuda and self_check(q.device, q.dtype, q.shape[-1])
+    if failed and impl == "cuda":
+        raise RuntimeError(f"attention_mass: the CUDA kernel failed its self-check: {failed}")
+    if failed:
+        _warn_once("self-check", f"attention_mass: the CUDA kernel failed its self-check ({failed}); "
+                                 "using the SDPA route (impl='sdpa') from now on")
+        return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
     mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
     return mass
 

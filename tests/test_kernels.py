@@ -262,3 +262,55 @@ def test_cuda_under_torch_compile():
     loss.backward()
     want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference").square().sum()
     assert abs(loss.item() - want.item()) / abs(want.item()) < 1e-2 and torch.isfinite(q.grad).all()
+
+
+# --- impl="auto" trusts the kernel only after its self-check (run here with the kernel replaced)
+
+class FakeExtension:
+    """Stands in for the built kernels.cu: the reference's numbers, times `error` on the masses."""
+    def __init__(self, error=1.0):
+        self.error, self.calls = error, 0
+
+    def forward(self, q, k, q_pos, key_groups, num_groups, scale):
+        self.calls += 1
+        mass, lse = kernels.reference_forward(q, k, q_pos.long(), key_groups, num_groups, scale)
+        return mass * self.error, lse
+
+    def backward(self, dmass, q, k, q_pos, key_groups, mass, lse, scale):
+        return kernels.reference_backward(dmass, q, k, q_pos.long(), key_groups, mass, lse, scale)
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    def install(error):
+        ext = FakeExtension(error)
+        monkeypatch.setattr(kernels, "_use_cuda", lambda q: True)
+        monkeypatch.setattr(kernels, "load_extension", lambda verbose=False: ext)
+        monkeypatch.setattr(kernels, "_verdicts", {})
+        monkeypatch.setattr(kernels, "_warned", set())
+        return ext
+    return install
+
+
+def test_auto_falls_back_once_from_a_kernel_that_fails_its_self_check(fake_kernel):
+    ext = fake_kernel(error=1.05)  # masses 5% off
+    q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2, seed=4)
+    with pytest.warns(UserWarning, match=r"failed its self-check \((mass|dq|dk) off by .* float32, q \(2, 6, 70, 64\)") as caught:
+        with torch.no_grad():  # as eval calls it: the check still runs its backward
+            first = kernels.attention_mass(q, k, q_pos, groups, 2)
+        second = kernels.attention_mass(q, k, q_pos, groups, 2)
+    assert len([w for w in caught if "self-check" in str(w.message)]) == 1 and ext.calls == 1  # the check only
+    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="sdpa")
+    assert torch.equal(first, want) and torch.equal(second, want)
+    with pytest.raises(RuntimeError, match="the CUDA kernel failed its self-check: (mass|dq|dk) off by"):
+        kernels.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
+
+
+def test_auto_keeps_a_kernel_that_passes_its_self_check(fake_kernel, recwarn):
+    ext = fake_kernel(error=1.0)
+    q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2, seed=5)
+    got = kernels.attention_mass(q, k, q_pos, groups, 2)
+    kernels.attention_mass(q, k, q_pos, groups, 2)
+    assert ext.calls == 3 and not [w for w in recwarn if "self-check" in str(w.message)]  # check, then two calls
+    assert torch.allclose(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
+    assert kernels._verdicts == {("cpu", torch.float32, 64): None}
