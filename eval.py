@@ -635,9 +635,10 @@ def table_rows(summaries):
 
 def table(summaries):
     """The side-by-side text table the run prints: a row per measure, a column per model."""
-    width = max(14, *(len(n) + 2 for n in summaries))
-    lines = [f"{'':32s}" + "".join(f"{name:>{width}s}" for name in summaries)]
-    return "\n".join(lines + [f"{k:32s}" + "".join(f"{c:>{width}s}" for c in cells) for k, cells in table_rows(summaries)])
+    rows = table_rows(summaries)
+    width = max(14, *(len(n) + 2 for n in summaries), *(len(c) + 2 for _, cells in rows for c in cells))
+    lines = [f"{'':36s}" + "".join(f"{name:>{width}s}" for name in summaries)]
+    return "\n".join(lines + [f"{k:36s}" + "".join(f"{c:>{width}s}" for c in cells) for k, cells in rows])
 
 
 def markdown_table(summaries):
