@@ -24,6 +24,7 @@ import torch
 
 import data
 import draw
+import answers
 import eval as eval_mod
 import kernels
 import synthetic
@@ -264,7 +265,7 @@ def rollouts(model, proc, recs, cfg, step, device):
 def rewards_of(recs, texts, old, seq, has_region, cfg, avar_layers, region_layers, G):
     """-> total reward (B,) and its parts {accuracy, format, avar, region} (B,) each."""
     cmask, groups, device = seq["cmask"], seq["groups"], seq["cmask"].device
-    right = torch.tensor([eval_mod.is_right(recs[i // G], t) for i, t in enumerate(texts)], dtype=torch.float, device=device)
+    right = torch.tensor([answers.is_right(recs[i // G], t) for i, t in enumerate(texts)], dtype=torch.float, device=device)
     fmt = torch.tensor([float("Answer:" in t and bool(t.split("Answer:")[0].strip())) for t in texts], device=device)
     parts = {"accuracy": right, "format": fmt}
     masses, entropy = old["masses"], old["entropy"]

@@ -20,6 +20,7 @@ import time
 import torch
 
 import data
+import answers
 import eval as eval_mod
 from model import VLM, CheckpointError
 
@@ -143,7 +144,7 @@ def success_rates(model, proc, records, k, batch_size=64, max_new_tokens=160, se
     repeated = [r for r in records for _ in range(k)]
     texts = eval_mod.generate_answers(model, proc, repeated, batch_size, max_new_tokens, log=log, temperature=1.0,
                                       generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
-    right = [eval_mod.is_right(r, t) for r, t in zip(repeated, texts)]
+    right = [answers.is_right(r, t) for r, t in zip(repeated, texts)]
     return [sum(right[i * k:(i + 1) * k]) / k for i in range(len(records))]
 
 

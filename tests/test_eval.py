@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import answers
 import eval as eval_mod
 
 CHOICES = ["A. red", "B. green", "C. blue"]
@@ -20,7 +21,7 @@ CHOICES = ["A. red", "B. green", "C. blue"]
     ("", ""),
 ])
 def test_extract_answer(reply, answer):
-    assert eval_mod.extract_answer(reply) == answer
+    assert answers.extract_answer(reply) == answer
 
 
 @pytest.mark.parametrize("pred,gold,choices,correct,readable", [
@@ -54,8 +55,8 @@ def test_extract_answer(reply, answer):
     ("", "yes", None, False, False),
 ])
 def test_scoring_table(pred, gold, choices, correct, readable):
-    assert eval_mod.is_correct(pred, gold, choices) is correct
-    assert (eval_mod.parse_answer(pred, gold, choices) is not None) is readable
+    assert answers.is_correct(pred, gold, choices) is correct
+    assert (answers.parse_answer(pred, gold, choices) is not None) is readable
 
 
 YES_NO, COLOURS = ["no", "yes"], ["blue", "green", "red", "yellow"]
@@ -75,8 +76,8 @@ YES_NO, COLOURS = ["no", "yes"], ["blue", "green", "red", "yellow"]
     ("dark red and red", "red", ["red", "dark red"], False, False),          # both said
 ])
 def test_unparseable_means_no_candidate_or_several(pred, gold, candidates, correct, readable):
-    assert eval_mod.is_correct(pred, gold, None, candidates) is correct
-    assert (eval_mod.parse_answer(pred, gold, None, candidates) is not None) is readable
+    assert answers.is_correct(pred, gold, None, candidates) is correct
+    assert (answers.parse_answer(pred, gold, None, candidates) is not None) is readable
 
 
 def test_evaluate_reads_answers_among_the_training_answers_of_their_type(monkeypatch):
@@ -94,16 +95,16 @@ def test_candidate_sets_fold_case_and_keep_the_gold():
     """Training answers that differ in case are one candidate; an eval record's own gold is among its
     candidates even if training never gave it; untyped records and many-answer types get none."""
     train = [{"type": "yn", "answer": a} for a in ("Yes", "yes", "no")] + [{"answer": "a blue square"}] + \
-        [{"type": "free", "answer": f"thing {i}"} for i in range(eval_mod.CLOSED_SET + 1)]
-    assert eval_mod.candidate_sets(train) == {"yn": ["no", "yes"]}
-    recs = eval_mod.with_candidates([{"type": "yn", "answer": "maybe"}, {"answer": "a blue square"},
+        [{"type": "free", "answer": f"thing {i}"} for i in range(answers.CLOSED_SET + 1)]
+    assert answers.candidate_sets(train) == {"yn": ["no", "yes"]}
+    recs = answers.with_candidates([{"type": "yn", "answer": "maybe"}, {"answer": "a blue square"},
                                      {"type": "free", "answer": "thing 3"}], train)
     assert recs[0]["candidates"] == ["maybe", "no", "yes"] and "candidates" not in recs[1] and "candidates" not in recs[2]
-    assert eval_mod.read_answer(recs[0], "Answer: maybe.") == "maybe" and eval_mod.read_answer(recs[2], "It is thing 3") == "it is thing 3"
+    assert answers.read_answer(recs[0], "Answer: maybe.") == "maybe" and answers.read_answer(recs[2], "It is thing 3") == "it is thing 3"
 
 
 def test_gold_option_text_is_matched_to_its_letter():
-    assert eval_mod.is_correct("C", "blue", CHOICES) and not eval_mod.is_correct("A", "blue", CHOICES)
+    assert answers.is_correct("C", "blue", CHOICES) and not answers.is_correct("A", "blue", CHOICES)
 
 
 def test_bootstrap_interval():
