@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import answers
+import boxes as boxes_mod
 import eval as eval_mod
 
 CHOICES = ["A. red", "B. green", "C. blue"]
@@ -319,7 +320,7 @@ def check_control(evidence, control, width, height):
     """The control hides as much area as the evidence (within 2% once rasterised), off the evidence and
     off itself, inside the image."""
     import numpy as np
-    ev, ct = eval_mod.painted(evidence, width, height), eval_mod.painted(control, width, height)
+    ev, ct = boxes_mod.painted(evidence, width, height), boxes_mod.painted(control, width, height)
     assert all(0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height for b in control)
     assert not (ev & ct).any()
     assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in control) == int(ct.sum())  # no two control boxes overlap
@@ -332,21 +333,21 @@ def test_control_boxes_on_hand_made_evidence():
     rng = np.random.default_rng(0)
     evidence = [(0, 0, 32, 32), (32, 64, 64, 96), (64, 0, 96, 32)]
     for _ in range(30):
-        boxes, rule = eval_mod.control_boxes(evidence, 96, 96, rng)
+        boxes, rule = boxes_mod.control_boxes(evidence, 96, 96, rng)
         assert rule == "the evidence's boxes" and sorted((b[2] - b[0], b[3] - b[1]) for b in boxes) == [(32, 32)] * 3
         check_control(evidence, boxes, 96, 96)
     centre = [(24, 24, 72, 72)]  # a 48 x 48 box fits nowhere around it (24-px margins): four 24 x 24 do
-    boxes, rule = eval_mod.control_boxes(centre, 96, 96, rng)
+    boxes, rule = boxes_mod.control_boxes(centre, 96, 96, rng)
     assert rule == "each box cut in 2 x 2" and len(boxes) == 4
     check_control(centre, boxes, 96, 96)
     frame = [(20, 20, 76, 76)]  # 20-px margins: 28 x 28 pieces fit nowhere, 14 x 14 ones do
-    boxes, rule = eval_mod.control_boxes(frame, 96, 96, rng)
+    boxes, rule = boxes_mod.control_boxes(frame, 96, 96, rng)
     assert rule == "each box cut in 4 x 4" and len(boxes) == 16
     check_control(frame, boxes, 96, 96)
     overlapping = [(0, 0, 40, 40), (20, 20, 60, 60)]  # the union (2,800 px), not the sum of the areas (3,200)
-    boxes, rule = eval_mod.control_boxes(overlapping, 96, 96, rng)
+    boxes, rule = boxes_mod.control_boxes(overlapping, 96, 96, rng)
     assert check_control(overlapping, boxes, 96, 96) == 2800
-    assert eval_mod.control_boxes([(0, 0, 96, 60)], 96, 96, rng) == (None, "no room")  # more than half the image
+    assert boxes_mod.control_boxes([(0, 0, 96, 60)], 96, 96, rng) == (None, "no room")  # more than half the image
 
 
 def test_control_boxes_on_the_whole_synthetic_eval_set(tmp_path):
@@ -359,7 +360,7 @@ def test_control_boxes_on_the_whole_synthetic_eval_set(tmp_path):
     rng, left_out = np.random.default_rng(0), 0
     for line in open(eval_path):
         r = json.loads(line)
-        boxes, rule = eval_mod.control_boxes([tuple(b) for b in r["boxes"]], 96, 96, rng)
+        boxes, rule = boxes_mod.control_boxes([tuple(b) for b in r["boxes"]], 96, 96, rng)
         if boxes is None:
             assert 2 * len(r["boxes"]) * 32 * 32 > 96 * 96
             left_out += 1
