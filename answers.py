@@ -128,5 +128,6 @@ def with_candidates(records, train_records):
     its own gold answer (so that a right answer unseen in training can still be read; which answer
     is gold is not told by a set that always holds it)."""
     sets = candidate_sets(train_records)
-    return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets
-            else {**r, "candidates": sorted(set(sets[r["type"]]) | {str(r["answer"]).strip().lower()})} for r in records]
+    own = lambda r: sorted(set(sets[r["type"]]) | {str(r["answer"]).strip().lower()})
+    return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets else {**r, "candidates": own(r)}
+            for r in records]

@@ -33,7 +33,8 @@ def split_box(box, k):
     x0, y0, x1, y1 = box
     xs = [x0 + (x1 - x0) * i // k for i in range(k + 1)]
     ys = [y0 + (y1 - y0) * i // k for i in range(k + 1)]
-    return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(k) for i in range(k) if xs[i + 1] > xs[i] and ys[j + 1] > ys[j]]
+    return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(k) for i in range(k)
+            if xs[i + 1] > xs[i] and ys[j + 1] > ys[j]]
 
 
 def place_boxes(sizes, taken, rng, restarts=20):

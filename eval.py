@@ -30,8 +30,9 @@ from PIL import Image, ImageDraw
 import data
 import draw
 import kernels
-from answers import extract_answer, parse_answer, read_answer, is_correct, matches, with_candidates
+from answers import extract_answer, is_correct, matches, read_answer, with_candidates
 from boxes import control_boxes
+from commitment import CUTS, early_commitment
 
 
 def bootstrap_ci(values, n=1000, seed=0):
@@ -97,7 +98,8 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
             continue
         im = data.load_image(r["images"][0], r["source"])
         clip = lambda v, n: min(max(int(round(v)), 0), n)
-        boxes = [(clip(b[0], im.width), clip(b[1], im.height), clip(b[2], im.width), clip(b[3], im.height)) for b in r["boxes"]]
+        boxes = [(clip(b[0], im.width), clip(b[1], im.height), clip(b[2], im.width), clip(b[3], im.height))
+                 for b in r["boxes"]]
         boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
         others, rule = control_boxes(boxes, im.width, im.height, rng) if boxes else (None, "boxes outside the image")
         if others is None:
@@ -114,106 +116,6 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
         recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)) / len(recs)
     return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control),
             "control_rules": dict(rules), "left_out": dict(left_out)}
-
-
-CUTS = (0, 25, 50, 75, 100)  # % of the model's own rationale tokens kept before the answer is forced
-
-
-def forced_candidates(rec):
-    """The answers early_commitment chooses the forced answer among, in the gold's form: the option
-    letters (or texts) of a multiple-choice record, else its `candidates`; None: open-ended."""
-    if rec.get("choices"):
-        letters = re.fullmatch(r"[A-Z]", str(rec["answer"]).strip())
-        return [chr(65 + i) if letters else re.sub(r"^\(?[A-Z][).:]\s*", "", c).strip() for i, c in enumerate(rec["choices"])]
-    return rec.get("candidates")
-
-
-def prompt_inputs(proc, rec):
-    """A record's chat prompt with its images expanded, and its pixel tensors: computed once, then
-    shared by every forced reply scored on it."""
-    prompt, pixels = data.record_prompt(proc, rec), {}
-    images = [data.load_image(p, rec["source"]) for p in rec["images"]]
-    if images:
-        values, mask, rows, cols = proc.image_processor([images])
-        prompt = proc.expand_images(prompt, rows[0], cols[0])
-        pixels = {"pixel_values": values[0], "pixel_attention_mask": mask[0]}
-    return prompt, pixels
-
-
-@torch.no_grad()
-def candidate_probabilities(model, proc, prompts, replies, candidates, batch_size=64):
-    """Teacher forced: for record i, prompts[i] (prompt_inputs) + replies[i], then each candidate c as
-    " c" and the end of the answer (<end_of_utterance>, as in training), scored by the summed
-    log-probability of those tokens -> per record a (K_i,) tensor, softmax-normalised over its
-    candidates. No generation: a model that would write more rationale after the marker is still
-    read by which candidate it ranks first."""
-    model.eval()
-    device = next(model.parameters()).device
-    examples, owner = [], []
-    for i, ((prompt, pixels), reply, cands) in enumerate(zip(prompts, replies, candidates)):
-        context = proc.tokenizer.encode(prompt + reply).ids
-        for c in cands:
-            ids = torch.tensor(context + proc.tokenizer.encode(" " + str(c).strip() + data.SPECIAL["eou"]).ids)
-            labels = torch.where(torch.arange(len(ids)) >= len(context), ids, -100)
-            examples.append({"input_ids": ids, "labels": labels, "spans": torch.zeros_like(ids), **pixels})
-            owner.append(i)
-    scores = []
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id or 0).items()}
-        logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                       batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        scored = labels != -100  # the softmax only where a candidate's token is scored
-        logp = logits[scored].float().log_softmax(-1).gather(-1, labels[scored][:, None])[:, 0]
-        rows = torch.arange(len(labels), device=device)[:, None].expand_as(labels)[scored]
-        scores += torch.zeros(len(labels), device=device, dtype=logp.dtype).index_add_(0, rows, logp).cpu().tolist()
-    per = [[] for _ in prompts]
-    for i, v in zip(owner, scores):
-        per[i].append(v)
-    return [torch.tensor(v, dtype=torch.float64).softmax(0) for v in per]
-
-
-def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, marker="Answer:", log=None):
-    """Early answering: the model's own rationale cut at each share of its tokens, then the answer
-    marker; every candidate answer (forced_candidates) scored teacher forced
-    (candidate_probabilities), the forced answer being the likeliest. Per cut: agreement of the
-    forced answer with the model's own final answer, its accuracy, and the mean probability
-    (normalised over the candidates) of the final answer: how early the final answer leads.
-    Scored: the records with a candidate set whose final answer is one of them; the others are left
-    out and counted by reason."""
-    finals = [read_answer(r, t) for r, t in zip(records, texts)]
-    keep, left_out = [], collections.Counter()
-    for i, (r, final) in enumerate(zip(records, finals)):
-        readings = {}  # one candidate per reading ("2" and "02" are one answer)
-        for c in forced_candidates(r) or []:
-            readings.setdefault(parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")), str(c))
-        readings.pop(None, None)
-        if not readings:
-            left_out["no candidate set (open-ended)"] += 1
-        elif final not in readings:
-            left_out["final answer not a candidate"] += 1
-        else:
-            keep.append((i, list(readings.values()), list(readings).index(final)))
-    out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [], "n": len(keep),
-           "left_out": dict(left_out)}
-    if not keep:
-        return out
-    recs = [records[i] for i, _, _ in keep]
-    prompts = [prompt_inputs(proc, r) for r in recs]
-    rationales = [proc.tokenizer.encode(texts[i][:texts[i].rfind(marker)] if marker in texts[i] else texts[i]).ids
-                  for i, _, _ in keep]
-    for cut in cuts:
-        kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
-        replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # the training format: " rationale Answer: x"
-        probs = candidate_probabilities(model, proc, prompts, replies, [c for _, c, _ in keep], batch_size)
-        forced = [int(p.argmax()) for p in probs]
-        out["agreement"].append(sum(f == j for f, (_, _, j) in zip(forced, keep)) / len(keep))
-        out["accuracy"].append(sum(matches(parse_answer(str(c[f]), r["answer"], r.get("choices"), r.get("candidates")),
-                                           r["answer"], r.get("choices")) for f, (_, c, _), r in zip(forced, keep, recs)) / len(keep))
-        out["final_answer_probability"].append(sum(float(p[j]) for p, (_, _, j) in zip(probs, keep)) / len(keep))
-        if log:
-            log(f"cut {cut}%: {len(keep)} items x their candidates scored")
-    return out
 
 
 def text_prior(train_records):
@@ -396,7 +298,8 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t, "direct": d}
                      for r, t, d in list(zip(eval_records, texts, direct))[:5]],
     }
-    items = {"cot": len(eval_records), "direct": len(eval_records), "commitment": commit["n"] * len(CUTS) if commit else 0,
+    items = {"cot": len(eval_records), "direct": len(eval_records),
+             "commitment": commit["n"] * len(CUTS) if commit else 0,
              "occlusion": 2 * occlude["n"] if occlude else 0, "masses": (len(eval_records) + len(own)) * bool(layers)}
     result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items() if n and seconds[k] > 0}
     by_type = collections.defaultdict(list)
@@ -481,9 +384,10 @@ def figures(results, out):
     if commits:
         panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)", label,
                                   ylim=(0, 1), xticks=commits[0][1]["cuts"], corner="bottom")
-                  for what, title, label in (("final_answer_probability", "probability of the final answer", "probability"),
-                                             ("agreement", "forced answer = final answer", "agreement"),
-                                             ("accuracy", "forced answer right", "accuracy"))]
+                  for what, title, label in (
+                      ("final_answer_probability", "probability of the final answer", "probability"),
+                      ("agreement", "forced answer = final answer", "agreement"),
+                      ("accuracy", "forced answer right", "accuracy"))]
         save("Early commitment: the answer forced (teacher forced, among the candidates) after a share of the "
              "model's own rationale", "early_commitment.png", draw.grid(panels, 3))
     for k, first in enumerate(runs[0].get("heatmaps") or []):

@@ -18,13 +18,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 
 import data
 import draw
 import answers
+import checkpoint
 import eval as eval_mod
 import kernels
 import synthetic
@@ -92,7 +93,8 @@ def check(cfg):
     for name in ("avar_layers", "region_layers"):  # the grammar now; the range once the model is loaded
         spec = getattr(cfg, name)
         if spec not in ("all", "last") and not all(x.strip().isdigit() for x in spec.split(",")):
-            raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: must be all, last or comma-separated layer indices")
+            raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: must be all, last or comma-separated "
+                              "layer indices")
     if device_problem(cfg.device):
         raise ConfigError(device_problem(cfg.device))
 
@@ -265,7 +267,8 @@ def rollouts(model, proc, recs, cfg, step, device):
 def rewards_of(recs, texts, old, seq, has_region, cfg, avar_layers, region_layers, G):
     """-> total reward (B,) and its parts {accuracy, format, avar, region} (B,) each."""
     cmask, groups, device = seq["cmask"], seq["groups"], seq["cmask"].device
-    right = torch.tensor([answers.is_right(recs[i // G], t) for i, t in enumerate(texts)], dtype=torch.float, device=device)
+    right = torch.tensor([answers.is_right(recs[i // G], t) for i, t in enumerate(texts)], dtype=torch.float,
+                         device=device)
     fmt = torch.tensor([float("Answer:" in t and bool(t.split("Answer:")[0].strip())) for t in texts], device=device)
     parts = {"accuracy": right, "format": fmt}
     masses, entropy = old["masses"], old["entropy"]
@@ -305,7 +308,7 @@ def train(cfg: GRPOConfig):
     if not records or not eval_records:
         raise data.DataError(f"{train_path if not records else eval_path}: no usable record")
     ckpt = os.path.join(cfg.out, "checkpoint")
-    resuming = cfg.resume and nanoattcot.find_checkpoint(ckpt)
+    resuming = cfg.resume and checkpoint.find_checkpoint(ckpt)
     proc = data.Processor.from_pretrained(cfg.init)
     start = VLM.from_pretrained(cfg.init, dtype=torch.float32).to(device).eval().requires_grad_(False)
     model = VLM.from_pretrained(ckpt if resuming else cfg.init, dtype=torch.float32).to(device)
@@ -315,7 +318,7 @@ def train(cfg: GRPOConfig):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, metrics, metrics_path = 0, [], os.path.join(cfg.out, "metrics.jsonl")
     if resuming:
-        step, metrics = nanoattcot.restore(ckpt, opt, metrics_path)
+        step, metrics = checkpoint.restore(ckpt, opt, metrics_path)
         log(f"resumed from {ckpt} at step {step}")
     log(f"grpo: {len(records)} prompts from {train_path}, {cfg.prompts_per_step} x {cfg.num_generations} completions "
         f"a step, rewards: accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, region {cfg.reward_region}")
@@ -376,12 +379,12 @@ def train(cfg: GRPOConfig):
                     f"len {row['completion_tokens']:.0f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
                     f"trunc {row['truncated']} zero-adv {zero} | {tokens / dt:,.0f} tok/s | ETA {dt / done * (cfg.max_steps - step):.0f}s")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                nanoattcot.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+                checkpoint.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
     except KeyboardInterrupt:
-        nanoattcot.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+        checkpoint.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
         log(f"interrupted: saved {ckpt} at step {step}; --resume continues")
         raise SystemExit(130)
-    nanoattcot.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
+    checkpoint.save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
     model.save_pretrained(os.path.join(cfg.out, "model"))
     proc.save_pretrained(os.path.join(cfg.out, "model"))
     if metrics:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +35,7 @@ import kernels
 import related
 import synthetic
 from data import Processor
+from checkpoint import find_checkpoint, restore, save_checkpoint
 from model import VLM, CheckpointError, device_problem, pick_device
 
 
@@ -207,7 +207,8 @@ class TrainConfig:
         if device_problem(self.device):
             raise ConfigError(device_problem(self.device))
         if self.mass_impl == "cuda" and pick_device(self.device).type != "cuda":
-            raise ConfigError(f"--mass-impl cuda: the kernel runs on a CUDA device, and this run's is {pick_device(self.device)}")
+            raise ConfigError("--mass-impl cuda: the kernel runs on a CUDA device, and this run's is "
+                              f"{pick_device(self.device)}")
 
 
 def numbers(text, sep):  # "0.2:0.8" -> [0.2, 0.8]; "" -> []; None if a part is not a number
@@ -231,56 +232,6 @@ def lr_at(step, cfg):  # linear warmup, cosine to 10%
         return (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
-    """HF-format model + processor + trainer state (tensors and plain values only: it loads with
-    weights_only), written whole in path.tmp, then swapped in by two renames. A process killed at any
-    point leaves a whole checkpoint at path, or at path.old between the renames (find_checkpoint)."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up leaves it
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}}, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path):
-    """True if path holds a whole checkpoint; a save killed between its two renames left it at
-    path.old, which is moved back first."""
-    state = lambda p: os.path.exists(os.path.join(p, "trainer_state.pt"))
-    if not state(path) and state(path + ".old"):
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".old", path)
-    return state(path)
-
-
-def load_trainer_state(path):
-    """trainer_state.pt with weights_only=True: a checkpoint from elsewhere cannot run code on load."""
-    file = os.path.join(path, "trainer_state.pt")
-    try:
-        return torch.load(file, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values; a corrupt file
-        raise CheckpointError(f"{file}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def restore(ckpt, opt, metrics_path, rewrite=True):
-    """A checkpoint's optimizer and RNG state -> (step, the metrics rows up to it); rows logged after
-    the checkpoint are dropped from metrics_path (they are redone)."""
-    state = load_trainer_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["random"])
-    metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
-    if rewrite:
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
-    return state["step"], metrics
 
 
 @functools.lru_cache(maxsize=4)
@@ -453,11 +404,11 @@ def train(cfg: TrainConfig):
                     f.write(json.dumps(row) + "\n")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     dt = time.time() - t0
-                    extra = "".join(f" {k} {row[k]:.3f}" for k in ("vis", "ans", "vas", "below", "below_vas", "img", "sys",
-                                                                  "drift_ratio") if k in row)
+                    shown = ("vis", "ans", "vas", "below", "below_vas", "img", "sys", "drift_ratio")
+                    extra = "".join(f" {k} {row[k]:.3f}" for k in shown if k in row)
                     mfu = f" | MFU {100 * flops / dt / peak:.1f}%" if peak else ""
                     log(f"step {step:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
-                        f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / max(step - first_step, 1) * (cfg.max_steps - step):.0f}s")
+                        f"| {tokens / dt:,.0f} tok/s{mfu} | ETA {dt / (step - first_step) * (cfg.max_steps - step):.0f}s")
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     save_checkpoint(ckpt, model, proc, opt, step, len(metrics), cfg)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and rank == 0:

@@ -115,7 +115,8 @@ class Drift:
         for name, p in model.named_parameters():
             if name in self.delta and p.grad is not None:
                 bias = self.alpha * drift_bias(p.grad, self.delta[name], self.mode)
-                bias_sq, grad_sq = bias_sq + float(bias.double().pow(2).sum()), grad_sq + float(p.grad.double().pow(2).sum())
+                bias_sq += float(bias.double().pow(2).sum())
+                grad_sq += float(p.grad.double().pow(2).sum())
                 p.grad.sub_(bias)
         return (bias_sq / max(grad_sq, 1e-300)) ** 0.5
 

@@ -7,6 +7,7 @@ import torch
 
 import answers
 import boxes as boxes_mod
+import commitment
 import eval as eval_mod
 
 CHOICES = ["A. red", "B. green", "C. blue"]
@@ -214,7 +215,7 @@ def test_early_commitment_reads_the_forced_answer_from_the_probabilities(proc):
     the final answer's probability over the four candidates 1 / (e^5 + 3), then e^5 / (e^5 + 3)."""
     import math
     recs, texts = count_records()
-    ec = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    ec = commitment.early_commitment(late_model(proc), proc, recs, texts)
     assert ec["cuts"] == [0, 25, 50, 75, 100] and ec["n"] == 3 and ec["left_out"] == {}
     assert ec["agreement"] == [0, 0, 0, 0, 1] and ec["accuracy"] == [0, 0, 0, 0, pytest.approx(1 / 3)]
     low, high = 1 / (math.exp(5) + 3), math.exp(5) / (math.exp(5) + 3)
@@ -225,8 +226,8 @@ def test_early_commitment_ignores_a_model_that_would_carry_on_writing(proc):
     """A model that would write " Row ..." after the marker (greedy text that reads as the count 1)
     gives the same forced answers and probabilities: the candidates are scored, not generated."""
     recs, texts = count_records()
-    plain = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
-    chatty = eval_mod.early_commitment(late_model(proc, carries_on=True), proc, recs, texts)
+    plain = commitment.early_commitment(late_model(proc), proc, recs, texts)
+    chatty = commitment.early_commitment(late_model(proc, carries_on=True), proc, recs, texts)
     assert chatty["agreement"] == plain["agreement"] and chatty["accuracy"] == plain["accuracy"]
     assert chatty["final_answer_probability"] == pytest.approx(plain["final_answer_probability"], rel=1e-9)
 
@@ -235,14 +236,14 @@ def test_early_commitment_scores_the_training_format(proc, monkeypatch):
     """What is scored: prompt, the cut rationale (a prefix of the model's own), " Answer:", then
     " c<end_of_utterance>" for each candidate; the 0% reply is the marker alone."""
     seen = []
-    real = eval_mod.candidate_probabilities
+    real = commitment.candidate_probabilities
 
     def spy(model, proc, prompts, replies, candidates, batch_size=64):
         seen.append((replies, candidates))
         return real(model, proc, prompts, replies, candidates, batch_size)
-    monkeypatch.setattr(eval_mod, "candidate_probabilities", spy)
+    monkeypatch.setattr(commitment, "candidate_probabilities", spy)
     recs, texts = count_records()
-    eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    commitment.early_commitment(late_model(proc), proc, recs, texts)
     assert [r[0] for r, _ in seen][0] == " Answer:" and seen[-1][0][0] == f" {RATIONALE} Answer:"
     assert all(RATIONALE.startswith(r[0][1:-len(" Answer:")]) for r, _ in seen)
     assert all(c == [["0", "1", "2", "3"]] * 3 for _, c in seen)
@@ -253,7 +254,7 @@ def test_early_commitment_leaves_out_and_counts(proc):
     recs, texts = count_records()
     recs = recs + [{**recs[0], "id": "open", "candidates": None, "answer": "a circle"}, {**recs[0], "id": "seven"}]
     texts = texts + [" Row 1: a circle. Answer: a circle", " So 7. Answer: 7"]
-    ec = eval_mod.early_commitment(late_model(proc), proc, recs, texts)
+    ec = commitment.early_commitment(late_model(proc), proc, recs, texts)
     assert ec["n"] == 3 and ec["left_out"] == {"no candidate set (open-ended)": 1, "final answer not a candidate": 1}
 
 
@@ -263,7 +264,7 @@ def test_early_commitment_scores_the_end_of_the_answer(proc):
     zero, two, eou = one_token(proc, " 0"), one_token(proc, " 2"), proc.tokenizer.token_to_id("<end_of_utterance>")
     model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {zero: 5.0, two: 2.0, **({eou: -30.0} if ids[-1] == zero else {})})
     recs, texts = count_records()
-    assert eval_mod.early_commitment(model, proc, recs, texts)["agreement"] == [1.0] * 5
+    assert commitment.early_commitment(model, proc, recs, texts)["agreement"] == [1.0] * 5
 
 
 def test_early_commitment_of_a_multiple_choice_record(proc):
@@ -271,10 +272,10 @@ def test_early_commitment_of_a_multiple_choice_record(proc):
     texts (a text gold); the forced answer is compared with the final answer by its reading."""
     rec = {"id": "m", "question": "Which colour?", "answer": "B", "type": "mc", "images": [], "source": "f:1",
            "choices": ["A. red", "B. green", "C. blue"]}
-    assert eval_mod.forced_candidates(rec) == ["A", "B", "C"]
-    assert eval_mod.forced_candidates({**rec, "answer": "green"}) == ["red", "green", "blue"]
+    assert commitment.forced_candidates(rec) == ["A", "B", "C"]
+    assert commitment.forced_candidates({**rec, "answer": "green"}) == ["red", "green", "blue"]
     model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {one_token(proc, " B"): 5.0, one_token(proc, " green"): 5.0})
-    ec = eval_mod.early_commitment(model, proc, [rec, {**rec, "id": "m2"}], [" Row 1: a circle. Answer: B", " So. Answer: green"])
+    ec = commitment.early_commitment(model, proc, [rec, {**rec, "id": "m2"}], [" Row 1: a circle. Answer: B", " So. Answer: green"])
     assert ec["n"] == 2 and ec["agreement"] == [1.0] * 5 and ec["accuracy"] == [1.0] * 5
 
 
@@ -296,7 +297,7 @@ def test_early_commitment_reads_the_image(proc, tmp_path):
             return SimpleNamespace(logits=logits)
     recs, texts = count_records()
     recs = [{**r, "images": [str(tmp_path / ("bright.png" if i % 2 == 0 else "dark.png"))]} for i, r in enumerate(recs)]
-    ec = eval_mod.early_commitment(LooksAtPixels(proc.tokenizer.get_vocab_size(), None), proc, recs, texts)
+    ec = commitment.early_commitment(LooksAtPixels(proc.tokenizer.get_vocab_size(), None), proc, recs, texts)
     assert ec["agreement"] == [pytest.approx(2 / 3)] * 5  # the final answer is 2: right on the two bright images
 
 

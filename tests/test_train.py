@@ -14,6 +14,7 @@ import torch
 
 import data
 
+import checkpoint
 import nanoattcot
 from nanoattcot import TrainConfig
 
@@ -223,7 +224,7 @@ def final_state(out):
     """The weights and optimizer state of a run's last checkpoint."""
     from safetensors.torch import load_file
     ckpt = os.path.join(out, "checkpoint")
-    return load_file(os.path.join(ckpt, "model.safetensors")), nanoattcot.load_trainer_state(ckpt)["optimizer"]
+    return load_file(os.path.join(ckpt, "model.safetensors")), checkpoint.load_trainer_state(ckpt)["optimizer"]
 
 
 def assert_bitwise_equal(a, b):
@@ -292,6 +293,7 @@ def test_crash_resumes_from_the_periodic_checkpoint(tmp_path, monkeypatch, strai
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
+import checkpoint
 import nanoattcot
 point, ckpt, real, writes = sys.argv[2], sys.argv[3], os.replace, [0]
 
@@ -347,6 +349,7 @@ def test_tampered_trainer_state_is_refused(tmp_path):
 GRAD_DUMP = """
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
+import checkpoint
 import nanoattcot
 dump, real = sys.argv[2], torch.nn.utils.clip_grad_norm_
 

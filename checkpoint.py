@@ -1,0 +1,63 @@
+"""
+Checkpoints: written whole and swapped in atomically, found again after a kill, restored for
+--resume (SFT and GRPO share them).
+"""
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from model import CheckpointError
+
+
+def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
+    """HF-format model + processor + trainer state (tensors and plain values only: it loads with
+    weights_only), written whole in path.tmp, then swapped in by two renames. A process killed at any
+    point leaves a whole checkpoint at path, or at path.old between the renames (find_checkpoint)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up leaves it
+    model.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """True if path holds a whole checkpoint; a save killed between its two renames left it at
+    path.old, which is moved back first."""
+    state = lambda p: os.path.exists(os.path.join(p, "trainer_state.pt"))
+    if not state(path) and state(path + ".old"):
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".old", path)
+    return state(path)
+
+
+def load_trainer_state(path):
+    """trainer_state.pt with weights_only=True: a checkpoint from elsewhere cannot run code on load."""
+    file = os.path.join(path, "trainer_state.pt")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values; a corrupt file
+        raise CheckpointError(f"{file}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def restore(ckpt, opt, metrics_path, rewrite=True):
+    """A checkpoint's optimizer and RNG state -> (step, the metrics rows up to it); rows logged after
+    the checkpoint are dropped from metrics_path (they are redone)."""
+    state = load_trainer_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["random"])
+    metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
+    if rewrite:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    return state["step"], metrics
