@@ -87,26 +87,23 @@ def read_answer(rec, text):
     return parse_answer(extract_answer(text), rec["answer"], rec.get("choices"), rec.get("candidates"))
 
 
-def is_correct(pred, gold, choices=None, candidates=None):
-    """Option letters; counting (integer gold) exact: 19 is not 20; other numbers within 5% (ChartQA's
-    relaxed match); else exact text. An answer that cannot be read is wrong."""
-    return matches(parse_answer(pred, gold, choices, candidates), gold, choices)
-
-
-def is_right(rec, text):
-    """Whether a reply's answer is the record's gold one (the difficulty filter's, GRPO's accuracy)."""
-    return matches(read_answer(rec, text), rec["answer"], rec.get("choices"))
-
-
-def matches(got, gold, choices=None):
-    """A parsed answer (parse_answer) against the gold one, by is_correct's rules."""
-    gold = str(gold).strip()
+def matches(got, rec):
+    """A parsed answer (read_answer) against the record's gold one: option letters; counting (integer
+    gold) exact, 19 is not 20; other numbers within 5% (ChartQA's relaxed match); else exact text.
+    An answer that cannot be read (None) is wrong."""
+    gold, choices = str(rec["answer"]).strip(), rec.get("choices")
     if got is None:
         return False
     if isinstance(got, float):  # an integer gold ("20", not "20.0") is a count
         g = float(gold)
         return got == g if re.fullmatch(r"-?\d+", gold) else abs(got - g) <= 0.05 * abs(g)
-    return got == (parse_answer(gold, gold, choices) if choices else gold.lower())  # a gold letter or option text
+    # a gold letter or option text
+    return got == (parse_answer(gold, gold, choices) if choices else gold.lower())
+
+
+def is_right(rec, text):
+    """Whether a reply's answer is the record's gold one: every measure's, GRPO's and the filter's."""
+    return matches(read_answer(rec, text), rec)
 
 
 CLOSED_SET = 20  # a question type with more distinct training answers than this is open-ended
@@ -129,5 +126,6 @@ def with_candidates(records, train_records):
     is gold is not told by a set that always holds it)."""
     sets = candidate_sets(train_records)
     own = lambda r: sorted(set(sets[r["type"]]) | {str(r["answer"]).strip().lower()})
-    return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets else {**r, "candidates": own(r)}
+    return [r if r.get("choices") or r.get("candidates") or r.get("type") not in sets
+            else {**r, "candidates": own(r)}
             for r in records]

@@ -13,13 +13,13 @@ import torch
 
 from model import VLM
 
-SIZES = {  # the 256M architecture numbers from REFERENCE.md section 1, and a toy for smoke runs
-    "256m": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                             patch_size=16, image_size=512),
-                 text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                           num_key_value_heads=3, head_dim=64), scale_factor=4),
-    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             patch_size=16, image_size=64),
+SIZES = {  # SmolVLM-256M's architecture numbers (model.py's config defaults), and a toy for smoke runs
+    "256m": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, patch_size=16, image_size=512),
+                 text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, head_dim=64), scale_factor=4),
+    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, patch_size=16, image_size=64),
                  text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16), scale_factor=2),
 }
@@ -38,14 +38,21 @@ def timed(fn, device, repeats):
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def parser():
+    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--size", default="256m", choices=list(SIZES),
+                   help="the model's shape (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="prompts per batch (default: %(default)s)")
+    p.add_argument("--prompt-text-tokens", type=int, default=64,
+                   help="text tokens per prompt besides the image's (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs, the median reported (default: %(default)s)")
+    return p
+
+
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="256m", choices=list(SIZES))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prompt-text-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    args = parser().parse_args()
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -91,21 +91,32 @@ def make_flex_bits(q_pos, groups, G, B, Nq, Tk, D, Hkv, dtype):
     """FlexAttention with V = the group bits padded to the head dim: out[..., :G] is the mass."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
-    block_mask = create_block_mask(lambda b, h, qi, kj: kj <= q_pos[b, qi], B, None, Nq, Tk, device=q_pos.device)
+    block_mask = create_block_mask(lambda b, h, qi, kj: kj <= q_pos[b, qi], B, None, Nq, Tk,
+                                   device=q_pos.device)
     v = kernels.bits_as_values(groups, G, D, Hkv, dtype).contiguous()
     return lambda q, k: flex(q, k, v, block_mask=block_mask, enable_gqa=True)[..., :G].float()
 
 
-def main():
-    p = argparse.ArgumentParser()
+def parser():
+    p = argparse.ArgumentParser(prog="bench_kernels.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape, few repeats")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", default="bench_kernels.json")
-    p.add_argument("--shapes", default="8x1024,4x2048,2x4096,1x8192", help="B x T list")
-    p.add_argument("--methods", default="ours,eager,flex,sdpa_bits,flex_bits,sdpa")
-    p.add_argument("--cpu", action="store_true", help="run on CPU (slow; a check of the methods, not a timing)")
-    args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 1000  # one compile per shape and grad mode, never the eager fallback
+    p.add_argument("--repeats", type=int, default=20,
+                   help="timed runs per method and shape (default: %(default)s)")
+    p.add_argument("--json", default="bench_kernels.json",
+                   help="where the table is written (default: %(default)s)")
+    p.add_argument("--shapes", default="8x1024,4x2048,2x4096,1x8192", help="comma-separated B x T "
+                   "(default: %(default)s)")
+    p.add_argument("--methods", default="ours,eager,flex,sdpa_bits,flex_bits,sdpa",
+                   help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--cpu", action="store_true",
+                   help="run on CPU (slow; a check of the methods, not a timing)")
+    return p
+
+
+def main():
+    args = parser().parse_args()
+    # one compile per shape and grad mode, never the eager fallback
+    torch._dynamo.config.recompile_limit = 1000
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cuda":
         assert kernels.load_extension() is not None, kernels._ext_error
@@ -139,10 +150,12 @@ def main():
                     "flex": lambda: flex(q, k, v),
                     "sdpa_bits": lambda: kernels.attention_mass(q, k, q_pos, groups, G, impl="sdpa"),
                     "flex_bits": lambda: flex_bits(q, k),
-                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                                                   enable_gqa=True),
                 }
                 row = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "rows": rows}
-                want = kernels.attention_mass(q.detach().float(), k.detach().float(), q_pos, groups, G, impl="reference")
+                want = kernels.attention_mass(q.detach().float(), k.detach().float(), q_pos, groups, G,
+                                              impl="reference")
                 for name, fwd in methods.items():
                     if name not in methods_wanted:
                         continue
@@ -158,24 +171,28 @@ def main():
                             m_f = peak_mb(fwd, device)
                         t_fb, m_fb = median_ms(fwd_bwd, args.repeats, device), peak_mb(fwd_bwd, device)
                     except Exception as e:  # e.g. out of memory, or no FlexAttention in this torch
-                        print(f"  {name} {B}x{T} {Hq}/{Hkv} {rows}: failed ({type(e).__name__}: {str(e)[:120]})")
+                        print(f"  {name} {B}x{T} {Hq}/{Hkv} {rows}: failed ({type(e).__name__}: "
+                              f"{str(e)[:120]})")
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
                     flops = 4 * vis * D if name == "sdpa" else 2 * vis * D
                     mult = 3.5 if name == "sdpa" else 4.0
-                    row[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_mb": m_f, "fwd_bwd_mb": m_fb, "rel_err": err,
-                                 "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": mult * flops / t_fb / 1e9}
-                    print(f"  {B}x{T} {Hq}/{Hkv} {rows:9s} {name:9s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms  "
-                          f"mem {m_f:7.0f} / {m_fb:7.0f} MB  rel. error {err:.1e}", flush=True)
+                    row[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_mb": m_f, "fwd_bwd_mb": m_fb,
+                                 "rel_err": err,
+                                 "fwd_tflops": flops / t_f / 1e9,
+                                 "fwd_bwd_tflops": mult * flops / t_fb / 1e9}
+                    print(f"  {B}x{T} {Hq}/{Hkv} {rows:9s} {name:9s} fwd {t_f:8.3f} ms  fwd+bwd "
+                          f"{t_fb:8.3f} ms  mem {m_f:7.0f} / {m_fb:7.0f} MB  rel. error {err:.1e}",
+                          flush=True)
                 results.append(row)
                 del flex, flex_bits
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
     name_of = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\nattention_mass benchmark, {name_of}, torch {torch.__version__}, {str(dtype)[6:]}, D={D}, {G} groups; "
-          "times in ms (median), memory in MB above inputs; x sdpa = time / attention time, "
+    print(f"\nattention_mass benchmark, {name_of}, torch {torch.__version__}, {str(dtype)[6:]}, D={D}, {G} "
+          "groups; times in ms (median), memory in MB above inputs; x sdpa = time / attention time, "
           "x bits = time / sdpa_bits time (the stock route to the same masses)")
     print(f"{'B x T':>9s} {'H':>5s} {'rows':>9s} {'method':>9s} {'fwd':>8s} {'fwd+bwd':>8s} {'x sdpa':>7s} "
           f"{'x bits':>7s} {'TFLOP/s':>8s} {'mem fwd':>8s} {'mem f+b':>8s} {'rel err':>8s}")
@@ -183,14 +200,16 @@ def main():
         ref, bits = r.get("sdpa"), r.get("sdpa_bits")
         for name in methods_wanted:
             if name not in r:
-                print(f"{r['B']:>3d} x{r['T']:>5d} {r['Hq']:>2d}/{r['Hkv']:<2d} {r['rows']:>9s} {name:>9s}  failed")
+                print(f"{r['B']:>3d} x{r['T']:>5d} {r['Hq']:>2d}/{r['Hkv']:<2d} {r['rows']:>9s} "
+                      f"{name:>9s}  failed")
                 continue
             m = r[name]
             x_sdpa = m["fwd_bwd_ms"] / ref["fwd_bwd_ms"] if ref else float("nan")
             x_bits = m["fwd_bwd_ms"] / bits["fwd_bwd_ms"] if bits else float("nan")
             print(f"{r['B']:>3d} x{r['T']:>5d} {r['Hq']:>2d}/{r['Hkv']:<2d} {r['rows']:>9s} {name:>9s} "
-                  f"{m['fwd_ms']:8.3f} {m['fwd_bwd_ms']:8.3f} {x_sdpa:7.2f} {x_bits:7.2f} {m['fwd_bwd_tflops']:8.1f} "
-                  f"{m['fwd_mb']:8.0f} {m['fwd_bwd_mb']:8.0f} {m['rel_err']:8.1e}")
+                  f"{m['fwd_ms']:8.3f} {m['fwd_bwd_ms']:8.3f} {x_sdpa:7.2f} {x_bits:7.2f} "
+                  f"{m['fwd_bwd_tflops']:8.1f} {m['fwd_mb']:8.0f} {m['fwd_bwd_mb']:8.0f} "
+                  f"{m['rel_err']:8.1e}")
     with open(args.json, "w") as f:
         json.dump({"device": name_of, "torch": torch.__version__, "results": results}, f, indent=1)
     print(f"wrote {args.json}")

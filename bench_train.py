@@ -20,7 +20,7 @@ import torch
 
 import data
 import nanoattcot
-from model import VLM, TextConfig, VisionConfig, VLMConfig
+from model import VLM, TextConfig, VisionConfig, VLMConfig, peak_flops
 
 
 def make_batch(cfg, B, T, n_tiles, device):
@@ -57,21 +57,31 @@ RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"),
         "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa")}
 
 
+def parser():
+    p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a toy shape, for a smoke run")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps after the warm-up (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="records per step; 8 is the target shape (default: %(default)s)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the 256M shape on CPU (slow: use --batch 1 --steps 1)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated, from: " + ", ".join(RUNS)
+                   + " (default: all)")
+    # internal: run this one objective and print its row as JSON
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    return p
+
+
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8, help="8 is the target shape")
-    p.add_argument("--cpu", action="store_true", help="the 256M shape on CPU (slow: use --batch 1 --steps 1)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated, from: " + ", ".join(RUNS))
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this one objective and print its row as JSON
-    args = p.parse_args()
+    args = parser().parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.tiny or args.cpu) else "cpu")
     if args.tiny:
         cfg = VLMConfig(VisionConfig(64, 128, 1, 2, 16, 64), TextConfig(1000, 128, 256, 2, 2, 1, 64), 2, 999)
         B, T, tiles = 2, 128, 4
-    else:  # REFERENCE.md section 1: SmolVLM-256M
+    else:  # SmolVLM-256M's shapes (the config defaults)
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch, 2048, 17
     layers = list(range(cfg.text.num_hidden_layers))
     if args.one is None:  # each objective in a fresh process
@@ -79,7 +89,8 @@ def main():
         for name in args.runs.split(","):
             if device.type != "cuda" and name == "attcot (kernel)":
                 continue  # the kernel needs a GPU
-            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], capture_output=True, text=True)
+            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
+                                 capture_output=True, text=True)
             sys.stdout.write(run.stdout.split("ROW ")[0])
             rows.append(json.loads(run.stdout.split("ROW ")[1]) if "ROW " in run.stdout else
                         [name, *[float("nan")] * 5])
@@ -87,7 +98,7 @@ def main():
                 print(f"  {name}: failed\n{run.stderr[-1500:]}")
         return print_table(rows, device, B, T, tiles, cfg, layers, args)
     batch = make_batch(cfg, B, T, tiles, device)
-    peak_flops = nanoattcot.peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
+    flops_peak = peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
     name = args.one
     objective, impl = RUNS[name]
     torch.manual_seed(0)
@@ -95,10 +106,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
     counts = nanoattcot.step_counts([batch])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
 
     def step(measure=False):  # measure: count what is saved for the backward (only in the warm-up)
-        forward = lambda: nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, tcfg, layers), counts, tcfg)
+        terms = lambda: nanoattcot.loss_terms(model, batch, tcfg, layers)
+        forward = lambda: nanoattcot.total_loss(terms(), counts, tcfg)
         with autocast:
             loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
         loss.backward()
@@ -121,7 +134,7 @@ def main():
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (peak_flops or float("nan"))
+    mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (flops_peak or float("nan"))
     print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
     print("ROW " + json.dumps([name, B * T / dt, dt, peak, saved, 100 * mfu]))
 
@@ -130,13 +143,14 @@ def print_table(rows, device, B, T, tiles, cfg, layers, args):
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
           f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}; each objective in its own process")
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}; each objective in its "
+          "own process")
     print("peak: the device's peak allocation (GPU only); saved: what autograd keeps for the backward")
-    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} {'x peak':>7s} "
-          f"{'saved GiB':>10s} {'x saved':>8s} {'MFU %':>6s}")
+    print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} "
+          f"{'x peak':>7s} {'saved GiB':>10s} {'x saved':>8s} {'MFU %':>6s}")
     for name, tps, dt, peak, saved, mfu in rows:
-        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} {peak / rows[0][3]:7.3f} "
-              f"{saved:10.3f} {saved / rows[0][4]:8.3f} {mfu:6.1f}")
+        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} "
+              f"{peak / rows[0][3]:7.3f} {saved:10.3f} {saved / rows[0][4]:8.3f} {mfu:6.1f}")
 
 
 if __name__ == "__main__":

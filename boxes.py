@@ -18,7 +18,8 @@ def disjoint_boxes(mask):
     grown down while the rows below have the same run."""
     boxes, growing = [], {}  # (x0, x1) -> the row it started in
     for y in range(mask.shape[0] + 1):
-        row = np.concatenate([[False], mask[y] if y < mask.shape[0] else np.zeros(mask.shape[1], bool), [False]])
+        row = np.concatenate([[False], mask[y] if y < mask.shape[0] else np.zeros(mask.shape[1], bool),
+                              [False]])
         edges = np.flatnonzero(row[1:] != row[:-1])
         runs = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
         for run in [r for r in growing if r not in runs]:
@@ -49,7 +50,8 @@ def place_boxes(sizes, taken, rng, restarts=20):
             if w > W or h > H:
                 return None
             step = max(1, min(w, h) // 4)
-            xs, ys = sorted(set(range(0, W - w + 1, step)) | {W - w}), sorted(set(range(0, H - h + 1, step)) | {H - h})
+            xs = sorted(set(range(0, W - w + 1, step)) | {W - w})
+            ys = sorted(set(range(0, H - h + 1, step)) | {H - h})
             cum = np.pad(occupied.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
             y, x = np.array(ys)[:, None], np.array(xs)[None, :]
             free = (cum[y + h, x + w] - cum[y, x + w] - cum[y + h, x] + cum[y, x]) == 0

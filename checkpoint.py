@@ -1,6 +1,6 @@
 """
 Checkpoints: written whole and swapped in atomically, found again after a kill, restored for
---resume (SFT and GRPO share them).
+--resume; and the step loop that saves them (run_steps). SFT and GRPO share all of it.
 """
 import json
 import os
@@ -22,8 +22,10 @@ def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
     shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up leaves it
     model.save_pretrained(tmp)
     proc.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len, "config": asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}}, os.path.join(tmp, "trainer_state.pt"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len,
+                "config": asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "random": random.getstate()}},
+                os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -45,8 +47,10 @@ def load_trainer_state(path):
     file = os.path.join(path, "trainer_state.pt")
     try:
         return torch.load(file, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values; a corrupt file
-        raise CheckpointError(f"{file}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # pickle.UnpicklingError for anything but tensors and plain values; a corrupt file
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise CheckpointError(f"{file}: refused to load ({reason})") from None
 
 
 def restore(ckpt, opt, metrics_path, rewrite=True):
@@ -56,8 +60,33 @@ def restore(ckpt, opt, metrics_path, rewrite=True):
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["random"])
-    metrics = [json.loads(l) for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
+    metrics = [json.loads(l)
+               for l in open(metrics_path)][:state["metrics_len"]] if os.path.exists(metrics_path) else []
     if rewrite:
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
     return state["step"], metrics
+
+
+def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=print):
+    """The loop both trainers share: step = one_step(step) until cfg.max_steps (one_step appends its
+    row to metrics as its last act); a checkpoint in cfg.out/checkpoint every cfg.save_every steps,
+    on Ctrl-C (then exit 130: --resume continues from it) and at the end, and the final model (HF
+    format) in cfg.out/model. writes False (a DDP rank other than 0): the steps only."""
+    ckpt = os.path.join(cfg.out, "checkpoint")
+    save = lambda at: save_checkpoint(ckpt, model, proc, opt, at, len(metrics), cfg) if writes else None
+    try:
+        while step < cfg.max_steps:
+            step = one_step(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        if writes:
+            log(f"interrupted: saved {ckpt} at step {step}; --resume continues")
+        raise SystemExit(130)
+    save(step)
+    if writes:
+        model.save_pretrained(os.path.join(cfg.out, "model"))
+        proc.save_pretrained(os.path.join(cfg.out, "model"))
+    return step

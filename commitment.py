@@ -51,20 +51,23 @@ def candidate_probabilities(model, proc, prompts, replies, candidates, batch_siz
     for i, ((prompt, pixels), reply, cands) in enumerate(zip(prompts, replies, candidates)):
         context = proc.tokenizer.encode(prompt + reply).ids
         for c in cands:
-            ids = torch.tensor(context + proc.tokenizer.encode(" " + str(c).strip() + data.SPECIAL["eou"]).ids)
+            answer = proc.tokenizer.encode(" " + str(c).strip() + data.SPECIAL["eou"]).ids
+            ids = torch.tensor(context + answer)
             labels = torch.where(torch.arange(len(ids)) >= len(context), ids, -100)
             examples.append({"input_ids": ids, "labels": labels, "spans": torch.zeros_like(ids), **pixels})
             owner.append(i)
     scores = []
     for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id or 0).items()}
+        batch = {k: v.to(device)
+                 for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id or 0).items()}
         logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                        batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         scored = labels != -100  # the softmax only where a candidate's token is scored
         logp = logits[scored].float().log_softmax(-1).gather(-1, labels[scored][:, None])[:, 0]
         rows = torch.arange(len(labels), device=device)[:, None].expand_as(labels)[scored]
-        scores += torch.zeros(len(labels), device=device, dtype=logp.dtype).index_add_(0, rows, logp).cpu().tolist()
+        scores += torch.zeros(len(labels), device=device, dtype=logp.dtype).index_add_(0, rows,
+                                                                                       logp).cpu().tolist()
     per = [[] for _ in prompts]
     for i, v in zip(owner, scores):
         per[i].append(v)
@@ -84,7 +87,8 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
     for i, (r, final) in enumerate(zip(records, finals)):
         readings = {}  # one candidate per reading ("2" and "02" are one answer)
         for c in forced_candidates(r) or []:
-            readings.setdefault(parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")), str(c))
+            readings.setdefault(parse_answer(str(c), r["answer"], r.get("choices"), r.get("candidates")),
+                                str(c))
         readings.pop(None, None)
         if not readings:
             left_out["no candidate set (open-ended)"] += 1
@@ -92,24 +96,28 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
             left_out["final answer not a candidate"] += 1
         else:
             keep.append((i, list(readings.values()), list(readings).index(final)))
-    out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [], "n": len(keep),
+    out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [],
+           "n": len(keep),
            "left_out": dict(left_out)}
     if not keep:
         return out
     recs = [records[i] for i, _, _ in keep]
     prompts = [prompt_inputs(proc, r) for r in recs]
-    rationales = [proc.tokenizer.encode(texts[i][:texts[i].rfind(marker)] if marker in texts[i] else texts[i]).ids
+    rationales = [proc.tokenizer.encode(texts[i][:texts[i].rfind(marker)] if marker in texts[i]
+                                        else texts[i]).ids
                   for i, _, _ in keep]
     for cut in cuts:
         kept = [proc.decode(ids[:round(len(ids) * cut / 100)]).strip() for ids in rationales]
-        replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]  # as trained: " rationale Answer: x"
+        # as trained: " rationale Answer: x"
+        replies = [" " + " ".join(filter(None, [k, marker])) for k in kept]
         probs = candidate_probabilities(model, proc, prompts, replies, [c for _, c, _ in keep], batch_size)
         forced = [int(p.argmax()) for p in probs]
         out["agreement"].append(sum(f == j for f, (_, _, j) in zip(forced, keep)) / len(keep))
         read = [parse_answer(str(c[f]), r["answer"], r.get("choices"), r.get("candidates"))
                 for f, (_, c, _), r in zip(forced, keep, recs)]
-        out["accuracy"].append(sum(matches(a, r["answer"], r.get("choices")) for a, r in zip(read, recs)) / len(keep))
-        out["final_answer_probability"].append(sum(float(p[j]) for p, (_, _, j) in zip(probs, keep)) / len(keep))
+        out["accuracy"].append(sum(matches(a, r) for a, r in zip(read, recs)) / len(keep))
+        out["final_answer_probability"].append(sum(float(p[j])
+                                                   for p, (_, _, j) in zip(probs, keep)) / len(keep))
         if log:
             log(f"cut {cut}%: {len(keep)} items x their candidates scored")
     return out

@@ -27,7 +27,7 @@ class DataError(ValueError):
     line prints it alone, without a traceback."""
 
 
-def _read_json(path):
+def read_json(path):
     with open(path) as f:
         try:
             return json.load(f)
@@ -135,7 +135,8 @@ class ImageProcessor:
         if h <= m and w <= m:
             return [(0, 0, m * sx, m * sy)]
         rows, cols = (h - m) // m + 1, (w - m) // m + 1
-        crops = [(c * m * sx, r * m * sy, (c + 1) * m * sx, (r + 1) * m * sy) for r in range(rows) for c in range(cols)]
+        crops = [(c * m * sx, r * m * sy, (c + 1) * m * sx, (r + 1) * m * sy) for r in range(rows)
+                 for c in range(cols)]
         return crops + [(0, 0, width, height)]
 
     def to_array(self, im):  # RGB PIL -> (3, H, W) float32, same arithmetic as transformers
@@ -199,7 +200,8 @@ class Processor:
         from tokenizers import Tokenizer
         f = lambda name: os.path.join(path, name)
         if not os.path.exists(f("tokenizer.json")):
-            raise FileNotFoundError(f"{f('tokenizer.json')}: not found (the processor needs the tokenizer file)")
+            raise FileNotFoundError(f"{f('tokenizer.json')}: not found (the processor needs the tokenizer "
+                                    "file)")
         try:
             tokenizer = Tokenizer.from_file(f("tokenizer.json"))
         except Exception as e:  # tokenizers raises its own exception type for a corrupt file
@@ -207,12 +209,12 @@ class Processor:
         tc = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if os.path.exists(f(name)):
-                tc.update({k: v for k, v in _read_json(f(name)).items() if v is not None})
-        pc = _read_json(f("processor_config.json")) if os.path.exists(f("processor_config.json")) else {}
+                tc.update({k: v for k, v in read_json(f(name)).items() if v is not None})
+        pc = read_json(f("processor_config.json")) if os.path.exists(f("processor_config.json")) else {}
         if "image_processor" in pc:
             image_cfg = pc["image_processor"]
         elif os.path.exists(f("preprocessor_config.json")):
-            image_cfg = _read_json(f("preprocessor_config.json"))
+            image_cfg = read_json(f("preprocessor_config.json"))
         else:
             raise FileNotFoundError(f"{path}: no preprocessor_config.json, nor an image_processor entry "
                                     "in processor_config.json")
@@ -220,7 +222,7 @@ class Processor:
         if os.path.exists(f("chat_template.jinja")):
             template = open(f("chat_template.jinja")).read()
         elif os.path.exists(f("chat_template.json")):
-            template = _read_json(f("chat_template.json"))["chat_template"]
+            template = read_json(f("chat_template.json"))["chat_template"]
         try:
             return cls(tokenizer, ImageProcessor(image_cfg), pc.get("image_seq_len", 64), template, tc)
         except (ValueError, KeyError, TypeError) as e:
@@ -230,7 +232,8 @@ class Processor:
         """The transformers-5 layout: tokenizer files, processor_config.json, chat_template.jinja."""
         os.makedirs(path, exist_ok=True)
         self.tokenizer.save(os.path.join(path, "tokenizer.json"))
-        tc = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "processor_class": "Idefics3Processor",
+        tc = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend",
+              "processor_class": "Idefics3Processor",
               "padding_side": self.padding_side,
               "pad_token": self.pad_token, "eos_token": self.eos_token, "model_max_length": 131072,
               "extra_special_tokens": [SPECIAL["fake"], SPECIAL["image"], SPECIAL["eou"]]}
@@ -254,13 +257,15 @@ class Processor:
 
             def raise_exception(message):
                 raise ValueError(f"chat template: {message}")
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols])
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
             env.globals["raise_exception"] = raise_exception
             self._template = (self.chat_template, env.from_string(self.chat_template))
         return self._template[1].render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            eos_token=self.eos_token, pad_token=self.pad_token, **{"bos_token": self.tokenizer_config.get("bos_token")})
+            eos_token=self.eos_token, pad_token=self.pad_token,
+            **{"bos_token": self.tokenizer_config.get("bos_token")})
 
     def image_prompt(self, rows, cols):
         """The text one <image> placeholder expands to."""
@@ -268,7 +273,8 @@ class Processor:
         glob = f"{SPECIAL['fake']}{SPECIAL['global']}{img}{SPECIAL['fake']}"
         if rows == 0 and cols == 0:
             return glob
-        grid = "".join("".join(f"{SPECIAL['fake']}<row_{r + 1}_col_{c + 1}>{img}" for c in range(cols)) + "\n"
+        grid = "".join("".join(f"{SPECIAL['fake']}<row_{r + 1}_col_{c + 1}>{img}" for c in range(cols))
+                       + "\n"
                        for r in range(rows))
         return grid + "\n" + glob
 
@@ -277,8 +283,10 @@ class Processor:
         tiles row-major, then the global image; within a tile, the pixel-shuffle cells row-major
         (each cell s x s patches, so an image_seq_len = n^2 tile is an n x n grid of cells)."""
         n = math.isqrt(self.image_seq_len)
-        return [(x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * i / n, x0 + (x1 - x0) * (j + 1) / n, y0 + (y1 - y0) * (i + 1) / n)
-                for x0, y0, x1, y1 in self.image_processor.windows(width, height) for i in range(n) for j in range(n)]
+        return [(x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * i / n, x0 + (x1 - x0) * (j + 1) / n,
+                 y0 + (y1 - y0) * (i + 1) / n)
+                for x0, y0, x1, y1 in self.image_processor.windows(width, height) for i in range(n)
+                for j in range(n)]
 
     def expand_images(self, text, rows, cols):
         """Each <image> placeholder in text -> the tile blocks of that image (rows, cols per image)."""
@@ -346,7 +354,8 @@ def train_tokenizer(texts, vocab_size=1000):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
@@ -408,85 +417,6 @@ def split_reply(reply, marker="Answer:"):
     return reply.rfind(marker)
 
 
-def _text(r, key, where):  # a field that must be a non-empty string (numbers allowed for answers)
-    value = r.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise RecordError(where, f"no {key}", f" (missing or empty {key!r})")
-    return value
-
-
-def _images(r, base, where):
-    im = r.get("image")
-    ims = [] if im is None else [im] if isinstance(im, str) else im
-    if not isinstance(ims, list) or not all(isinstance(p, str) and p for p in ims):
-        raise RecordError(where, "bad image field", f" ({im!r}: a path or a list of paths)")
-    return [os.path.join(base, p) for p in ims]
-
-
-def _jsonl_record(line, where, base):
-    try:
-        r = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RecordError(where, "bad JSON", f" ({e})") from None
-    if not isinstance(r, dict):
-        raise RecordError(where, "bad JSON", " (a line must be one JSON object)")
-    question, answer = _text(r, "question", where), _text(r, "answer", where)
-    choices = r.get("choices") or []
-    if not isinstance(choices, list):
-        raise RecordError(where, "bad choices field", f" ({choices!r}: a list of options)")
-    reply = f"{str(r.get('rationale') or '').strip()} Answer: {answer.strip()}".strip()
-    return {**r, "images": _images(r, base, where), "question": question + "".join(f"\n{c}" for c in choices),
-            "answer": answer.strip(), "reply": reply, "source": where}
-
-
-def _llava_record(r, where, base):
-    turns = r.get("conversations") if isinstance(r, dict) else None
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise RecordError(where, "no conversations", " (a LLaVA record needs a list of {from, value} turns)")
-    human = next((t for t in turns if t.get("from") == "human"), {})
-    gpt = next((t for t in turns if t.get("from") == "gpt"), {})
-    question, reply = _text(human, "value", where + " human turn"), _text(gpt, "value", where + " gpt turn")
-    cut = split_reply(reply)
-    if cut < 0:
-        raise RecordError(where, "no answer", " (the gpt turn has no 'Answer:' or <answer>)")
-    answer = reply[cut:].replace("<answer>", "").replace("</answer>", "").removeprefix("Answer:").strip()
-    return {"images": _images(r, base, where), "question": question, "reply": reply, "answer": answer,
-            "source": where}
-
-
-def read_records(path, skips=None):
-    """JSONL ({image, question, rationale, answer, choices?}) or LLaVA-style JSON ({image,
-    conversations: [{from: human, value: "<image>..."}, {from: gpt, value}]}) -> list of dicts with
-    images (absolute paths), question, reply, answer, and source ("file:line") for messages. A record
-    that cannot be used (bad JSON, a missing or empty field, no answer) goes to skips (a Skips);
-    with skips None the first one raises."""
-    skips = Skips(strict=True) if skips is None else skips
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: data file not found")
-    base = os.path.dirname(os.path.abspath(path))
-    out = []
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    if line.strip():
-                        out.append(_jsonl_record(line, f"{path}:{n}", base))
-                except RecordError as e:
-                    skips.add(e)
-        return out
-    rows = _read_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of LLaVA-style records (or a .jsonl file)")
-    for n, r in enumerate(rows, 1):
-        try:
-            out.append(_llava_record(r, f"{path}:record {n}", base))
-        except RecordError as e:
-            skips.add(e)
-    return out
-
-
 def chat_prompt(proc, question, n_images=0):
     """The one prompt builder (training, eval, GRPO, generate.py): the chat template on the question,
     up to "Assistant:", with an <image> placeholder per image before it unless the question places
@@ -504,7 +434,8 @@ def record_prompt(proc, rec):
 @functools.lru_cache(maxsize=8)
 def chat_head(proc):
     """The chat template's text before a user's content ("<|im_start|>User: "): the S span."""
-    return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}]).split("\0")[0]
+    marked = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}])
+    return marked.split("\0")[0]
 
 
 def encode_record(proc, rec, max_len=2048, marker="Answer:"):
@@ -532,7 +463,8 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     ids = torch.tensor(enc.ids)
     starts, ends = torch.tensor(enc.offsets).T
     # S by end offset: a token straddling the head's last space (" What" after "User:") is the user's
-    span = torch.where(ends <= len(chat_head(proc)), S, torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
+    span = torch.where(ends <= len(chat_head(proc)), S,
+                       torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
     span[ids == proc.image_token_id] = V
     if len(ids) > max_len:
         raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")
@@ -543,22 +475,6 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     return out
 
 
-def reply_rows(spans, kinds=(R, A)):
-    """spans (B, T) -> the query rows attention masses are taken for: the tokens of the spans in kinds
-    (the reply by default), in order. rows (B, Nq) token indices; q_pos (B, Nq) their positions, -1 on
-    padding rows (they see no key); row_span (B, Nq) the span of each row, 0 on padding."""
-    is_row = torch.isin(spans, torch.tensor(kinds, device=spans.device))
-    Nq = max(int(is_row.sum(1).max()), 1)
-    rows = torch.sort((~is_row).int(), dim=1, stable=True).indices[:, :Nq]  # row tokens first, in order
-    valid = torch.gather(is_row, 1, rows)
-    return rows, torch.where(valid, rows, -1), torch.where(valid, torch.gather(spans, 1, rows), 0)
-
-
-def take_rows(q, rows):
-    """q (B, H, T, d) -> (B, H, Nq, d): the query rows that reply_rows picked."""
-    return torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-
-
 def collate(examples, pad_id):
     """Right-pads ids/labels/spans; pads pixel batches to the most images and the largest tiles."""
     T = max(len(e["input_ids"]) for e in examples)
@@ -567,7 +483,8 @@ def collate(examples, pad_id):
              "labels": torch.full((B, T), -100), "spans": torch.zeros(B, T, dtype=torch.long)}
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["spans"][i, :n] = e["input_ids"], e["labels"], e["spans"]
+        batch["input_ids"][i, :n], batch["labels"][i, :n] = e["input_ids"], e["labels"]
+        batch["spans"][i, :n] = e["spans"]
         batch["attention_mask"][i, :n] = 1
     with_images = [e for e in examples if "pixel_values" in e]
     if with_images:
@@ -582,6 +499,13 @@ def collate(examples, pad_id):
                 batch["pixel_values"][i, :n, :, :h, :w] = e["pixel_values"]
                 batch["pixel_attention_mask"][i, :n, :h, :w] = e["pixel_attention_mask"]
     return batch
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    """The order of n records in one epoch: a fixed permutation per (seed, epoch), so that a resumed
+    run (SFT or GRPO) sees exactly the batches an uninterrupted one would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 def encode_all(proc, records, max_len=2048, skips=None):

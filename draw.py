@@ -22,7 +22,8 @@ def nice_ticks(lo, hi, n=5):
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     raw = (hi - lo) / n
-    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw)
     first = math.ceil(lo / step - 1e-9) * step
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -31,7 +32,8 @@ def log_ticks(lo, hi):
     """Powers of ten from lo to hi (with 2x and 5x between when the span is under two decades)."""
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     mults = (1,) if math.log10(hi / lo) >= 2 else (1, 2, 5)
-    ticks = [m * 10.0 ** e for e in decades for m in mults if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
+    ticks = [m * 10.0 ** e for e in decades for m in mults
+             if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
     return ticks if len(ticks) >= 2 else [t for t in nice_ticks(lo, hi) if t > 0]
 
 
@@ -61,7 +63,8 @@ def chart(title, xlabel, ylabel, xlim, ylim, size=(520, 340), log_y=False, xtick
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
 
     def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (ty(y) - y0) / (y1 - y0) * (bottom - top))
+        return (left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (ty(y) - y0) / (y1 - y0) * (bottom - top))
     for y in yticks or (log_ticks(*ylim) if log_y else nice_ticks(*ylim)):
         py = to_px(x0, y)[1]
         if top - 1 <= py <= bottom + 1:
@@ -92,24 +95,29 @@ def legend(draw, names, x, y):
         draw.text((x - w + 28, cy), name, fill=INK, font=font(12), anchor="lm")
 
 
-def line_chart(series, title, xlabel, ylabel, ylim=None, log_y=False, xticks=None, size=(520, 340), corner="top"):
+def line_chart(series, title, xlabel, ylabel, ylim=None, log_y=False, xticks=None, size=(520, 340),
+               corner="top"):
     """series: [(name, xs, ys)], a line per name (with a dot per point when there are few)."""
     xs = [x for _, sx, _ in series for x in sx]
-    ys = [y for _, _, sy in series for y in sy if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+    ys = [y for _, _, sy in series for y in sy if y is not None and math.isfinite(y)
+          and (y > 0 or not log_y)]
     if ylim is None:
         ylim = (min(ys), max(ys)) if ys else (0, 1)
         if not log_y:
             ticks = nice_ticks(*ylim)
             ylim = (min(ticks[0], ylim[0]), max(ticks[-1], ylim[1]))
-    im, draw, to_px = chart(title, xlabel, ylabel, (min(xs), max(xs)) if xs else (0, 1), ylim, size, log_y, xticks)
+    im, draw, to_px = chart(title, xlabel, ylabel, (min(xs), max(xs)) if xs else (0, 1), ylim, size, log_y,
+                            xticks)
     for i, (_, sx, sy) in enumerate(series):
-        pts = [to_px(x, y) for x, y in zip(sx, sy) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+        pts = [to_px(x, y) for x, y in zip(sx, sy) if y is not None and math.isfinite(y)
+               and (y > 0 or not log_y)]
         colour = COLOURS[i % len(COLOURS)]
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=2, joint="curve")
         for px, py in pts if len(pts) <= 20 else []:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    legend(draw, [name for name, _, _ in series], size[0] - 20, 40 if corner == "top" else size[1] - 60 - 18 * len(series))
+    legend(draw, [name for name, _, _ in series], size[0] - 20, 40 if corner == "top"
+           else size[1] - 60 - 18 * len(series))
     return im
 
 
@@ -160,7 +168,8 @@ def attention_overlay(image, boxes, weights, size=160):
     heat /= heat.max() if heat.max() > 0 else 1
     base = np.asarray(image, dtype=np.float32)
     blend = 0.35 * base + 0.65 * heat_colour(heat) * (0.25 + 0.75 * heat[..., None])
-    return Image.fromarray(blend.astype(np.uint8)).resize((size, size * image.height // image.width), Image.NEAREST)
+    return Image.fromarray(blend.astype(np.uint8)).resize((size, size * image.height // image.width),
+                                                          Image.NEAREST)
 
 
 def wrap(text, width, size=12):
@@ -205,7 +214,8 @@ def grid(images, cols, pad=10, title=None, row_labels=None):
     return out
 
 
-LOSS_TERMS = ("loss", "ce", "vis", "ans", "img")  # drawn on a log axis; anything else (vas, a mass, sys < 0) linear
+# drawn on a log axis; anything else (vas, a mass, sys < 0) linear
+LOSS_TERMS = ("loss", "ce", "vis", "ans", "img")
 
 
 def curves(metrics, path, keys=("loss", "ce", "vis", "ans", "vas", "img", "sys")):

@@ -2,7 +2,7 @@
 Measuring what the papers claim, and drawing it.
 
 - accuracy with chain of thought: the model writes its rationale and answer (greedy); the answer
-  after the last "Answer:" is compared with the gold one (REFERENCE.md section 4 conventions),
+  after the last "Answer:" is compared with the gold one (answers.py; docs/methods.md),
   with a bootstrap 95% interval; answers that cannot be read are wrong and also counted
 - text-prior baseline: the most common training answer per question type, never looking; prior
   agreement: the share of the model's wrong answers that are the prior's (reliance on it)
@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import config
 import data
 import draw
-import kernels
-from answers import extract_answer, is_correct, matches, read_answer, with_candidates
+import masses
+from answers import is_right, matches, read_answer, with_candidates
 from boxes import control_boxes
 from commitment import CUTS, early_commitment
+from records import read_records
 
 
 def bootstrap_ci(values, n=1000, seed=0):
@@ -56,7 +58,8 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
     texts, t0 = [], time.time()
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
-        prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "") for i, r in enumerate(chunk)]
+        prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "")
+                   for i, r in enumerate(chunk)]
         images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
         batch = proc(prompts, images if any(images) else None, padding_side="left")
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -65,7 +68,8 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
         texts += [proc.decode(row) for row in out]
         if log:
             rate = len(texts) / (time.time() - t0)
-            log(f"{len(texts)}/{len(records)} items, {rate:.1f} items/s, ETA {(len(records) - len(texts)) / rate:.0f}s")
+            log(f"{len(texts)}/{len(records)} items, {rate:.1f} items/s, ETA "
+                f"{(len(records) - len(texts)) / rate:.0f}s")
     return texts
 
 
@@ -101,7 +105,9 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
         boxes = [(clip(b[0], im.width), clip(b[1], im.height), clip(b[2], im.width), clip(b[3], im.height))
                  for b in r["boxes"]]
         boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
-        others, rule = control_boxes(boxes, im.width, im.height, rng) if boxes else (None, "boxes outside the image")
+        others, rule = (None, "boxes outside the image")
+        if boxes:
+            others, rule = control_boxes(boxes, im.width, im.height, rng)
         if others is None:
             left_out[rule] += 1
             continue
@@ -130,6 +136,10 @@ def boost_at(model, layer):  # the factor of the test-time intervention in that 
     return model.image_boost[0] if model.image_boost and layer in model.image_boost[1] else 1.0
 
 
+# disjoint: the intervention's renormalisation (kernels.boosted) needs it
+PROFILE_GROUPS = ("image", "rationale")
+
+
 @torch.no_grad()
 def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
     """Where the reply looks, teacher-forced on records (gold replies, or the model's own): per layer,
@@ -142,16 +152,15 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
     by_layer, along, n_along = torch.zeros(len(layers)), torch.zeros(bins), torch.zeros(bins)
     n_r, n_a, answer = 0, 0, torch.zeros(2)
     for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id).items()}
-        spans = batch["spans"]
-        rows, q_pos, row_span = data.reply_rows(spans)
-        groups = ((spans == data.V).int() | ((spans == data.R).int() << 1)).to(torch.uint8)  # bit 0 image, bit 1 rationale
-
-        def mass_fn(layer, q, k):
-            m = kernels.attention_mass(data.take_rows(q, rows), k, q_pos, groups, num_groups=2)
-            return kernels.boosted(m, boost_at(model, layer))  # the mass under the test-time intervention
+        batch = {k: v.to(device)
+                 for k, v in data.collate(examples[s:s + batch_size], proc.pad_token_id).items()}
+        rows, q_pos, row_span = masses.query_rows(batch["spans"])
+        groups = masses.key_groups(batch["spans"], PROFILE_GROUPS)
+        hook = masses.mass_fn(rows, q_pos, groups, len(PROFILE_GROUPS),
+                              boost=lambda layer: boost_at(model, layer))
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                    batch["attention_mask"], mass_layers=layers, mass_fn=mass_fn)
+                    batch["attention_mask"], mass_layers=layers,
+                    mass_fn=hook)  # the masses under the intervention
         m = torch.stack([out.masses[layer] for layer in layers]).mean(2).float().cpu()  # (L, B, Nq, 2)
         in_r, in_a = (row_span == data.R).cpu(), (row_span == data.A).cpu()
         by_layer += (m[..., 0] * in_r).sum((1, 2))
@@ -209,7 +218,8 @@ def attention_steps(model, proc, rec, layers):
     """For a heatmap: the record's image, each image token's box in it, and per step of the reply
     (reply_steps) its words, its image mass and its mean attention on each image token."""
     weights, ids = image_attention(model, proc, rec, layers)
-    ends = [len(proc.decode(ids[:i + 1]).strip()) for i in range(len(ids))]  # where each token ends in the reply
+    # where each token ends in the reply
+    ends = [len(proc.decode(ids[:i + 1]).strip()) for i in range(len(ids))]
     steps, start, out = reply_steps(rec["reply"]), 0, []
     reply = proc.decode(ids).strip()
     for step in steps:
@@ -246,36 +256,41 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens, log=phase_log("cot"))
     seconds["cot"], t0 = time.time() - t0, time.time()
     direct_records = [{**r, "question": r["question"] + DIRECT} for r in eval_records]
-    direct = generate_answers(model, proc, direct_records, batch_size, max_new_tokens, log=phase_log("direct"))
+    direct = generate_answers(model, proc, direct_records, batch_size, max_new_tokens,
+                              log=phase_log("direct"))
     seconds["direct"] = time.time() - t0
     key = lambda i, r: r.get("id", i)
-    preds = {key(i, r): extract_answer(t) for i, (r, t) in enumerate(zip(eval_records, texts))}
     got = [read_answer(r, t) for r, t in zip(eval_records, texts)]
-    right = {key(i, r): matches(got[i], r["answer"], r.get("choices")) for i, r in enumerate(eval_records)}
+    right = {key(i, r): matches(got[i], r) for i, r in enumerate(eval_records)}
     got_direct = [read_answer(r, t) for r, t in zip(eval_records, direct)]
-    right_direct = [matches(g, r["answer"], r.get("choices")) for g, r in zip(got_direct, eval_records)]
+    right_direct = [matches(g, r) for g, r in zip(got_direct, eval_records)]
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
     # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
-    wrong = [(r, preds[key(i, r)]) for i, r in enumerate(eval_records) if not right[key(i, r)]]
-    says_prior = [r.get("type") in prior and is_correct(p, prior[r.get("type")], r.get("choices"), r.get("candidates"))
-                  for r, p in wrong]
-    pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]  # both halves present
+    wrong = [(r, t) for i, (r, t) in enumerate(zip(eval_records, texts)) if not right[key(i, r)]]
+    says_prior = [r.get("type") in prior and is_right({**r, "answer": prior[r.get("type")]}, t)
+                  for r, t in wrong]
+    # both halves present
+    pairs = [(r["twin_of"], r["id"]) for r in eval_records if r.get("twin_of") in right]
     consistent = [right[a] and right[b] for a, b in pairs]
     t0 = time.time()
     own = own_rationale_records(eval_records, texts)
     looks = {"gold": attention_profile(model, proc, eval_records, layers),
              "own": attention_profile(model, proc, own, layers)} if layers else None
     seconds["masses"], t0 = time.time() - t0, time.time()
-    commit = early_commitment(model, proc, eval_records, texts, batch_size, log=phase_log("commitment")) if commitment else None
+    commit = early_commitment(model, proc, eval_records, texts, batch_size,
+                              log=phase_log("commitment")) if commitment else None
     seconds["commitment"], t0 = time.time() - t0, time.time()
-    occlude = occlusion(model, proc, eval_records, texts, batch_size, max_new_tokens, log=phase_log("occlusion"))
+    occlude = occlusion(model, proc, eval_records, texts, batch_size, max_new_tokens,
+                        log=phase_log("occlusion"))
     seconds["occlusion"], t0 = time.time() - t0, time.time()
-    pictured = [(r, t.strip()) for r, t in zip(eval_records, texts) if len(r["images"]) == 1][:heatmaps] if layers else []
-    maps = [{**attention_steps(model, proc, {**r, "reply": t or r["reply"]}, layers), "reply": "own" if t else "gold"}
-            for r, t in pictured]
+    pictured = [(r, t.strip()) for r, t in zip(eval_records, texts)
+                if len(r["images"]) == 1][:heatmaps] if layers else []
+    maps = [{**attention_steps(model, proc, {**r, "reply": t or r["reply"]}, layers),
+             "reply": "own" if t else "gold"} for r, t in pictured]
     seconds["heatmaps"] = time.time() - t0
-    n_tokens = lambda replies: sum(len(proc.tokenizer.encode(t).ids) for t in replies) / len(replies) if proc else None
+    def n_tokens(replies):  # the mean reply length in tokens (stubs in tests have no processor)
+        return sum(len(proc.tokenizer.encode(t).ids) for t in replies) / len(replies) if proc else None
     result = {
         "n": len(eval_records),
         "accuracy_cot": sum(right.values()) / len(eval_records),
@@ -300,8 +315,10 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     }
     items = {"cot": len(eval_records), "direct": len(eval_records),
              "commitment": commit["n"] * len(CUTS) if commit else 0,
-             "occlusion": 2 * occlude["n"] if occlude else 0, "masses": (len(eval_records) + len(own)) * bool(layers)}
-    result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items() if n and seconds[k] > 0}
+             "occlusion": 2 * occlude["n"] if occlude else 0,
+             "masses": (len(eval_records) + len(own)) * bool(layers)}
+    result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items()
+                                  if n and seconds[k] > 0}
     by_type = collections.defaultdict(list)
     for i, r in enumerate(eval_records):
         by_type[r.get("type")].append(right[key(i, r)])
@@ -311,32 +328,36 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
 
 def table_rows(summaries):
     """{name: evaluate() result (+ wall_seconds)} -> [(measure, [a cell per name])], '-' where not taken."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, (tuple, list)) \
-        else "-" if v is None else str(v)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) \
+        else f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, (tuple, list)) else "-" if v is None else str(v)
     pair = lambda a, b: f"{a:.2f} / {b:.2f}"
     runs, rows = list(summaries.values()), []
-    for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "accuracy_direct", "accuracy_direct_ci95",
-                "unparseable_direct", "text_prior_accuracy", "prior_agreement", "counterfactual_consistency",
-                "vas_rationale", "wall_seconds"):
+    for key in ("accuracy_cot", "accuracy_cot_ci95", "unparseable", "accuracy_direct",
+                "accuracy_direct_ci95", "unparseable_direct", "text_prior_accuracy", "prior_agreement",
+                "counterfactual_consistency", "vas_rationale", "wall_seconds"):
         rows.append((key, [fmt(r.get(key)) for r in runs]))
     rows.append(("reply tokens: cot / direct", [pair(r["reply_tokens"]["cot"], r["reply_tokens"]["direct"])
-                                                if r.get("reply_tokens", {}).get("cot") else "-" for r in runs]))
+                                                if r.get("reply_tokens", {}).get("cot") else "-"
+                                                for r in runs]))
     for which in ("gold", "own"):  # where the rationale and the answer look, teacher forced
         looks = [r["where_it_looks"][which] if r.get("where_it_looks") else None for r in runs]
         rows.append((f"{which}: image mass 1st / last 10%", [pair(l["image_mass_along_rationale"][0],
                      l["image_mass_along_rationale"][-1]) if l else "-" for l in looks]))
         rows.append((f"{which}: answer -> rationale / img", [pair(l["answer_mass_on_rationale"],
                      l["answer_mass_on_image"]) if l else "-" for l in looks]))
-    rows.append(("occlusion: changed evid / ctrl", [pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"])
+    rows.append(("occlusion: changed evid / ctrl",
+                 [pair(r["occlusion"]["evidence_changed"], r["occlusion"]["control_changed"])
                                                     if r.get("occlusion") else "-" for r in runs]))
-    rows.append(("occlusion: items / left out", [f"{r['occlusion']['n']} / {sum(r['occlusion']['left_out'].values())}"
+    rows.append(("occlusion: items / left out",
+                 [f"{r['occlusion']['n']} / {sum(r['occlusion']['left_out'].values())}"
                                                  if r.get("occlusion") else "-" for r in runs]))
-    commits = [r.get("early_commitment") if (r.get("early_commitment") or {}).get("n") else None for r in runs]
+    commits = [r.get("early_commitment") if (r.get("early_commitment") or {}).get("n") else None
+               for r in runs]
     rows.append(("forced answer: items scored", [str(c["n"]) if c else "-" for c in commits]))
     for i, cut in enumerate(CUTS):  # early commitment: the answer forced after cut% of the rationale
         rows.append((f"forced at {cut}%: agree/acc/p(final)", [
-            f"{c['agreement'][i]:.2f}/{c['accuracy'][i]:.2f}/{c['final_answer_probability'][i]:.2f}" if c else "-"
-            for c in commits]))
+            f"{c['agreement'][i]:.2f}/{c['accuracy'][i]:.2f}/{c['final_answer_probability'][i]:.2f}"
+            if c else "-" for c in commits]))
     return rows
 
 
@@ -365,33 +386,40 @@ def figures(results, out):
     def save(heading, file, image):
         image.save(os.path.join(out, file))
         made.append((heading, file))
-    save("Accuracy, direct and with chain of thought (95% bootstrap intervals)", "accuracy.png", draw.bar_chart(
+    save("Accuracy, direct and with chain of thought (95% bootstrap intervals)", "accuracy.png",
+         draw.bar_chart(
         names, ["direct", "CoT"], [[r.get("accuracy_direct"), r["accuracy_cot"]] for r in runs],
         [[r.get("accuracy_direct_ci95"), r.get("accuracy_cot_ci95")] for r in runs], "accuracy", "accuracy"))
     looks = [(n, r["where_it_looks"]) for n, r in results.items() if r.get("where_it_looks")]
     if looks:
         by_layer = [draw.line_chart([(n, l[w]["layers"], l[w]["image_mass_by_layer"]) for n, l in looks],
-                                    f"rationale's image mass by layer ({w} rationales)", "layer", "image mass",
+                                    f"rationale's image mass by layer ({w} rationales)", "layer",
+                                    "image mass",
                                     ylim=(0, 1), xticks=looks[0][1][w]["layers"]) for w in ("own", "gold")]
         save("Where the rationale looks, per layer", "image_mass_by_layer.png", draw.grid(by_layer, 2))
         bins = len(looks[0][1]["own"]["image_mass_along_rationale"])
-        along = [draw.line_chart([(n, [100 * (i + 0.5) / bins for i in range(bins)], l[w]["image_mass_along_rationale"])
+        along = [draw.line_chart([(n, [100 * (i + 0.5) / bins for i in range(bins)],
+                                   l[w]["image_mass_along_rationale"])
                                   for n, l in looks], f"image mass along the rationale ({w} rationales)",
-                                 "position in the rationale (%)", "image mass", ylim=(0, 1)) for w in ("own", "gold")]
-        save("Where the rationale looks, along its length (mean over layers)", "image_mass_along_rationale.png",
+                                 "position in the rationale (%)", "image mass", ylim=(0, 1))
+                                 for w in ("own", "gold")]
+        save("Where the rationale looks, along its length (mean over layers)",
+             "image_mass_along_rationale.png",
              draw.grid(along, 2))
-    commits = [(n, r["early_commitment"]) for n, r in results.items() if (r.get("early_commitment") or {}).get("n")]
+    commits = [(n, r["early_commitment"]) for n, r in results.items()
+               if (r.get("early_commitment") or {}).get("n")]
     if commits:
-        panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)", label,
-                                  ylim=(0, 1), xticks=commits[0][1]["cuts"], corner="bottom")
+        panels = [draw.line_chart([(n, c["cuts"], c[what]) for n, c in commits], title, "rationale kept (%)",
+                                  label, ylim=(0, 1), xticks=commits[0][1]["cuts"], corner="bottom")
                   for what, title, label in (
                       ("final_answer_probability", "probability of the final answer", "probability"),
                       ("agreement", "forced answer = final answer", "agreement"),
                       ("accuracy", "forced answer right", "accuracy"))]
-        save("Early commitment: the answer forced (teacher forced, among the candidates) after a share of the "
-             "model's own rationale", "early_commitment.png", draw.grid(panels, 3))
+        save("Early commitment: the answer forced (teacher forced, among the candidates) after a share "
+             "of the model's own rationale", "early_commitment.png", draw.grid(panels, 3))
     for k, first in enumerate(runs[0].get("heatmaps") or []):
-        same = [(n, next((h for h in r.get("heatmaps") or [] if (h["image"], h["question"]) == (first["image"], first["question"])), None))
+        same = [(n, next((h for h in r.get("heatmaps") or []
+                          if (h["image"], h["question"]) == (first["image"], first["question"])), None))
                 for n, r in results.items()]
         same = [(n, h) for n, h in same if h and h["image"]]
         if not same:
@@ -400,12 +428,15 @@ def figures(results, out):
         cols = 1 + max(len(h["steps"]) for _, h in same)
         cells = []
         for _, h in same:
-            row = [draw.captioned(image.convert("RGB").resize((160, 160 * image.height // image.width), Image.NEAREST), h["question"])]
-            row += [draw.captioned(draw.attention_overlay(image, h["boxes"], s["weights"]), f"[{s['image_mass']:.2f}] {s['text']}")
+            row = [draw.captioned(image.convert("RGB").resize((160, 160 * image.height // image.width),
+                                                              Image.NEAREST), h["question"])]
+            row += [draw.captioned(draw.attention_overlay(image, h["boxes"], s["weights"]),
+                                   f"[{s['image_mass']:.2f}] {s['text']}")
                     for s in h["steps"]]
             cells += row + [Image.new("RGB", (1, 1), "white")] * (cols - len(row))
         save(f"Attention over the image, step by step (item {k + 1}; [image mass] and the step's words)",
-             f"attention_{k + 1}.png", draw.grid(cells, cols, title="where each step of the reply looks (brighter = more attention)",
+             f"attention_{k + 1}.png",
+             draw.grid(cells, cols, title="where each step of the reply looks (brighter = more attention)",
                                                  row_labels=[n for n, _ in same]))
     return made
 
@@ -422,7 +453,8 @@ def write_report(results, out, meta=None, extra=()):
     lines += [line for heading, file in made for line in (f"## {heading}", "", f"![{heading}]({file})", "")]
     lines += ["## Time", "", "| model | seconds per phase | items/s per phase |", "|---|---|---|"]
     lines += [f"| {n} | {', '.join(f'{k} {v}' for k, v in r['seconds'].items())} | "
-              f"{', '.join(f'{k} {v}' for k, v in r.get('items_per_second', {}).items())} |" for n, r in results.items()]
+              f"{', '.join(f'{k} {v}' for k, v in r.get('items_per_second', {}).items())} |"
+              for n, r in results.items()]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return os.path.join(out, "report.md")
@@ -438,62 +470,74 @@ def model_names(dirs):
     return names
 
 
-def main(argv=None):
-    from model import VLM, CheckpointError, pick_device
-    p = argparse.ArgumentParser(description="Evaluate checkpoints: one table, report.json, report.md and PNGs.")
+def parser():
+    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate checkpoints: one table, report.json, "
+                                "report.md and PNGs.")
     p.add_argument("--model", action="append", required=True, help="a checkpoint folder (repeat to compare)")
     p.add_argument("--data", required=True, help="eval records (JSONL or LLaVA JSON, as for training)")
-    p.add_argument("--train-data", default="", help="training records: the text-prior baseline, and each question "
-                   "type's candidate answers, which answers are read among and early commitment scores")
-    p.add_argument("--out", default="report")
-    p.add_argument("--limit", type=int, default=0, help="at most this many eval records (0: all)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--layers", default="all", help='"all" or comma-separated layer indices for the masses')
-    p.add_argument("--visual-attn-scale", default="", help="test-time intervention: comma-separated factors f; each "
-                   "model is also evaluated with its image keys' attention times f (a row per f)")
-    p.add_argument("--visual-attn-layers", default=":", help="the layers of the intervention, a:b (default all)")
-    args = p.parse_args(argv)
-    try:
-        scales = [float(f) for f in args.visual_attn_scale.split(",") if f.strip()]
-    except ValueError:
-        p.error(f"--visual-attn-scale {args.visual_attn_scale}: want comma-separated numbers > 0")
-    if any(f <= 0 for f in scales):
-        p.error(f"--visual-attn-scale {args.visual_attn_scale}: every factor must be > 0")
-    device = pick_device(args.device)
+    p.add_argument("--train-data", default="", help="training records: the text-prior baseline, and each "
+                   "question type's candidate answers, which answers are read among and early commitment "
+                   "scores (default: none)")
+    p.add_argument("--out", default="report", help="folder of the report (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many eval records (default: 0, all)")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="records per generation batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply (default: %(default)s)")
+    p.add_argument("--layers", default="all", help=f"the layers of the attention masses: "
+                   f"{config.LAYER_GRAMMAR} (default: %(default)s)")
+    p.add_argument("--visual-attn-scale", default="", help="test-time intervention: comma-separated "
+                   "factors f; each model is also evaluated with its image keys' attention times f, a row "
+                   "per f (default: none)")
+    p.add_argument("--visual-attn-layers", default="all", help="the layers of the intervention, same "
+                   "grammar as --layers (default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    from model import VLM, pick_device
+    args = parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    try:
+    with config.one_line_errors():
+        try:
+            scales = [float(f) for f in args.visual_attn_scale.split(",") if f.strip()]
+        except ValueError:
+            scales = [0.0]
+        if any(f <= 0 for f in scales):
+            raise config.ConfigError(f"--visual-attn-scale {args.visual_attn_scale}: want comma-separated "
+                                     "numbers > 0")
+        for flag in ("--layers", "--visual-attn-layers"):
+            config.layer_set(getattr(args, flag[2:].replace("-", "_")), flag=flag)
+        device = pick_device(args.device)
         skips = data.Skips()
-        records = data.read_records(args.data, skips)[:args.limit or None]
+        records = read_records(args.data, skips)[:args.limit or None]
         if not records:
             raise data.DataError(f"{args.data}: no usable evaluation record ({skips})")
-        train_records = data.read_records(args.train_data, data.Skips()) if args.train_data else []
+        train_records = read_records(args.train_data, data.Skips()) if args.train_data else []
         results = {}
         for name, folder in zip(model_names(args.model), args.model):
             proc = data.Processor.from_pretrained(folder)
-            model = VLM.from_pretrained(folder, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16).to(device)
-            n_layers = model.config.text.num_hidden_layers
-            layers = list(range(n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",") if x.isdigit()]
-            if args.layers != "all" and (len(layers) != len(args.layers.split(",")) or max(layers) >= n_layers):
-                p.error(f"--layers {args.layers}: want \"all\" or indices of the model's {n_layers} layers")
+            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+            model = VLM.from_pretrained(folder, dtype=dtype).to(device)
+            layers = config.layer_set(args.layers, len(model.layers), "--layers")
+            boost_layers = config.layer_set(args.visual_attn_layers, len(model.layers),
+                                            "--visual-attn-layers")
             for f in [1.0] + scales:
                 row = name if f == 1 else f"{name} img x{f:g}"
                 log(f"{row}: {folder}, {len(records)} records")
                 t0 = time.time()
-                try:
-                    model.boost_image_attention(f, args.visual_attn_layers)
-                except ValueError as e:
-                    p.error(f"--visual-attn-layers: {e}")
-                results[row] = evaluate(model, proc, records, train_records, layers, args.batch_size, args.max_new_tokens, log=log)
+                model.boost_image_attention(f, boost_layers)
+                results[row] = evaluate(model, proc, records, train_records, layers, args.batch_size,
+                                        args.max_new_tokens, log=log)
                 results[row]["wall_seconds"] = round(time.time() - t0, 1)
-    except (data.DataError, CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     print(table(results))
-    meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(model_names(args.model), args.model)), "data": args.data,
+    meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(model_names(args.model), args.model)),
+            "data": args.data,
             "n": len(records), "train data (text prior)": args.train_data or "none", "device": str(device)}
     if scales:
-        meta["intervention"] = f"image keys' attention times f in layers {args.visual_attn_layers} (rows 'img x f')"
+        meta["intervention"] = (f"image keys' attention times f in layers {args.visual_attn_layers} "
+                                "(rows 'img x f')")
     print(f"wrote {write_report(results, args.out, meta)}")
 
 

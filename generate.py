@@ -14,20 +14,23 @@ import time
 
 import torch
 
+import config
 import data
-from model import VLM, CheckpointError, pick_device
+from model import VLM, pick_device
 
 
 def generate(args):
     device = pick_device(args.device)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
     if dtype is None:  # bf16 where it is fast, fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = VLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    try:
-        model.boost_image_attention(args.visual_attn_scale, args.visual_attn_layers)
-    except ValueError as e:  # a factor <= 0 or a slice with no layer
-        sys.exit(f"error: --visual-attn-scale / --visual-attn-layers: {e}")
+    if not args.visual_attn_scale > 0:
+        raise config.ConfigError(f"--visual-attn-scale {args.visual_attn_scale}: must be > 0")
+    model.boost_image_attention(args.visual_attn_scale,
+                                config.layer_set(args.visual_attn_layers, len(model.layers),
+                                                 "--visual-attn-layers"))
     proc = data.Processor.from_pretrained(args.model)
     text = data.chat_prompt(proc, args.prompt, len(args.image))  # the prompt format training and eval use
     batch = {k: v.to(device) for k, v in proc(text, [args.image] if args.image else None).items()}
@@ -43,29 +46,40 @@ def generate(args):
         printed = now
 
     t0 = time.time()
-    model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p,
                    eos_token_id=proc.eos_token_id, on_token=stream)
-    print(f"\n[{len(new_ids)} tokens in {time.time() - t0:.1f}s, prompt {batch['input_ids'].shape[1]} tokens]",
+    print(f"\n[{len(new_ids)} tokens in {time.time() - t0:.1f}s, prompt {batch['input_ids'].shape[1]} "
+          "tokens]",
           file=sys.stderr)
 
 
-def main(argv=None):
+def parser():
     g = argparse.ArgumentParser(prog="generate.py", description="answer a prompt about images")
-    g.add_argument("--model", required=True, help="folder with config.json, model.safetensors, tokenizer.json")
-    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--visual-attn-scale", type=float, default=1.0, help="the image keys' attention times this (1: off)")
-    g.add_argument("--visual-attn-layers", default=":", help="the layers of the intervention, a:b (default all)")
-    args = g.parse_args(argv)
-    try:
+    g.add_argument("--model", required=True,
+                   help="folder with config.json, model.safetensors, tokenizer.json")
+    g.add_argument("--image", action="append", default=[],
+                   help="image file (repeat for several; default: none)")
+    g.add_argument("--prompt", required=True, help="the question, as a user would type it")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N "
+                   "(default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on CPU (default: %(default)s)")
+    g.add_argument("--visual-attn-scale", type=float, default=1.0,
+                   help="the image keys' attention times this "
+                   "(1: off; default: %(default)s)")
+    g.add_argument("--visual-attn-layers", default="all", help=f"the layers of the intervention: "
+                   f"{config.LAYER_GRAMMAR} (default: %(default)s)")
+    return g
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    with config.one_line_errors():  # a bad file or flag: one line, no traceback
         generate(args)
-    except (data.DataError, CheckpointError, FileNotFoundError) as e:  # a bad file: one line, no traceback
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -69,17 +69,21 @@ def _use_cuda(q):
     if not q.is_cuda:
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        _warn_once("dtype", f"attention_mass: {q.dtype} has no CUDA kernel (fp32, bf16, fp16); using the PyTorch reference")
+        _warn_once("dtype",
+                   f"attention_mass: {q.dtype} has no CUDA kernel (fp32, bf16, fp16); using the PyTorch "
+                   "reference")
         return False
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         _warn_once("dim", f"attention_mass: head dim {q.shape[-1]} has no CUDA kernel "
                           f"(built for {CUDA_HEAD_DIMS}); using the PyTorch reference")
         return False
     if torch.cuda.get_device_capability(q.device) < (8, 0):
-        _warn_once("arch", "attention_mass: the CUDA kernel needs sm_80 or newer; using the PyTorch reference")
+        _warn_once("arch",
+                   "attention_mass: the CUDA kernel needs sm_80 or newer; using the PyTorch reference")
         return False
     if load_extension() is None:
-        _warn_once("build", f"attention_mass: CUDA extension unavailable ({_ext_error}); using the PyTorch reference")
+        _warn_once("build",
+                   f"attention_mass: CUDA extension unavailable ({_ext_error}); using the PyTorch reference")
         return False
     return True
 
@@ -150,8 +154,9 @@ def bits_as_values(key_groups, num_groups, head_dim, n_kv_heads, dtype):
 
 def sdpa_mass(q, k, q_pos, key_groups, num_groups, scale):
     """The stock route: m_i(G) = sum_j p_ij bits_j(G) is attention with V = the group bits, so one
-    SDPA call gives the masses, and autograd their gradients. The visibility mask is a dense (B, 1, Nq, Tk) bool. A row that sees no key is
-    let see key 0, then zeroed (a fully masked row would give NaN)."""
+    SDPA call gives the masses, and autograd their gradients. The visibility mask is a dense
+    (B, 1, Nq, Tk) bool. A row that sees no key is let see key 0, then zeroed (a fully masked row
+    would give NaN)."""
     B, Hq, Nq, D = q.shape
     v = bits_as_values(key_groups, num_groups, D, k.shape[1], q.dtype)
     visible = torch.arange(k.shape[2], device=q.device) <= q_pos.clamp(min=0)[:, None, :, None]
@@ -177,14 +182,17 @@ def _mass_fwd(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups:
 @_mass_fwd.register_fake
 def _(q, k, q_pos, key_groups, num_groups, scale, use_cuda):
     B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, num_groups, dtype=_acc_dtype(q)), q.new_empty(B, Hq, Nq, dtype=_acc_dtype(q))
+    return (q.new_empty(B, Hq, Nq, num_groups, dtype=_acc_dtype(q)),
+            q.new_empty(B, Hq, Nq, dtype=_acc_dtype(q)))
 
 
 @torch.library.custom_op("nanoattcot::mass_bwd", mutates_args=())
-def _mass_bwd(dmass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups: torch.Tensor,
-              mass: torch.Tensor, lse: torch.Tensor, scale: float, use_cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mass_bwd(dmass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
+              key_groups: torch.Tensor, mass: torch.Tensor, lse: torch.Tensor, scale: float,
+              use_cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda:
-        dq, dk = load_extension().backward(dmass.contiguous(), q.contiguous(), k.contiguous(), q_pos.int().contiguous(),
+        dq, dk = load_extension().backward(dmass.contiguous(), q.contiguous(), k.contiguous(),
+                                           q_pos.int().contiguous(),
                                            key_groups.contiguous(), mass, lse, scale)
         return dq, dk
     return reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale)
@@ -236,7 +244,8 @@ def self_check(device, dtype, head_dim):
         upstream = torch.randn(B, Hq, Nq, G, generator=g).to(device)
         q_pos, groups = q_pos.to(device), groups.to(device)
         outs = []
-        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):  # called from eval too
+        # called from eval too
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
             for use_cuda in (True, False):
                 qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
                 mass, _ = _mass_fwd(qq, kk, q_pos, groups, G, head_dim ** -0.5, use_cuda)
@@ -247,7 +256,8 @@ def self_check(device, dtype, head_dim):
         worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
         tol = SELF_CHECK_TOL[dtype]
         _verdicts[key] = None if all(math.isfinite(e) and e <= tol for e in errs.values()) else (
-            f"{worst} off by {errs[worst]:.2e} (relative L2, tolerance {tol:g}) on {device}, {str(dtype)[6:]}, "
+            f"{worst} off by {errs[worst]:.2e} (relative L2, tolerance {tol:g}) on {device}, "
+            f"{str(dtype)[6:]}, "
             f"q {(B, Hq, Nq, head_dim)}, k {(B, Hkv, Tk, head_dim)}, {G} groups")
     return _verdicts[key]
 
@@ -257,8 +267,8 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     self_check, else the reference on CPU and the SDPA route on a GPU), "cuda" (the kernel; raises
     if it fails its self-check), "reference" or "sdpa" (one stock attention call with V = the group
     bits)."""
-    if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1]
-            or q.shape[0] != k.shape[0]):
+    if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]
+            or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]):
         raise ValueError(f"attention_mass: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit "
                          "(B, Hq, Nq, D) and (B, Hkv, Tk, D) with Hq a multiple of Hkv >= 1")
     if tuple(q_pos.shape) != (q.shape[0], q.shape[2]) or q_pos.dtype.is_floating_point:
@@ -267,8 +277,10 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     if len({q.device, k.device, q_pos.device, key_groups.device}) > 1:
         raise ValueError(f"attention_mass: inputs on different devices (q {q.device}, k {k.device}, "
                          f"q_pos {q_pos.device}, key_groups {key_groups.device})")
-    if not 1 <= num_groups <= 8 or key_groups.dtype != torch.uint8 or key_groups.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"attention_mass: key_groups must be uint8 (B, Tk) = {(k.shape[0], k.shape[2])} and "
+    if (not 1 <= num_groups <= 8 or key_groups.dtype != torch.uint8
+            or key_groups.shape != (k.shape[0], k.shape[2])):
+        raise ValueError(f"attention_mass: key_groups must be uint8 (B, Tk) = {(k.shape[0], k.shape[2])} "
+                         "and "
                          f"num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, {num_groups}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "sdpa":
@@ -315,7 +327,8 @@ def check(shapes=((2, 9, 3, 1000, 1000, 64, 2), (1, 4, 2, 333, 517, 128, 8))):
                 (m * upstream).sum().backward()
                 outs.append((m, qq.grad, kk.grad))
             errs = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(*outs)]
-            print(f"{str((B, Hq, Hkv, Nq, Tk, D, G)):>30s} {str(dtype)[6:]:>9s} " + " ".join(f"{e:9.2e}" for e in errs))
+            errors = " ".join(f"{e:9.2e}" for e in errs)
+            print(f"{str((B, Hq, Hkv, Nq, Tk, D, G)):>30s} {str(dtype)[6:]:>9s} {errors}")
 
 
 if __name__ == "__main__":
@@ -325,7 +338,8 @@ if __name__ == "__main__":
             sys.exit(f"kernels.cu did not build: {_ext_error}")
         print("kernels.cu built and imported")
     elif "--check" in sys.argv:
-        assert torch.cuda.is_available() and load_extension() is not None, f"needs a GPU and the build ({_ext_error})"
+        assert torch.cuda.is_available() and load_extension() is not None, \
+            f"needs a GPU and the build ({_ext_error})"
         check()
     else:
         print(__doc__)

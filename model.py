@@ -1,7 +1,7 @@
 """
 The SmolVLM / Idefics3 vision-language model in plain PyTorch, and its checkpoint I/O.
 
-    image tiles -> SigLIP vision tower -> pixel shuffle + linear (connector) -> features
+    image tiles -> SigLIP vision tower (siglip.py) -> pixel shuffle + linear (connector) -> features
     text ids    -> embeddings, with the features written over the <image> positions
                 -> Llama decoder -> lm_head -> logits
 
@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+
+from siglip import VisionConfig, VisionTower, run_block
 
 
 class CheckpointError(ValueError):
@@ -31,18 +32,6 @@ class CheckpointError(ValueError):
 
 # -----------------------------------------------------------------------------
 # config
-
-
-@dataclass
-class VisionConfig:
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    patch_size: int = 16
-    image_size: int = 512
-    layer_norm_eps: float = 1e-6
-    num_channels: int = 3
 
 
 @dataclass
@@ -81,14 +70,18 @@ class VLMConfig:
         if not isinstance(t, dict):
             raise CheckpointError(f"{source}: no text_config (the language model's settings)")
         need = lambda key: t[key] if key in t else _missing(source, "text_config", key)
-        if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or t.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{source}: only gelu_pytorch_tanh (vision) and silu (text) activations are implemented")
+        if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" \
+                or t.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: only gelu_pytorch_tanh (vision) and silu (text) activations "
+                                  "are implemented")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise CheckpointError(f"{source}: rope type {rope.get('rope_type')!r} is not implemented (only 'default')")
+            raise CheckpointError(f"{source}: rope type {rope.get('rope_type')!r} is not implemented (only "
+                                  "'default')")
         heads = t.get("num_attention_heads", 32)  # the Llama default; SmolVLM2-2.2B leaves it out
         text = TextConfig(
-            vocab_size=need("vocab_size"), hidden_size=need("hidden_size"), intermediate_size=need("intermediate_size"),
+            vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
             num_hidden_layers=need("num_hidden_layers"), num_attention_heads=heads,
             num_key_value_heads=t.get("num_key_value_heads") or heads,
             head_dim=t.get("head_dim") or need("hidden_size") // heads,
@@ -116,86 +109,6 @@ class VLMConfig:
         }
 
 
-def run_block(block, recompute, *args):
-    """block(*args); with recompute (activation checkpointing) while training, its activations are
-    not kept but recomputed in the backward: memory per block drops to its input."""
-    if recompute and block.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
-# -----------------------------------------------------------------------------
-# vision tower: SigLIP over a variable-size patch grid
-
-
-class VisionEmbeddings(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.patch_size, self.side = c.patch_size, c.image_size // c.patch_size  # side: N patches per side
-        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
-        self.position_embedding = nn.Embedding(self.side**2, c.hidden_size)
-
-    def forward(self, pixels, patch_mask):  # (n, 3, H, W), (n, H/p, W/p) bool
-        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (n, S, D), patches row-major
-        # The valid nb_h x nb_w grid is spread over the N x N position table: coordinate k/nb falls
-        # into bucket floor(k/nb * N). Same float32 arithmetic as transformers, so ids are identical.
-        nb_h, nb_w = patch_mask[:, :, 0].sum(1), patch_mask[:, 0, :].sum(1)  # (n,)
-        boundaries = torch.arange(1 / self.side, 1.0, 1 / self.side, device=pixels.device)
-        rows = torch.arange(patch_mask.shape[1], device=pixels.device, dtype=torch.float32)
-        cols = torch.arange(patch_mask.shape[2], device=pixels.device, dtype=torch.float32)
-        frac_h = (rows[None] * (1.0 / nb_h)[:, None]).clamp(max=1 - 1e-6)
-        frac_w = (cols[None] * (1.0 / nb_w)[:, None]).clamp(max=1 - 1e-6)
-        ids_h = torch.bucketize(frac_h, boundaries, right=True)
-        ids_w = torch.bucketize(frac_w, boundaries, right=True)
-        ids = (ids_h[:, :, None] * self.side + ids_w[:, None, :]).flatten(1)
-        ids = torch.where(patch_mask.flatten(1), ids, 0)  # padded patches keep id 0
-        return x + self.position_embedding(ids)
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.n_head = c.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nn.Linear(c.hidden_size, c.hidden_size) for _ in range(4))
-
-    def forward(self, x, key_mask):  # (n, S, D), (n, 1, 1, S) bool or None
-        n, S, D = x.shape
-        q, k, v = (p(x).view(n, S, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(n, S, D))
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = VisionAttention(c)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x, key_mask):
-        x = x + self.self_attn(self.layer_norm1(x), key_mask)
-        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
-
-
-class VisionTower(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.embeddings = VisionEmbeddings(c)
-        self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.recompute = False  # activation checkpointing (VLM.checkpoint_activations)
-
-    def forward(self, pixels, patch_mask):  # (n, 3, H, W), (n, H/p, W/p) -> (n, S, D)
-        x = self.embeddings(pixels, patch_mask)
-        key_mask = None if patch_mask.all() else patch_mask.flatten(1)[:, None, None, :]
-        for layer in self.layers:
-            x = run_block(layer, self.recompute, x, key_mask)
-        return self.post_layernorm(x)
-
-
 def pick_device(name):
     """"auto" -> the GPU when there is one, else the CPU; any other name as torch spells it."""
     if name != "auto":
@@ -209,7 +122,18 @@ def device_problem(name):
         device = pick_device(name)
     except RuntimeError:
         return f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)"
-    return f"--device {name}: no CUDA GPU here" if device.type == "cuda" and not torch.cuda.is_available() else None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU here"
+    return None
+
+
+def peak_flops(device, tflops=0.0):
+    """Dense bf16 tensor-core peak FLOP/s of the GPU (the MFU denominator); None on CPU or if unknown."""
+    if tflops or device.type != "cuda":
+        return tflops * 1e12 or None
+    name = torch.cuda.get_device_name(device)
+    table = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
+    return next((t * 1e12 for key, t in table if key in name), None)
 
 
 def pixel_shuffle(x, s):  # (n, S, D) -> (n, S/s^2, D*s^2): each s x s block of patches becomes one token
@@ -256,8 +180,9 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x (B, T, C); mask (B, 1, T, Tk) bool, "causal" or None; cache: dict holding this layer's past k, v.
-        Returns the output and the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for attention masses."""
+        """x (B, T, C); mask (B, 1, T, Tk) bool, "causal" or None; cache: dict holding this layer's
+        past k, v. Returns the output and the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for
+        attention masses."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
@@ -268,7 +193,8 @@ class TextAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         causal = isinstance(mask, str)  # "causal": no padding, queries and keys aligned at the end
         if causal and T != k.shape[2]:  # a chunk after a cache: causal from the bottom-right
-            mask, causal = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T), False
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), q, k
@@ -311,15 +237,17 @@ class VLM(nn.Module):
         self.image_boost = None  # (f, layers) while boost_image_attention is on
         self.apply(self._init_weights)
 
-    def boost_image_attention(self, f=1.0, layers=":"):
-        """The test-time intervention AVAR reports (it released no code): log(f) added to the scores of the
-        image keys in `layers` (indices, or a slice "a:b"): their probabilities grow by f, then renormalise."""
-        if isinstance(layers, str):  # int() and the unpacking raise ValueError on anything but a:b
-            a, b = (int(x) if x.strip() else None for x in layers.split(":"))
-            layers = range(len(self.layers))[a:b]
-        if not f > 0 or not layers:
-            raise ValueError(f"image attention boost {f} in layers {list(layers)}: want f > 0 and some layer")
-        self.image_boost = (f, frozenset(layers)) if f != 1 else None  # f = 1: off, SDPA's fused kernels again
+    def boost_image_attention(self, f=1.0, layers=None):
+        """The test-time intervention AVAR reports (it released no code): log(f) added to the scores of
+        the image keys in `layers` (indices; None: all): their probabilities grow by f, then renormalise.
+        f = 1 turns it off. (Flags spell layer sets as config.layer_set reads them.)"""
+        layers = range(len(self.layers)) if layers is None else list(layers)
+        if not f > 0 or not layers or not all(0 <= i < len(self.layers) for i in layers):
+            raise ValueError(f"image attention boost {f} in layers {list(layers)}: want f > 0 and some of "
+                             "the "
+                             f"model's {len(self.layers)} layers")
+        # f = 1: off, SDPA's fused kernels again
+        self.image_boost = (f, frozenset(layers)) if f != 1 else None
 
     def checkpoint_activations(self, on=True):
         """Activation checkpointing for every vision and decoder block: recomputed in the backward.
@@ -361,20 +289,26 @@ class VLM(nn.Module):
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but the images give "
-                             f"{feats.shape[0]} features ({feats.shape[0] // self.config.image_seq_len} tiles "
-                             f"x {self.config.image_seq_len}); was the prompt expanded by the same processor?")
+                             f"{feats.shape[0]} features ({feats.shape[0] // self.config.image_seq_len} "
+                             "tiles "
+                             f"x {self.config.image_seq_len}); was the prompt expanded by the same "
+                             "processor?")
         return x.masked_scatter(slots[..., None], feats.to(x.dtype))  # tiles in order, global image last
 
     # --- the decoder
 
-    def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None, image_keys=None):
-        """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token; image_keys
-        (B, Tk) bool (for boost_image_attention). mass_fn(layer, q, k) gets post-RoPE q, k on mass_layers."""
+    def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None,
+               image_keys=None):
+        """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token;
+        image_keys (B, Tk) bool (for boost_image_attention). mass_fn(layer, q, k) gets post-RoPE q, k
+        on mass_layers."""
         mask = self.attention_bias(attention_mask, x.shape[1], shortcut=not self.image_boost)
         f, boost_layers = self.image_boost or (1.0, ())
         if boost_layers:  # in those layers a float mask: log f on the image keys' scores
-            boosted = torch.where(mask, math.log(f) * image_keys[:, None, None, :].to(x.dtype), float("-inf"))
-        cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
+            boosted = torch.where(mask, math.log(f) * image_keys[:, None, None, :].to(x.dtype),
+                                  float("-inf"))
+        cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta,
+                                x.dtype)
         masses = {}
         for i, layer in enumerate(self.layers):
             x, q, k = run_block(layer, self.recompute, x, cos, sin, boosted if i in boost_layers else mask,
@@ -424,8 +358,10 @@ class VLM(nn.Module):
             + 12 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * (lengths ** 2).sum()
         tiles = int((input_ids == self.config.image_token_id).sum()) // self.config.image_seq_len
         patches = (v.image_size // v.patch_size) ** 2
-        per_tile = patches * (6 * weights(self.vision) - 2 * weights(self.vision.embeddings.patch_embedding)) \
-            + 12 * v.num_hidden_layers * v.hidden_size * patches**2 + 6 * self.config.image_seq_len * weights(self.connector)
+        patch_embedding = weights(self.vision.embeddings.patch_embedding)
+        per_tile = patches * (6 * weights(self.vision) - 2 * patch_embedding) \
+            + 12 * v.num_hidden_layers * v.hidden_size * patches**2 \
+            + 6 * self.config.image_seq_len * weights(self.connector)
         return float(text) + tiles * per_tile
 
     # --- generation
@@ -443,7 +379,8 @@ class VLM(nn.Module):
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
         x = self.embed(input_ids, pixel_values, pixel_attention_mask)
         cache = [{} for _ in self.layers] if use_cache else None
-        out = torch.full((B, max_new_tokens), int(eos[0]) if eos.numel() else 0, dtype=torch.long, device=input_ids.device)
+        out = torch.full((B, max_new_tokens), int(eos[0]) if eos.numel() else 0, dtype=torch.long,
+                         device=input_ids.device)
         rows, step = torch.arange(B, device=input_ids.device), -1  # the batch rows still generating
         image_keys = input_ids == self.config.image_token_id
         for step in range(max_new_tokens):
@@ -460,7 +397,8 @@ class VLM(nn.Module):
             if not going.any():
                 break
             if not going.all():  # drop the finished rows
-                rows, x, mask, tok, image_keys = rows[going], x[going], mask[going], tok[going], image_keys[going]
+                rows, x, mask, tok = rows[going], x[going], mask[going], tok[going]
+                image_keys = image_keys[going]
                 for c in cache or []:
                     c["k"], c["v"] = c["k"][going], c["v"][going]
             x = torch.cat([x, self.embed_tokens(tok[:, None])], 1)
@@ -472,7 +410,8 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        config = VLMConfig.from_hf(_read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
+        config = VLMConfig.from_hf(_read_json(os.path.join(path, "config.json")),
+                                   os.path.join(path, "config.json"))
         hf = _load_safetensors(path)
         stored_dtype = next(iter(hf.values())).dtype if hf else torch.float32
         with torch.device("meta"):
@@ -481,9 +420,11 @@ class VLM(nn.Module):
         ours = model.state_dict()
         expected = set(names.values())
         missing = sorted(expected - hf.keys())
-        unexpected = sorted(hf.keys() - expected - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        unexpected = sorted(hf.keys() - expected - tied)
         shapes = [f"{names[k]}: checkpoint {tuple(hf[names[k]].shape)}, model {tuple(v.shape)}"
-                  for k, v in ours.items() if k in names and names[k] in hf and hf[names[k]].shape != v.shape]
+                  for k, v in ours.items() if k in names and names[k] in hf
+                  and hf[names[k]].shape != v.shape]
         if missing or unexpected or shapes:
             raise CheckpointError(f"checkpoint {path} does not fit its config.json:"
                              + "".join(f"\n  missing: {k}" for k in missing)
@@ -506,8 +447,10 @@ class VLM(nn.Module):
               if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         _atomic_write(os.path.join(path, "model.safetensors"),
                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-        cfg = {**self.config.to_hf(), **(extra_config or {}), "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
-        _atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        cfg = {**self.config.to_hf(), **(extra_config or {}),
+               "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
+        _atomic_write(os.path.join(path, "config.json"),
+                      lambda tmp: pathlib.Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
 def key_map(c: VLMConfig) -> dict:
@@ -588,7 +531,8 @@ def _load_file(path):
 
 
 def _load_safetensors(path):
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
         return _load_file(single)
     if os.path.exists(index):

@@ -1,5 +1,5 @@
 """
-The related methods on the SFT side, next to Att-CoT (REFERENCE.md section 3):
+The related methods on the SFT side, next to Att-CoT (docs/methods.md has their formulas):
 
 - AVAR's attention objective (arXiv 2603.03825): L = L_LM + a_img L_img + a_sys L_sys with, per
   layer and head, L_img = -log(mean over (query, image key) pairs of the attention + 1e-6) and
@@ -25,22 +25,18 @@ import eval as eval_mod
 from model import VLM, CheckpointError
 
 # -----------------------------------------------------------------------------
-# AVAR: query rows = the user's turn (its text and image tokens, data.P and data.V); key groups:
-# bit 0 the image tokens, bit 1 the "system" tokens. SmolVLM has no system prompt, so "system" is
-# the chat scaffolding before the user's content ("<|im_start|>User: ", data.S), which data.py tags.
+# AVAR: query rows = the user's turn (its text and image tokens, data.P and data.V); key groups: the
+# image, and the "system" tokens. SmolVLM has no system prompt, so "system" is the chat scaffolding
+# before the user's content ("<|im_start|>User: ", data.S), which data.py tags.
 
-
-def avar_inputs(spans):
-    """spans (B, T) -> rows, q_pos, row_span (data.reply_rows over the user's turn) and the key groups."""
-    rows, q_pos, row_span = data.reply_rows(spans, kinds=(data.P, data.V))
-    key_groups = ((spans == data.V).int() | ((spans == data.S).int() << 1)).to(torch.uint8)
-    return rows, q_pos, row_span, key_groups
+AVAR_ROWS, AVAR_GROUPS = (data.P, data.V), ("image", "system")
 
 
 def avar_terms(masses, layers, row_span, spans, eps=1e-6):
-    """masses {layer: (B, Hq, Nq, 2)} on avar_inputs' rows -> summed per-sample terms and their counts:
-    img_sum / img_count is L_img, sys_sum / sys_count is L_sys (samples without such keys left out).
-    Missing masses are an error: the released code falls back to plain LM loss without a word."""
+    """masses {layer: (B, Hq, Nq, 2)} on AVAR_ROWS over AVAR_GROUPS -> summed per-sample terms and
+    their counts: img_sum / img_count is L_img, sys_sum / sys_count is L_sys (samples without such
+    keys left out). Missing masses are an error: the released code falls back to plain LM loss
+    without a word."""
     missing = [layer for layer in layers if masses.get(layer) is None]
     if missing:
         raise RuntimeError(f"avar: no attention masses came back for layers {missing}")
@@ -49,7 +45,8 @@ def avar_terms(masses, layers, row_span, spans, eps=1e-6):
     valid = (row_span > 0).float()                                     # (B, Nq)
     n_keys = torch.stack([(spans == data.V).sum(1), (spans == data.S).sum(1)], -1)  # (B, 2)
     pairs = valid.sum(1, keepdim=True) * n_keys                        # (B, 2) (query, key) pairs
-    pair_mean = (m * valid[None, :, None, :, None]).sum(3) / pairs.clamp(min=1)[None, :, None]  # (L, B, H, 2)
+    # (L, B, H, 2)
+    pair_mean = (m * valid[None, :, None, :, None]).sum(3) / pairs.clamp(min=1)[None, :, None]
     logs = torch.log(pair_mean + eps).mean((0, 2))                     # (B, 2): mean over layers and heads
     has = pairs > 0
     return {"img_sum": -(logs[:, 0] * has[:, 0]).sum(), "img_count": has[:, 0].sum(),
@@ -76,7 +73,8 @@ def drift_bias(g, delta, mode):
     unit = delta / delta.norm().clamp(min=1e-12)
     if mode == "gradnorm":
         return g.norm() * unit
-    cos = (g.flatten().double() @ delta.flatten().double()) / (g.norm() * delta.norm()).double().clamp(min=1e-12)
+    norms = (g.norm() * delta.norm()).double().clamp(min=1e-12)
+    cos = (g.flatten().double() @ delta.flatten().double()) / norms
     return 0.5 * (1 + cos.to(g.dtype)) * g.norm() * unit               # adaptive_cosine
 
 
@@ -96,7 +94,8 @@ class Drift:
                 continue
             if name not in prior or prior[name].shape != p.shape:
                 got = tuple(prior[name].shape) if name in prior else "missing"
-                raise CheckpointError(f"--drift-prior {prior_path}: {name} is {got}, the model's is {tuple(p.shape)}")
+                raise CheckpointError(f"--drift-prior {prior_path}: {name} is {got}, the model's is "
+                                      f"{tuple(p.shape)}")
             delta = prior[name].to(p.device) - p.detach().float()
             if rescale:
                 delta = delta * p.detach().float().norm() / delta.norm().clamp(min=1e-12)
@@ -104,7 +103,8 @@ class Drift:
         if not self.delta:  # DRIFT's known failure: a name mismatch biases nothing and says nothing
             raise CheckpointError(f"--drift-prior {prior_path}: no language-model projection to bias "
                                   f"(looked for layers.*.{{{','.join(DRIFT_MODULES)}}}.weight)")
-        log(f"DRIFT {mode}, alpha {alpha}: biasing the gradients of {len(self.delta)} tensors toward {prior_path}")
+        log(f"DRIFT {mode}, alpha {alpha}: biasing the gradients of {len(self.delta)} tensors toward "
+            f"{prior_path}")
 
     @torch.no_grad()
     def apply(self, model):
@@ -136,15 +136,17 @@ def setup(cfg, model, proc, records, train_path, log=print):
                                     os.path.dirname(os.path.abspath(train_path)), seed=cfg.seed, log=log)
         model.train()
         if not records:
-            raise data.DataError(f"--difficulty {cfg.difficulty}: no training record has a success rate in that band")
+            raise data.DataError(f"--difficulty {cfg.difficulty}: no training record has a success rate in "
+                                 "that band")
     return drift, records
 
 
 def success_rates(model, proc, records, k, batch_size=64, max_new_tokens=160, seed=0, log=None):
     """k answers per record sampled at temperature 1 (batched, KV cache) -> the share right per record."""
     repeated = [r for r in records for _ in range(k)]
-    texts = eval_mod.generate_answers(model, proc, repeated, batch_size, max_new_tokens, log=log, temperature=1.0,
-                                      generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    texts = eval_mod.generate_answers(model, proc, repeated, batch_size, max_new_tokens, log=log,
+                                      temperature=1.0, generator=generator)
     right = [answers.is_right(r, t) for r, t in zip(repeated, texts)]
     return [sum(right[i * k:(i + 1) * k]) / k for i in range(len(records))]
 
@@ -179,11 +181,14 @@ def difficulty_filter(model, proc, records, band, k, cache_dir, batch_size=64, s
             json.dump({"k": k, "seed": seed, "rates": rates}, f)
         os.replace(tmp, cache)
         log(f"difficulty: {len(records)} x {k} samples in {time.time() - t0:.0f}s, rates cached in {cache}")
-    while dist and not os.path.exists(cache):  # the other ranks wait on the file, not in a collective: sampling
-        time.sleep(2)                          # may take longer than NCCL's timeout (10 minutes by default)
+    # the other ranks wait on the file, not in a collective: sampling may take longer than NCCL's
+    # timeout (10 minutes by default)
+    while dist and not os.path.exists(cache):
+        time.sleep(2)
     rates = json.load(open(cache))["rates"]
     log(f"difficulty: success rates from {cache}")
-    bands = collections.Counter("0" if r == 0 else "1" if r == 1 else f"< {lo:g}" if r < lo else f"> {hi:g}" if r > hi
+    bands = collections.Counter("0" if r == 0 else "1" if r == 1 else f"< {lo:g}" if r < lo
+                                else f"> {hi:g}" if r > hi
                                 else f"{lo:g}-{hi:g}" for r in rates)
     kept = [rec for rec, r in zip(records, rates) if lo <= r <= hi]
     by_type = collections.Counter(rec.get("type") for rec in kept)

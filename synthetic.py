@@ -39,7 +39,8 @@ def _render(grid, size):
             elif kind == "square":
                 draw.rectangle(box, fill=COLOURS[colour])
             else:
-                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLOURS[colour])
+                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)],
+                             fill=COLOURS[colour])
     return im
 
 
@@ -64,8 +65,10 @@ def _solve(grid, q):
         tally[key] += 1
         return f" ({key} {tally[key]})"
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells  # up to the asked cell
-    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked if rr == r) + "."
+    # up to the asked cell
+    walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked
+                                                 if rr == r) + "."
                     for r in sorted({r for r, _ in walked}))
     if q["type"] == "count":
         hits = [(r, c) for r, c in cells if grid[r][c] and grid[r][c][1] == q["kinds"][0]]
@@ -138,7 +141,8 @@ def _twin(rng, grid, q):
 
 def in_words(grid):
     """The grid as text, for the text-only version of the set (DRIFT's reasoning prior never sees pixels)."""
-    return " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "." for r in range(GRID))
+    return " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "."
+                    for r in range(GRID))
 
 
 def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
@@ -150,12 +154,14 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     cell = image_size / GRID
-    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell), round((rc[0] + 1) * cell)]
+    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell),
+                      round((rc[0] + 1) * cell)]
 
     def record(name, grid, q, **extra):
         _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
         answer, rationale, cells = _solve(grid, q)
-        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q), "rationale": rationale,
+        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q),
+                "rationale": rationale,
                 "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
 
     def text_twin(rec, grid):
@@ -163,7 +169,8 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
         return json.dumps({**rec, "question": f"The grid: {in_words(grid)} {rec['question']}"}) + "\n"
 
     for split, n in (("train", n_train), ("eval", n_eval)):
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f, open(os.path.join(out_dir, f"{split}_text.jsonl"), "w") as t:
+        with open(os.path.join(out_dir, f"{split}.jsonl"),
+                  "w") as f, open(os.path.join(out_dir, f"{split}_text.jsonl"), "w") as t:
             i = 0
             while i < n:
                 qtype = ("count", "compare", "cell")[i % 3]
@@ -199,7 +206,9 @@ def small_config(vocab_size, image_token_id):
     image tokens; 4 decoder layers of width 128."""
     return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
                                          num_attention_heads=3, patch_size=16, image_size=96),
-                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
+                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512,
+                                     num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                     rope_theta=10000.0,
                                      max_position_embeddings=2048),
                      scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")

@@ -44,7 +44,8 @@ def make_hf_processor(tokenizer_dir, tile, split=True, longest=None):
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     ip = Idefics3ImageProcessorPil(do_image_splitting=split, size={"longest_edge": longest or 3 * tile},
-                                   max_image_size={"longest_edge": tile}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                   max_image_size={"longest_edge": tile}, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3)
     return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4,
                              chat_template=data.SMOLVLM_CHAT_TEMPLATE)
 

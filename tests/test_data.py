@@ -8,6 +8,7 @@ from PIL import Image
 
 import data
 import synthetic
+from records import read_records
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def test_spans_and_labels(proc, tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
     path = write(tmp_path, "d.jsonl", [{"image": "a.png", "question": "How many red shapes are there?",
                                         "rationale": "Row 1: a large red circle.", "answer": "1"}])
-    ex = data.encode_record(proc, data.read_records(path)[0])
-    assert (ex["spans"] == data.V).sum() == 4 and (ex["input_ids"][ex["spans"] == data.V] == proc.image_token_id).all()
+    ex = data.encode_record(proc, read_records(path)[0])
+    assert (ex["spans"] == data.V).sum() == 4
+    assert (ex["input_ids"][ex["spans"] == data.V] == proc.image_token_id).all()
     assert text_of(proc, ex, data.R) == " Row 1: a large red circle."
     assert text_of(proc, ex, data.A) == " Answer: 1<end_of_utterance>\n"
     assert text_of(proc, ex, data.P).endswith("How many red shapes are there?<end_of_utterance>\nAssistant:")
@@ -43,10 +45,12 @@ def test_spans_and_labels(proc, tmp_path):
 def test_think_format_and_llava_json(proc, tmp_path):
     path = tmp_path / "llava.json"
     path.write_text(json.dumps([{"conversations": [
-        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "<think>look left</think><answer>B</answer>"}]}]))
-    ex = data.encode_record(proc, data.read_records(str(path))[0])
+        {"from": "human", "value": "How many?"},
+        {"from": "gpt", "value": "<think>look left</think><answer>B</answer>"}]}]))
+    ex = data.encode_record(proc, read_records(str(path))[0])
     head, question = text_of(proc, ex, data.S), text_of(proc, ex, data.P)  # " How" is one token here
-    assert data.chat_head(proc).startswith(head) and head + question == data.chat_head(proc) + question.lstrip()
+    assert data.chat_head(proc).startswith(head)
+    assert head + question == data.chat_head(proc) + question.lstrip()
     assert question.lstrip().startswith("How many?")
     assert text_of(proc, ex, data.R).startswith(" <think>look left")
     assert text_of(proc, ex, data.A).endswith("answer>B</answer><end_of_utterance>\n")
@@ -56,10 +60,12 @@ def test_think_format_and_llava_json(proc, tmp_path):
 def test_long_rationale_and_length_policy(proc, tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     long = " ".join(["Row 1: a large red circle, nothing."] * 400)
-    path = write(tmp_path, "d.jsonl", [{"image": "a.png", "question": "How many?", "rationale": long, "answer": "2"}])
-    rec = data.read_records(path)[0]
+    path = write(tmp_path, "d.jsonl",
+                 [{"image": "a.png", "question": "How many?", "rationale": long, "answer": "2"}])
+    rec = read_records(path)[0]
     ex = data.encode_record(proc, rec, max_len=100000)
-    assert (ex["spans"] == data.R).sum() > 2000 and text_of(proc, ex, data.A) == " Answer: 2<end_of_utterance>\n"
+    assert (ex["spans"] == data.R).sum() > 2000
+    assert text_of(proc, ex, data.A) == " Answer: 2<end_of_utterance>\n"
     with pytest.raises(data.RecordError, match="too long"):
         data.encode_record(proc, rec, max_len=500)  # rejected whole: the answer is never cut
 
@@ -83,51 +89,58 @@ def test_bad_records_are_counted_or_named(proc, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     skips = data.Skips()
-    records = data.read_records(str(path), skips)
+    records = read_records(str(path), skips)
     kept = data.encode_all(proc, records, skips=skips)
     assert len(kept) == 2
-    assert skips == {"cannot read image": 2, "no answer": 1, "no <image> place for each image": 1, "bad JSON": 2,
+    assert skips == {"cannot read image": 2, "no answer": 1,
+                     "no <image> place for each image": 1, "bad JSON": 2,
                      "no question": 1, "bad image field": 1}
     assert skips.examples[0].startswith(f"{path}:4: no answer") and len(skips.examples) == 3
-    assert "8 skipped (bad JSON: 2, cannot read image: 2" in str(skips) and f"{path}:6: bad JSON" in str(skips)
+    assert "8 skipped (bad JSON: 2, cannot read image: 2" in str(skips)
+    assert f"{path}:6: bad JSON" in str(skips)
     with pytest.raises(data.RecordError, match=r"d.jsonl:2: cannot read image"):
-        data.encode_all(proc, data.read_records(str(path), data.Skips()), skips=data.Skips(strict=True))
+        data.encode_all(proc, read_records(str(path), data.Skips()), skips=data.Skips(strict=True))
     with pytest.raises(data.RecordError, match=r"d.jsonl:4: no answer"):
-        data.read_records(str(path))  # no Skips given: strict
+        read_records(str(path))  # no Skips given: strict
 
 
 def test_bad_llava_records(tmp_path):
     path = tmp_path / "l.json"
     path.write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "look Answer: B"}]},
-        {"conversations": [{"from": "human", "value": "How many?"}]},                                 # no gpt turn
-        {"conversations": [{"from": "gpt", "value": "Answer: B"}]},                                # no question
-        {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "B"}]},  # no marker
+        {"conversations": [{"from": "human", "value": "How many?"},
+                           {"from": "gpt", "value": "look Answer: B"}]},
+        {"conversations": [{"from": "human", "value": "How many?"}]},
+        # no gpt turn
+        {"conversations": [{"from": "gpt", "value": "Answer: B"}]},
+        # no question
+        {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "B"}]},
+        # no marker
         {"image": "x.png"}, "text"]))
     skips = data.Skips()
-    records = data.read_records(str(path), skips)
+    records = read_records(str(path), skips)
     assert [r["answer"] for r in records] == ["B"]
     assert skips == {"no value": 2, "no answer": 1, "no conversations": 2}
     assert "l.json:record 2 gpt turn: no value" in skips.examples[0]
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(data.DataError, match="l.json: expected a JSON list"):
-        data.read_records(str(path), data.Skips())
+        read_records(str(path), data.Skips())
     path.write_text("[{")
     with pytest.raises(data.DataError, match="l.json: not valid JSON"):
-        data.read_records(str(path), data.Skips())
+        read_records(str(path), data.Skips())
     with pytest.raises(FileNotFoundError, match="nope.jsonl: data file not found"):
-        data.read_records(str(tmp_path / "nope.jsonl"))
+        read_records(str(tmp_path / "nope.jsonl"))
 
 
 def test_collate_mixed_image_counts(proc, tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     rows = [{"image": ["a.png", "a.png"], "question": "two", "rationale": "r", "answer": "1"},
             {"question": "text only", "rationale": "longer rationale here", "answer": "2"}]
-    kept = data.encode_all(proc, data.read_records(write(tmp_path, "d.jsonl", rows)))
+    kept = data.encode_all(proc, read_records(write(tmp_path, "d.jsonl", rows)))
     b = data.collate(kept, proc.pad_token_id)
     assert b["pixel_values"].shape[:2] == (2, 2) and (b["pixel_values"][1] == 0).all()
     assert b["attention_mask"].sum(1).tolist() == [len(e["input_ids"]) for e in kept]
-    assert (b["spans"][b["attention_mask"] == 0] == 0).all() and (b["labels"][b["attention_mask"] == 0] == -100).all()
+    assert (b["spans"][b["attention_mask"] == 0] == 0).all()
+    assert (b["labels"][b["attention_mask"] == 0] == -100).all()
 
 
 def read_grid(path, grid=3):
@@ -176,10 +189,13 @@ def test_synthetic_set(tmp_path):
             want = cells[looked_at[0]][0]
         assert r["answer"] == want, (r["id"], q)
         said = [None if s[0] == "nothing" else (s[2], s[3], s[1]) for s in said]
-        assert said == cells[:len(said)] and len(said) == (9 if r["type"] != "cell" else looked_at[0] + 1), r["id"]
-        cell_of_box = lambda b: int((b[1] + b[3]) / 2 // 64) * 3 + int((b[0] + b[2]) / 2 // 64)  # x0 y0 x1 y1
+        assert said == cells[:len(said)]
+        assert len(said) == (9 if r["type"] != "cell" else looked_at[0] + 1), r["id"]
+        # x0 y0 x1 y1
+        cell_of_box = lambda b: int((b[1] + b[3]) / 2 // 64) * 3 + int((b[0] + b[2]) / 2 // 64)
         assert sorted(map(cell_of_box, r["boxes"])) == looked_at, r["id"]
-    top = lambda rs, t: max(sum(r["answer"] == a for r in rs if r["type"] == t) for a in {r["answer"] for r in rs})
+    top = lambda rs, t: max(sum(r["answer"] == a for r in rs if r["type"] == t)
+                            for a in {r["answer"] for r in rs})
     assert top(tr, "compare") / 30 > 0.65 and top(tr, "count") / 30 > 0.45  # the text prior
     twins = {r["twin_of"]: r for r in ev if "twin_of" in r}
     assert len(twins) == 30
@@ -193,11 +209,13 @@ def test_record_prompt_places_images_once(proc, tmp_path):
     """Training and evaluation build prompts the same way: JSONL images go before the question,
     LLaVA questions keep their own <image> places (never doubled)."""
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
-    jsonl = data.read_records(write(tmp_path, "d.jsonl", [{"image": "a.png", "question": "How many?",
+    jsonl = read_records(write(tmp_path, "d.jsonl", [{"image": "a.png", "question": "How many?",
                                                              "rationale": "r", "answer": "1"}]))[0]
     (tmp_path / "l.json").write_text(json.dumps([{"image": "a.png", "conversations": [
         {"from": "human", "value": "Look: <image> How many?"}, {"from": "gpt", "value": "r Answer: 1"}]}]))
-    llava = data.read_records(str(tmp_path / "l.json"))[0]
-    assert data.record_prompt(proc, jsonl) == "<|im_start|>User: <image>How many?<end_of_utterance>\nAssistant:"
-    assert data.record_prompt(proc, llava) == "<|im_start|>User: Look: <image> How many?<end_of_utterance>\nAssistant:"
+    llava = read_records(str(tmp_path / "l.json"))[0]
+    assert data.record_prompt(proc, jsonl) == \
+        "<|im_start|>User: <image>How many?<end_of_utterance>\nAssistant:"
+    assert data.record_prompt(proc, llava) == \
+        "<|im_start|>User: Look: <image> How many?<end_of_utterance>\nAssistant:"
     assert (data.encode_record(proc, llava)["spans"] == data.V).sum() == 4

@@ -1,4 +1,4 @@
-"""Answer extraction and scoring on hand-written cases (REFERENCE.md section 4), and each measure of
+"""Answer extraction and scoring on hand-written cases (docs/methods.md section 9), and each measure of
 evaluate() on a case whose value is known (a stub generator stands in for the model)."""
 from types import SimpleNamespace
 
@@ -30,17 +30,21 @@ def test_extract_answer(reply, answer):
     ("(B)", "B", CHOICES, True, True),
     ("B.", "B", CHOICES, True, True),
     ("B) green", "B", CHOICES, True, True),
-    ("the answer is b", "B", CHOICES, False, False),                     # lower-case b is not an option letter
+    ("the answer is b", "B", CHOICES, False, False),
+    # lower-case b is not an option letter
     ("it is a green one", "B", CHOICES, True, True),                     # "a" is an article; "green" names B
     ("A green one.", "B", CHOICES, True, True),                          # so is a sentence's first "A"
     ("It is red. A blue one is not.", "A", CHOICES, False, False),       # ... and "red" and "blue" are two
     ("A is right", "A", CHOICES, True, True),                            # "A" before a verb is the letter
-    ("A has the most circles", "A", CHOICES, True, True),                # ... whatever the verb: no option text named
-    ("A red or a blue one", "A", CHOICES, False, False),                 # two option texts, and "A" is their article
+    ("A has the most circles", "A", CHOICES, True, True),
+    # ... whatever the verb: no option text named
+    ("A red or a blue one", "A", CHOICES, False, False),
+    # two option texts, and "A" is their article
     ("A or B", "B", CHOICES, False, False),                              # two letters: unreadable
     ("red and green", "B", CHOICES, False, False),                       # two option texts: unreadable
     ("D", "B", CHOICES, False, False),                                   # no option D
-    ("blue", "blue", CHOICES, True, True),                               # option text names C; so does the gold
+    ("blue", "blue", CHOICES, True, True),
+    # option text names C; so does the gold
     ("b", "B", CHOICES, True, True),                                     # a bare letter in any case
     ("19", "20", None, False, True),                                     # counting is exact
     ("20", "20", None, True, True),
@@ -57,7 +61,8 @@ def test_extract_answer(reply, answer):
     ("", "yes", None, False, False),
 ])
 def test_scoring_table(pred, gold, choices, correct, readable):
-    assert answers.is_correct(pred, gold, choices) is correct
+    assert answers.matches(answers.parse_answer(pred, gold, choices),
+                           {"answer": gold, "choices": choices}) is correct
     assert (answers.parse_answer(pred, gold, choices) is not None) is readable
 
 
@@ -73,21 +78,26 @@ YES_NO, COLOURS = ["no", "yes"], ["blue", "green", "red", "yellow"]
     ("the red one", "red", COLOURS, True, True),
     ("red, not blue", "red", COLOURS, False, False),
     ("a large green circle", "red", COLOURS, False, True),
-    ("dark red", "red", ["red", "dark red"], False, True),                   # "red" inside "dark red" is one name
-    ("Row 1: nothing", "yes", None, False, True),                            # open-ended: any text is an answer
+    ("dark red", "red", ["red", "dark red"], False, True),
+    # "red" inside "dark red" is one name
+    ("Row 1: nothing", "yes", None, False, True),
+    # open-ended: any text is an answer
     ("dark red and red", "red", ["red", "dark red"], False, False),          # both said
 ])
 def test_unparseable_means_no_candidate_or_several(pred, gold, candidates, correct, readable):
-    assert answers.is_correct(pred, gold, None, candidates) is correct
+    rec = {"answer": gold, "candidates": candidates}
+    assert answers.is_right(rec, pred) is correct
     assert (answers.parse_answer(pred, gold, None, candidates) is not None) is readable
 
 
 def test_evaluate_reads_answers_among_the_training_answers_of_their_type(monkeypatch):
     """The CoT reply "Row 1: nothing" to a yes/no question is unparseable once the type's candidates
     (yes, no: the training answers) are known."""
-    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: ["Row 1: nothing" for r in recs])
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a,
+                        **kw: ["Row 1: nothing" for r in recs])
     recs = [r for r in records() if r["type"] == "compare"]
-    ev = eval_mod.evaluate(None, None, recs, [{"type": "compare", "answer": a} for a in ("yes", "no")], commitment=False)
+    ev = eval_mod.evaluate(None, None, recs, [{"type": "compare", "answer": a} for a in ("yes", "no")],
+                           commitment=False)
     assert ev["unparseable"] == 2 and ev["unparseable_direct"] == 2
     ev = eval_mod.evaluate(None, None, recs, [], commitment=False)
     assert ev["unparseable"] == 0  # no candidates: the text itself is the (wrong) answer
@@ -101,12 +111,15 @@ def test_candidate_sets_fold_case_and_keep_the_gold():
     assert answers.candidate_sets(train) == {"yn": ["no", "yes"]}
     recs = answers.with_candidates([{"type": "yn", "answer": "maybe"}, {"answer": "a blue square"},
                                      {"type": "free", "answer": "thing 3"}], train)
-    assert recs[0]["candidates"] == ["maybe", "no", "yes"] and "candidates" not in recs[1] and "candidates" not in recs[2]
-    assert answers.read_answer(recs[0], "Answer: maybe.") == "maybe" and answers.read_answer(recs[2], "It is thing 3") == "it is thing 3"
+    assert recs[0]["candidates"] == ["maybe", "no", "yes"] and "candidates" not in recs[1]
+    assert "candidates" not in recs[2]
+    assert answers.read_answer(recs[0], "Answer: maybe.") == "maybe"
+    assert answers.read_answer(recs[2], "It is thing 3") == "it is thing 3"
 
 
 def test_gold_option_text_is_matched_to_its_letter():
-    assert answers.is_correct("C", "blue", CHOICES) and not answers.is_correct("A", "blue", CHOICES)
+    rec = {"answer": "blue", "choices": CHOICES}
+    assert answers.is_right(rec, "Answer: C") and not answers.is_right(rec, "Answer: A")
 
 
 def test_bootstrap_interval():
@@ -122,7 +135,8 @@ def test_bootstrap_interval():
             if cdf >= q and q not in quantiles:
                 quantiles[q] = i / n
     lo, hi = eval_mod.bootstrap_ci([1] * k + [0] * (n - k), n=20000)
-    assert lo == pytest.approx(quantiles[0.025], abs=0.0026) and hi == pytest.approx(quantiles[0.975], abs=0.0026)
+    assert lo == pytest.approx(quantiles[0.025], abs=0.0026)
+    assert hi == pytest.approx(quantiles[0.975], abs=0.0026)
     assert eval_mod.bootstrap_ci([1, 1, 1]) == (1.0, 1.0) and eval_mod.bootstrap_ci([]) is None
 
 
@@ -130,7 +144,8 @@ def records():
     """Two items with their twins, the twin of a third whose original was cut off (--eval-limit)."""
     r = lambda i, answer, t="count", **kw: {"id": i, "question": "How many?", "answer": answer, "type": t,
                                              "images": [], "source": f"f:{i}", **kw}
-    return [r("a", "2"), r("ab", "3", twin_of="a"), r("b", "yes", "compare"), r("bb", "no", "compare", twin_of="b"),
+    return [r("a", "2"), r("ab", "3", twin_of="a"), r("b", "yes", "compare"),
+            r("bb", "no", "compare", twin_of="b"),
             r("cb", "1", twin_of="c")]
 
 
@@ -139,7 +154,8 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
     prior agreement 1, accuracy = where the prior happens to be right, no pair consistent."""
     train = [{"type": "count", "answer": "1"}] * 3 + [{"type": "compare", "answer": "yes"}] * 2
     prior = {"count": "So 1. Answer: 1", "compare": "Answer: yes"}
-    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: [prior[r["type"]] for r in recs])
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a,
+                        **kw: [prior[r["type"]] for r in recs])
     ev = eval_mod.evaluate(None, None, records(), train, commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(2 / 5) and ev["text_prior_accuracy"] == pytest.approx(2 / 5)
     assert ev["prior_agreement"] == 1.0 and ev["unparseable"] == 0
@@ -149,7 +165,8 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
 
 def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
     monkeypatch.setattr(eval_mod, "generate_answers",
-                        lambda m, p, recs, *a, **kw: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
+                        lambda m, p, recs, *a,
+                        **kw: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(4 / 5) and ev["unparseable"] == 1
     assert ev["counterfactual_consistency"] == 0.5 and ev["prior_agreement"] == 0.0
@@ -158,7 +175,9 @@ def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
 @pytest.fixture(scope="module")
 def proc():
     import data
-    corpus = ["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30 + [f"Answer: {n}" for n in ("0", "1", "3", "7", "A", "B", "C", "green")] * 10
+    answers_seen = ("0", "1", "3", "7", "A", "B", "C", "green")
+    corpus = ["Row 1: a red circle. Row 2: nothing. So 2 circles. Answer: 2"] * 30 \
+        + [f"Answer: {n}" for n in answers_seen] * 10
     return data.new_processor(corpus, tile=32, image_seq_len=4, vocab_size=300)
 
 
@@ -252,17 +271,21 @@ def test_early_commitment_scores_the_training_format(proc, monkeypatch):
 def test_early_commitment_leaves_out_and_counts(proc):
     """No candidate set (open-ended), or a final answer outside it: left out, counted by reason."""
     recs, texts = count_records()
-    recs = recs + [{**recs[0], "id": "open", "candidates": None, "answer": "a circle"}, {**recs[0], "id": "seven"}]
+    recs = recs + [{**recs[0], "id": "open", "candidates": None, "answer": "a circle"},
+                   {**recs[0], "id": "seven"}]
     texts = texts + [" Row 1: a circle. Answer: a circle", " So 7. Answer: 7"]
     ec = commitment.early_commitment(late_model(proc), proc, recs, texts)
-    assert ec["n"] == 3 and ec["left_out"] == {"no candidate set (open-ended)": 1, "final answer not a candidate": 1}
+    assert ec["n"] == 3
+    assert ec["left_out"] == {"no candidate set (open-ended)": 1, "final answer not a candidate": 1}
 
 
 def test_early_commitment_scores_the_end_of_the_answer(proc):
     """" 0" is the likelier first token, but the stub would go on after it (<end_of_utterance> at
     logit -30 there): the candidate 2, which ends, is the forced answer at every cut."""
-    zero, two, eou = one_token(proc, " 0"), one_token(proc, " 2"), proc.tokenizer.token_to_id("<end_of_utterance>")
-    model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {zero: 5.0, two: 2.0, **({eou: -30.0} if ids[-1] == zero else {})})
+    zero, two = one_token(proc, " 0"), one_token(proc, " 2")
+    eou = proc.tokenizer.token_to_id("<end_of_utterance>")
+    model = HandSetModel(proc.tokenizer.get_vocab_size(),
+                         lambda ids: {zero: 5.0, two: 2.0, **({eou: -30.0} if ids[-1] == zero else {})})
     recs, texts = count_records()
     assert commitment.early_commitment(model, proc, recs, texts)["agreement"] == [1.0] * 5
 
@@ -270,12 +293,15 @@ def test_early_commitment_scores_the_end_of_the_answer(proc):
 def test_early_commitment_of_a_multiple_choice_record(proc):
     """The candidates of a multiple-choice record are its option letters (a letter gold) or its option
     texts (a text gold); the forced answer is compared with the final answer by its reading."""
-    rec = {"id": "m", "question": "Which colour?", "answer": "B", "type": "mc", "images": [], "source": "f:1",
+    rec = {"id": "m", "question": "Which colour?", "answer": "B", "type": "mc", "images": [],
+           "source": "f:1",
            "choices": ["A. red", "B. green", "C. blue"]}
     assert commitment.forced_candidates(rec) == ["A", "B", "C"]
     assert commitment.forced_candidates({**rec, "answer": "green"}) == ["red", "green", "blue"]
-    model = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {one_token(proc, " B"): 5.0, one_token(proc, " green"): 5.0})
-    ec = commitment.early_commitment(model, proc, [rec, {**rec, "id": "m2"}], [" Row 1: a circle. Answer: B", " So. Answer: green"])
+    model = HandSetModel(proc.tokenizer.get_vocab_size(),
+                         lambda ids: {one_token(proc, " B"): 5.0, one_token(proc, " green"): 5.0})
+    ec = commitment.early_commitment(model, proc, [rec, {**rec, "id": "m2"}],
+                                     [" Row 1: a circle. Answer: B", " So. Answer: green"])
     assert ec["n"] == 2 and ec["agreement"] == [1.0] * 5 and ec["accuracy"] == [1.0] * 5
 
 
@@ -288,7 +314,8 @@ def test_early_commitment_reads_the_image(proc, tmp_path):
     zero, two = one_token(proc, " 0"), one_token(proc, " 2")
 
     class LooksAtPixels(HandSetModel):
-        def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, **kw):
+        def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
+                    **kw):
             n_image = (input_ids == proc.image_token_id).sum(1)
             assert (n_image == proc.image_seq_len).all()  # one tile of 4 image tokens per sequence
             bright = pixel_values.flatten(1).mean(1) > 0
@@ -296,9 +323,11 @@ def test_early_commitment_reads_the_image(proc, tmp_path):
             logits[bright, :, two], logits[~bright, :, zero] = 5.0, 5.0
             return SimpleNamespace(logits=logits)
     recs, texts = count_records()
-    recs = [{**r, "images": [str(tmp_path / ("bright.png" if i % 2 == 0 else "dark.png"))]} for i, r in enumerate(recs)]
+    recs = [{**r, "images": [str(tmp_path / ("bright.png" if i % 2 == 0 else "dark.png"))]}
+            for i, r in enumerate(recs)]
     ec = commitment.early_commitment(LooksAtPixels(proc.tokenizer.get_vocab_size(), None), proc, recs, texts)
-    assert ec["agreement"] == [pytest.approx(2 / 3)] * 5  # the final answer is 2: right on the two bright images
+    # the final answer is 2: right on the two bright images
+    assert ec["agreement"] == [pytest.approx(2 / 3)] * 5
 
 
 def test_early_commitment_through_evaluate_takes_candidates_from_training(monkeypatch, proc):
@@ -308,10 +337,12 @@ def test_early_commitment_through_evaluate_takes_candidates_from_training(monkey
                         lambda m, p, recs, *a, **kw: [f" {RATIONALE} Answer: {r['answer']}" for r in recs])
     train = [{"type": "count", "answer": n} for n in ("0", "1", "2", "3")]
     early = HandSetModel(proc.tokenizer.get_vocab_size(), lambda ids: {one_token(proc, " 2"): 5.0})
-    recs = [r for r in records() if r["id"] in ("a", "ab")] + [{**records()[0], "id": "z", "type": "describe"}]
+    recs = [r for r in records()
+            if r["id"] in ("a", "ab")] + [{**records()[0], "id": "z", "type": "describe"}]
     ev = eval_mod.evaluate(early, proc, recs, train)
     ec = ev["early_commitment"]
-    assert ec["n"] == 2 and ec["left_out"] == {"no candidate set (open-ended)": 1}  # z: no training answers of its type
+    assert ec["n"] == 2
+    assert ec["left_out"] == {"no candidate set (open-ended)": 1}  # z: no training answers of its type
     assert ec["agreement"] == [0.5] * 5  # the stub always ranks 2 first: right for a, not for ab
     assert set(ev["seconds"]) == {"cot", "direct", "masses", "commitment", "occlusion", "heatmaps"}
     assert ev["where_it_looks"] is None and ev["heatmaps"] == []  # no layers
@@ -324,7 +355,8 @@ def check_control(evidence, control, width, height):
     ev, ct = boxes_mod.painted(evidence, width, height), boxes_mod.painted(control, width, height)
     assert all(0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height for b in control)
     assert not (ev & ct).any()
-    assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in control) == int(ct.sum())  # no two control boxes overlap
+    # no two control boxes overlap
+    assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in control) == int(ct.sum())
     assert abs(int(ct.sum()) - int(ev.sum())) <= 0.02 * int(ev.sum())
     return np.count_nonzero(ct)
 
@@ -335,7 +367,8 @@ def test_control_boxes_on_hand_made_evidence():
     evidence = [(0, 0, 32, 32), (32, 64, 64, 96), (64, 0, 96, 32)]
     for _ in range(30):
         boxes, rule = boxes_mod.control_boxes(evidence, 96, 96, rng)
-        assert rule == "the evidence's boxes" and sorted((b[2] - b[0], b[3] - b[1]) for b in boxes) == [(32, 32)] * 3
+        assert rule == "the evidence's boxes"
+        assert sorted((b[2] - b[0], b[3] - b[1]) for b in boxes) == [(32, 32)] * 3
         check_control(evidence, boxes, 96, 96)
     centre = [(24, 24, 72, 72)]  # a 48 x 48 box fits nowhere around it (24-px margins): four 24 x 24 do
     boxes, rule = boxes_mod.control_boxes(centre, 96, 96, rng)
@@ -345,10 +378,12 @@ def test_control_boxes_on_hand_made_evidence():
     boxes, rule = boxes_mod.control_boxes(frame, 96, 96, rng)
     assert rule == "each box cut in 4 x 4" and len(boxes) == 16
     check_control(frame, boxes, 96, 96)
-    overlapping = [(0, 0, 40, 40), (20, 20, 60, 60)]  # the union (2,800 px), not the sum of the areas (3,200)
+    # the union (2,800 px), not the sum of the areas (3,200)
+    overlapping = [(0, 0, 40, 40), (20, 20, 60, 60)]
     boxes, rule = boxes_mod.control_boxes(overlapping, 96, 96, rng)
     assert check_control(overlapping, boxes, 96, 96) == 2800
-    assert boxes_mod.control_boxes([(0, 0, 96, 60)], 96, 96, rng) == (None, "no room")  # more than half the image
+    # more than half the image
+    assert boxes_mod.control_boxes([(0, 0, 96, 60)], 96, 96, rng) == (None, "no room")
 
 
 def test_control_boxes_on_the_whole_synthetic_eval_set(tmp_path):
@@ -379,7 +414,8 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
     im = Image.new("RGB", (96, 96), (255, 255, 255))
     im.paste((255, 0, 0), (0, 0, 32, 32))
     im.save(tmp_path / "a.png")
-    rec = lambda i, boxes: {"id": f"r{i}", "question": "Colour?", "answer": "green", "type": "cell", "source": f"f:{i}",
+    rec = lambda i, boxes: {"id": f"r{i}", "question": "Colour?", "answer": "green", "type": "cell",
+                            "source": f"f:{i}",
                             "images": [str(tmp_path / "a.png")], "boxes": boxes}
     recs = [rec(i, [[0, 0, 32, 32]]) for i in range(6)] + [rec(6, [[0, 0, 96, 64]])]
     recs.append({k: v for k, v in rec(7, None).items() if k != "boxes"})
@@ -390,19 +426,22 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
         return [f"Answer: {'red' if pixel(r) == (255, 0, 0) else 'grey'}" for r in records]
     monkeypatch.setattr(eval_mod, "generate_answers", reads_the_box)
     got = eval_mod.occlusion(None, None, recs, ["Answer: red"] * len(recs))
-    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0, "control_rules": {"the evidence's boxes": 6},
+    assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0,
+                   "control_rules": {"the evidence's boxes": 6},
                    "left_out": {"no room": 1, "no evidence box": 1}}
     assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
     assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
 
 
 def test_table_shows_every_measure(monkeypatch):
-    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a, **kw: [f"So. Answer: {r['answer']}" for r in recs])
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a,
+                        **kw: [f"So. Answer: {r['answer']}" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     text = eval_mod.table({"sft": {**ev, "wall_seconds": 1.5}, "attcot": {**ev, "wall_seconds": 2.0}})
     assert text.splitlines()[0].split() == ["sft", "attcot"] and "accuracy_cot_ci95" in text
     assert [l.split()[-1] for l in text.splitlines() if l.startswith("wall_seconds")] == ["2.000"]
-    assert sum(l.startswith("forced at") for l in text.splitlines()) == 5  # '-' where a measure was not taken
+    # '-' where a measure was not taken
+    assert sum(l.startswith("forced at") for l in text.splitlines()) == 5
 
 
 def test_direct_prompting_on_a_stub_that_needs_its_rationale(monkeypatch):
@@ -413,18 +452,22 @@ def test_direct_prompting_on_a_stub_that_needs_its_rationale(monkeypatch):
     def generate(model, proc, recs, *a, **kw):
         asked.extend(r["question"] for r in recs)
         prior = {"count": "1", "compare": "yes"}
-        return [prior[r["type"]] if r["question"].endswith(eval_mod.DIRECT) else f"Looked. Answer: {r['answer']}" for r in recs]
+        return [prior[r["type"]] if r["question"].endswith(eval_mod.DIRECT)
+                else f"Looked. Answer: {r['answer']}" for r in recs]
     monkeypatch.setattr(eval_mod, "generate_answers", generate)
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
-    assert ev["accuracy_cot"] == 1.0 and ev["accuracy_direct"] == pytest.approx(2 / 5)  # "yes" for b, "1" for cb
-    assert ev["unparseable_direct"] == 0 and ev["accuracy_direct_ci95"][0] < 0.4 < ev["accuracy_direct_ci95"][1]
+    assert ev["accuracy_cot"] == 1.0
+    assert ev["accuracy_direct"] == pytest.approx(2 / 5)  # "yes" for b, "1" for cb
+    assert ev["unparseable_direct"] == 0
+    assert ev["accuracy_direct_ci95"][0] < 0.4 < ev["accuracy_direct_ci95"][1]
     assert asked == ["How many?"] * 5 + ["How many?" + eval_mod.DIRECT] * 5
 
 
 def hand_result(scale, image):
     """An evaluate() result with every measure, numbers made up (scaled per model)."""
     return {"n": 10, "accuracy_cot": 0.8 * scale, "accuracy_cot_ci95": (0.5 * scale, 0.95 * scale),
-            "accuracy_direct": 0.4 * scale, "accuracy_direct_ci95": (0.2, 0.6), "unparseable": 0, "unparseable_direct": 1,
+            "accuracy_direct": 0.4 * scale, "accuracy_direct_ci95": (0.2, 0.6), "unparseable": 0,
+            "unparseable_direct": 1,
             "reply_tokens": {"cot": 60.0, "direct": 3.0}, "text_prior_accuracy": 0.3, "prior_agreement": 0.5,
             "counterfactual_consistency": 0.7, "vas_rationale": 0.5 * scale, "wall_seconds": 3.0,
             "where_it_looks": {w: {"layers": [0, 1, 2], "image_mass_by_layer": [0.1, 0.5 * scale, 0.9],
@@ -432,14 +475,17 @@ def hand_result(scale, image):
                                    "answer_mass_on_rationale": 0.5, "answer_mass_on_image": 0.4, "n": 10}
                                for w in ("gold", "own")},
             "early_commitment": {"cuts": [0, 25, 50, 75, 100], "agreement": [0.1, 0.2, 0.3, 0.5, 1.0],
-                                 "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8], "final_answer_probability": [0.3, 0.4, 0.5, 0.6, 0.9],
+                                 "accuracy": [0.1, 0.2, 0.3, 0.5, 0.8],
+                                 "final_answer_probability": [0.3, 0.4, 0.5, 0.6, 0.9],
                                  "n": 10, "left_out": {}},
             "occlusion": {"n": 8, "evidence_changed": 0.6, "control_changed": 0.2,
                           "control_rules": {"the evidence's boxes": 8}, "left_out": {"no room": 1}},
-            "heatmaps": [{"image": image, "question": "How many?", "boxes": [(0, 0, 48, 48), (48, 0, 96, 48),
-                                                                             (0, 48, 48, 96), (48, 48, 96, 96)],
-                          "steps": [{"text": "Row 1: a red circle.", "image_mass": 0.6, "weights": [0.3, 0.3, 0, 0]},
-                                    {"text": "Answer: 1", "image_mass": 0.4, "weights": [0.1, 0.1, 0.1, 0.1]}]}],
+            "heatmaps": [{"image": image, "question": "How many?",
+                          "boxes": [(0, 0, 48, 48), (48, 0, 96, 48), (0, 48, 48, 96), (48, 48, 96, 96)],
+                          "steps": [{"text": "Row 1: a red circle.", "image_mass": 0.6,
+                                     "weights": [0.3, 0.3, 0, 0]},
+                                    {"text": "Answer: 1", "image_mass": 0.4,
+                                     "weights": [0.1, 0.1, 0.1, 0.1]}]}],
             "seconds": {"cot": 1.0, "direct": 0.5}, "items_per_second": {"cot": 10.0, "direct": 20.0}}
 
 
@@ -450,21 +496,27 @@ def test_report_files_and_pictures(tmp_path):
     from PIL import Image
     im = Image.new("RGB", (96, 96), (200, 200, 200))
     im.save(tmp_path / "item.png")
-    results = {"sft": hand_result(1.0, str(tmp_path / "item.png")), "attcot": hand_result(1.1, str(tmp_path / "item.png"))}
+    results = {"sft": hand_result(1.0, str(tmp_path / "item.png")),
+               "attcot": hand_result(1.1, str(tmp_path / "item.png"))}
     path = eval_mod.write_report(results, str(tmp_path / "rep"), {"data": "eval.jsonl"})
     md = open(path).read()
     back = json.load(open(tmp_path / "rep" / "report.json"))
-    assert back["results"]["attcot"]["accuracy_cot"] == pytest.approx(0.88) and back["meta"] == {"data": "eval.jsonl"}
-    assert "| measure | sft | attcot |" in md and "| accuracy_direct | 0.400 | 0.440 |" in md and "| sft | cot 1.0" in md
-    sizes = {"accuracy.png": (520, 340), "image_mass_by_layer.png": (1070, 360), "image_mass_along_rationale.png": (1070, 360),
+    assert back["results"]["attcot"]["accuracy_cot"] == pytest.approx(0.88)
+    assert back["meta"] == {"data": "eval.jsonl"}
+    assert "| measure | sft | attcot |" in md and "| accuracy_direct | 0.400 | 0.440 |" in md
+    assert "| sft | cot 1.0" in md
+    sizes = {"accuracy.png": (520, 340), "image_mass_by_layer.png": (1070, 360),
+             "image_mass_along_rationale.png": (1070, 360),
              "early_commitment.png": (1600, 360)}
     for name, size in sizes.items():
         assert f"({name})" in md and Image.open(tmp_path / "rep" / name).size == size
     heat = Image.open(tmp_path / "rep" / "attention_1.png")
-    assert "(attention_1.png)" in md and heat.width > 3 * 160 and heat.height > 2 * 160  # a row per model, 3 columns
+    assert "(attention_1.png)" in md and heat.width > 3 * 160
+    assert heat.height > 2 * 160  # a row per model, 3 columns
     from draw import attention_overlay
     over = attention_overlay(im, results["sft"]["heatmaps"][0]["boxes"], [0.3, 0.3, 0, 0])
-    assert sum(over.getpixel((40, 40))) > 2 * sum(over.getpixel((40, 120)))  # the top row was attended, not the bottom
+    # the top row was attended, not the bottom
+    assert sum(over.getpixel((40, 40))) > 2 * sum(over.getpixel((40, 120)))
 
 
 def test_ticks_are_round_and_cover_the_range():
@@ -480,5 +532,6 @@ def test_curves_of_a_one_step_run(tmp_path):
     """A single logged step (a 1-step run) still draws, on log axes too."""
     import draw
     from PIL import Image
-    draw.curves([{"step": 1, "loss": 6.2, "ce": 5.9, "vis": 1.9, "ans": 0.47, "vas": 0.15}], str(tmp_path / "c.png"))
+    draw.curves([{"step": 1, "loss": 6.2, "ce": 5.9, "vis": 1.9, "ans": 0.47, "vas": 0.15}],
+                str(tmp_path / "c.png"))
     assert Image.open(tmp_path / "c.png").size == (1070, 30 + 3 * 270 + 10)

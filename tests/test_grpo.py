@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import grpo
 import nanoattcot
+from records import read_records
 from grpo import GRPOConfig
 
 
@@ -19,7 +20,8 @@ from grpo import GRPOConfig
 def start(tmp_path_factory):
     """A briefly trained small model: the checkpoint GRPO starts from."""
     out = tmp_path_factory.mktemp("g") / "sft"
-    nanoattcot.train(nanoattcot.TrainConfig(out=str(out), n_train=64, n_eval=4, batch_size=8, max_steps=4, warmup=1,
+    nanoattcot.train(nanoattcot.TrainConfig(out=str(out), n_train=64, n_eval=4, batch_size=8, max_steps=4,
+                                            warmup=1,
                                             save_every=0, log_every=100, device="cpu", objective="sft"))
     return str(out / "model")
 
@@ -35,13 +37,15 @@ def test_advantages_by_hand():
     std = math.sqrt(4 * 0.25 / 3)  # unbiased: 0.577
     want = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]) / torch.tensor([[std + 1e-4], [1e-4]])
     assert torch.allclose(grpo.advantages(r), want)
-    assert torch.allclose(grpo.advantages(r, std_scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]))
+    assert torch.allclose(grpo.advantages(r, std_scale=False),
+                          torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]))
 
 
 def test_clipped_loss_and_k3_by_hand():
     """ratio 1.5 and 0.5 against A = +1 and -1, eps 0.2 / 0.28: -min(ratio A, clip(ratio) A)."""
     cfg = GRPOConfig(beta=0.5)
-    old, ref = torch.full((4, 1), -1.0), torch.full((4, 1), -2.0)  # the sampling policy and the reference differ
+    # the sampling policy and the reference differ
+    old, ref = torch.full((4, 1), -1.0), torch.full((4, 1), -2.0)
     logp = old + torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]]))
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     per, (kl, clipped) = grpo.policy_loss(logp, old, ref, adv, torch.ones(4, 1), cfg)
@@ -64,16 +68,20 @@ def test_completion_mask_with_eos_as_pad_and_truncation():
 
 
 def test_region_lights_exactly_its_cells_in_a_tiled_image(tmp_path):
-    """96 x 64 with 32-px tiles: 3 x 2 tiles of 2 x 2 cells (16 px), then the global image (cells 48 x 32).
-    A box inside tile (row 1, col 1) across its top two cells lights those and the global cells it crosses."""
-    proc = data.new_processor(["a question and an answer"] * 4, tile=32, image_seq_len=4, vocab_size=300, split=True)
+    """96 x 64 with 32-px tiles: 3 x 2 tiles of 2 x 2 cells (16 px), then the global image (cells
+    48 x 32). A box inside tile (row 1, col 1) across its top two cells lights those and the global
+    cells it crosses."""
+    proc = data.new_processor(["a question and an answer"] * 4, tile=32, image_seq_len=4, vocab_size=300,
+                              split=True)
     Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
-    rec = {"images": [str(tmp_path / "im.png")], "boxes": [[40, 36, 56, 44]], "source": "t:1", "question": "q?"}
+    rec = {"images": [str(tmp_path / "im.png")], "boxes": [[40, 36, 56, 44]], "source": "t:1",
+           "question": "q?"}
     ids = proc(data.record_prompt(proc, rec), [[str(tmp_path / "im.png")]])["input_ids"][0]
     lit = grpo.region_tokens(proc, rec, ids)
     image_positions = (ids == proc.image_token_id).nonzero()[:, 0]
     assert len(image_positions) == 7 * 4
-    assert [i for i, p in enumerate(image_positions) if lit[p]] == [4 * 4 + 0, 4 * 4 + 1, 6 * 4 + 2, 6 * 4 + 3]
+    assert [i for i, p in enumerate(image_positions)
+            if lit[p]] == [4 * 4 + 0, 4 * 4 + 1, 6 * 4 + 2, 6 * 4 + 3]
     assert int(lit.sum()) == 4 and grpo.region_tokens(proc, {**rec, "boxes": []}, ids) is None
 
 
@@ -84,7 +92,8 @@ def test_top_entropy_tokens_ignore_padding():
     mask = torch.tensor([[True, True, True, False]])
     got = grpo.sayo_reward(m_region, m_image, torch.tensor([2]), torch.tensor([8]), entropy, mask, 0.5, 1e-6)
     r = lambda a, v: math.tanh(math.log((a / 2 + 1e-6) / (v / 8 + 1e-6)))
-    assert float(got) == pytest.approx((r(0.1, 0.4) + r(0.4, 0.4)) / 2)  # ceil(0.5 * 3) = 2 tokens: entropy 3 and 2
+    # ceil(0.5 * 3) = 2 tokens: entropy 3 and 2
+    assert float(got) == pytest.approx((r(0.1, 0.4) + r(0.4, 0.4)) / 2)
 
 
 def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
@@ -94,18 +103,23 @@ def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
     model = grpo.VLM.from_pretrained(start, dtype=torch.float32)
     import synthetic
     synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
-    recs = data.read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
+    recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
     seq, truncated, texts, has_region = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))
-    texts = [recs[i // 2]["rationale"] + " Answer: " + recs[i // 2]["answer"] if i % 2 == 0 else "Answer: purple"
-             for i in range(len(texts))]  # the rewards read these texts; the masses come from the sampled tokens
+    # the rewards read these texts; the masses come from the sampled tokens
+    right = lambda rec: rec["rationale"] + " Answer: " + rec["answer"]
+    texts = [right(recs[i // 2]) if i % 2 == 0 else "Answer: purple" for i in range(len(texts))]
     model.double()
     seq64 = {k: v.double() if v.is_floating_point() else v for k, v in seq.items()}
     rows = torch.arange(len(texts))
     _, entropy, masses = grpo.score(model, seq64, rows, [0, 1, 2, 3])
-    _, parts = grpo.rewards_of(recs, texts, {"masses": masses, "entropy": entropy}, seq, has_region, cfg, [0, 1, 2, 3], [3], 2)
-    hf = AutoModelForImageTextToText.from_pretrained(start, attn_implementation="eager", dtype=torch.float64).eval()
-    assert parts["accuracy"].tolist() == [1, 0, 1, 0] and parts["avar"][1] == 0  # AVAR counts right answers only
-    for b in range(len(texts)):  # one row at a time, padding removed (transformers' eager attention gives NaN on it)
+    _, parts = grpo.rewards_of(recs, texts, {"masses": masses, "entropy": entropy}, seq, has_region, cfg,
+                               [0, 1, 2, 3], [3], 2)
+    hf = AutoModelForImageTextToText.from_pretrained(start, attn_implementation="eager",
+                                                     dtype=torch.float64).eval()
+    assert parts["accuracy"].tolist() == [1, 0, 1, 0]
+    assert parts["avar"][1] == 0  # AVAR counts right answers only
+    # one row at a time, padding removed (transformers' eager attention gives NaN on it)
+    for b in range(len(texts)):
         real, start_b = seq["attention_mask"][b].bool(), int(seq["start"][b])
         with torch.no_grad():
             out = hf(input_ids=seq["input_ids"][b][real][None], pixel_values=seq64["pixel_values"][b:b + 1],
@@ -138,7 +152,8 @@ def test_one_step_moves_logprobs_the_way_the_rewards_say(start, tmp_path, monkey
         return r, {"accuracy": r}
     monkeypatch.setattr(grpo, "rollouts", rollouts)
     monkeypatch.setattr(grpo, "rewards_of", rewards)
-    result = grpo.train(config(start, tmp_path / "g", max_steps=1, inner_steps=2, keep_truncated=True, lr=3e-4))
+    result = grpo.train(config(start, tmp_path / "g", max_steps=1, inner_steps=2, keep_truncated=True,
+                               lr=3e-4))
     seq = seen["r"][0]
     rows = torch.arange(seq["cmask"].shape[0])
     total = lambda m: (grpo.score(m, seq, rows)[0] * seq["cmask"]).sum(1)
@@ -156,7 +171,8 @@ def test_truncated_completions_leave_the_loss_by_default(start, tmp_path, monkey
         seq, truncated, texts, has_region = real(*args)
         return seq, torch.ones_like(truncated), texts, has_region
     monkeypatch.setattr(grpo, "rollouts", all_truncated)
-    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
+                        *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
     dropped = grpo.train(config(start, tmp_path / "a", max_steps=1))
     for p, q in zip(dropped["model"].parameters(), dropped["start"].parameters()):
         assert torch.equal(p, q)
@@ -173,7 +189,8 @@ def test_old_logprobs_are_taken_once_per_batch_of_rollouts(start, tmp_path, monk
         seen.append(float((logp.detach() - logp_old).abs().max()))
         return real(logp, logp_old, *args)
     monkeypatch.setattr(grpo, "policy_loss", spy)
-    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
+                        *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
     grpo.train(config(start, tmp_path / "g", max_steps=1, inner_steps=3, keep_truncated=True, micro_batch=64,
                       temperature=0.7))
     assert len(seen) == 3 and seen[0] < 1e-5 and seen[1] > 1e-3 and seen[2] > seen[1]
@@ -195,8 +212,10 @@ def test_the_loop_scores_every_pass_at_the_sampling_temperature(start, tmp_path,
         return m
     monkeypatch.setattr(grpo.VLM, "from_pretrained", load)
     monkeypatch.setattr(grpo, "score", spy)
-    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
-    grpo.train(config(start, tmp_path / "g", max_steps=1, keep_truncated=True, micro_batch=64, temperature=0.7))
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
+                        *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    grpo.train(config(start, tmp_path / "g", max_steps=1, keep_truncated=True, micro_batch=64,
+                      temperature=0.7))
     assert sorted(set(seen)) == [(False, False, 0.7), (False, True, 0.7), (True, False, 0.7)]
 
 
@@ -207,12 +226,13 @@ def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
     proc, model = data.Processor.from_pretrained(start), grpo.VLM.from_pretrained(start, dtype=torch.float32)
     import synthetic
     synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
-    recs = data.read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
+    recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
     seq = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))[0]
     rows = torch.arange(seq["cmask"].shape[0])
     logp, entropy, _ = grpo.score(model, seq, rows, temperature=0.5)
     with torch.no_grad():
-        logits = model(seq["input_ids"], seq["pixel_values"], seq["pixel_attention_mask"], seq["attention_mask"]).logits
+        logits = model(seq["input_ids"], seq["pixel_values"], seq["pixel_attention_mask"],
+                       seq["attention_mask"]).logits
     for b in range(len(rows)):
         s, n = int(seq["start"][b]), int(seq["cmask"][b].sum())
         want = torch.log_softmax(logits[b, s - 1:s - 1 + n] / 0.5, -1)
@@ -221,8 +241,10 @@ def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(start, tmp_path, monkeypatch):
-    """Rewards that differ within each group (the text's length mod 3), so that every step moves the model."""
-    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts, *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    """Rewards that differ within each group (the text's length mod 3), so that every step moves the
+    model."""
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
+                        *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
     kw = dict(max_steps=3, keep_truncated=True)
     straight = grpo.train(config(start, tmp_path / "a", **kw))
     assert not torch.equal(straight["model"].lm_head.weight, straight["start"].lm_head.weight)

@@ -35,7 +35,8 @@ def random_inputs(B, Hq, Hkv, Nq, Tk, D, G, dtype=torch.float32, device="cpu", s
     return q, k, q_pos.to(device), key_groups.to(device)
 
 
-SHAPES = [(1, 2, 2, 5, 7, 8, 1), (2, 6, 2, 33, 70, 16, 3), (2, 9, 3, 17, 129, 64, 8), (1, 4, 1, 300, 301, 8, 2)]
+SHAPES = [(1, 2, 2, 5, 7, 8, 1), (2, 6, 2, 33, 70, 16, 3), (2, 9, 3, 17, 129, 64, 8),
+          (1, 4, 1, 300, 301, 8, 2)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -77,12 +78,14 @@ def test_row_with_no_visible_key_is_zero_with_finite_grad():
 def test_gradcheck_and_opcheck():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 9, 11, 8, 3, dtype=torch.float64)
     q, k = q.requires_grad_(), k.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 3, impl="reference"),
+    assert torch.autograd.gradcheck(lambda a,
+                                    b: kernels.attention_mass(a, b, q_pos, groups, 3, impl="reference"),
                                     (q, k))
     torch.library.opcheck(torch.ops.nanoattcot.mass_fwd.default, (q, k, q_pos, groups, 3, 0.35, False))
     mass, lse = torch.ops.nanoattcot.mass_fwd(q, k, q_pos, groups, 3, 0.35, False)
     torch.library.opcheck(torch.ops.nanoattcot.mass_bwd.default,
-                          (torch.randn_like(mass), q.detach(), k.detach(), q_pos, groups, mass.detach(), lse.detach(), 0.35, False))
+                          (torch.randn_like(mass), q.detach(), k.detach(), q_pos, groups, mass.detach(),
+                           lse.detach(), 0.35, False))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -98,7 +101,8 @@ def test_sdpa_route_matches_brute_force(shape):
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     want = brute_force(q2, k2, q_pos, groups, G)
     (want * upstream).sum().backward()
-    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-5 and (got[0, :, 0] == 0).all()
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-5
+    assert (got[0, :, 0] == 0).all()
     assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(k1.grad, k2.grad, atol=1e-5)
     assert (q1.grad[0, :, 0] == 0).all()
 
@@ -110,7 +114,8 @@ def test_bad_shapes_are_named():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match="uint8"):
         kernels.attention_mass(q, k, q_pos, groups.long())
-    with pytest.raises(ValueError, match=r"q_pos must be integer \(B, Nq\) = \(1, 4\); got torch.int64 \(1, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"q_pos must be integer \(B, Nq\) = \(1, 4\); got torch.int64 \(1, 1\)"):
         kernels.attention_mass(q, k, q_pos[:, :1], groups)  # would read past q_pos for rows >= 1
     q2, k2, q_pos2, groups2 = random_inputs(2, 4, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match=r"q_pos must be integer \(B, Nq\) = \(2, 4\)"):
@@ -131,7 +136,8 @@ def compile_emulator(out, *flags):
         if os.environ.get("CI") == "true":  # CI must check kernels.cu, never skip it
             pytest.fail(why)
         pytest.skip(why)
-    build = subprocess.run(["g++", "-std=c++20", "-pthread", f"-I{cuda_home}/include", *flags, str(EMULATOR), "-o", str(out)],
+    build = subprocess.run(["g++", "-std=c++20", "-pthread", f"-I{cuda_home}/include", *flags,
+                            str(EMULATOR), "-o", str(out)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     return out
@@ -154,7 +160,8 @@ def emulate(lib, q, k, q_pos, groups, G, upstream, scale):
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())
     sizes = [ctypes.c_int(n) for n in (B, Hq, Hkv, Nq, Tk, D, G)] + [ctypes.c_float(scale)]
     assert lib.emulate_forward(code, ptr(q), ptr(k), ptr(q_pos), ptr(groups), ptr(mass), ptr(lse), *sizes)
-    assert lib.emulate_backward(code, ptr(q), ptr(k), ptr(q_pos), ptr(groups), ptr(mass), ptr(lse), ptr(upstream),
+    assert lib.emulate_backward(code, ptr(q), ptr(k), ptr(q_pos), ptr(groups), ptr(mass), ptr(lse),
+                                ptr(upstream),
                                 ptr(dq_acc), ptr(dk), *sizes)
     return mass, lse, dq_acc, dk
 
@@ -187,7 +194,8 @@ def test_emulated_cuda_kernels_match_reference(emulator, shape, dtype, tol):
 def test_emulated_cuda_kernels_under_sanitizers(tmp_path, sanitizer):
     """ThreadSanitizer: a missing __syncthreads or __syncwarp in kernels.cu is a data race between the
     emulated threads (removing the one before dQ is caught). AddressSanitizer: an out-of-bounds access."""
-    exe = compile_emulator(tmp_path / "emulate", "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-sanitize-recover=all",
+    exe = compile_emulator(tmp_path / "emulate", "-O1", "-g", f"-fsanitize={sanitizer}",
+                           "-fno-sanitize-recover=all",
                            "-DSANITIZER_MAIN")
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ran", run.stderr[-3000:]
@@ -235,7 +243,8 @@ def test_cuda_float64_falls_back_to_the_reference():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_runs_on_the_inputs_device():
     """Tensors on cuda:1 while cuda:0 is current: the kernel must launch on cuda:1."""
-    q, k, q_pos, groups = random_inputs(1, 4, 2, 70, 90, 64, 2, dtype=torch.bfloat16, device="cuda:1", seed=7)
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 70, 90, 64, 2, dtype=torch.bfloat16, device="cuda:1",
+                                        seed=7)
     got = kernels.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
     want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference")
     assert got.device == q.device and rel_err(got, want) < 1e-2
@@ -257,7 +266,8 @@ def test_cuda_writes_every_output():
 def test_cuda_under_torch_compile():
     q, k, q_pos, groups = random_inputs(2, 6, 2, 64, 100, 64, 2, dtype=torch.bfloat16, device="cuda", seed=3)
     q = q.requires_grad_()
-    f = torch.compile(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 2).square().sum(), fullgraph=True)
+    f = torch.compile(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 2).square().sum(),
+                      fullgraph=True)
     loss = f(q, k)
     loss.backward()
     want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference").square().sum()
@@ -295,11 +305,13 @@ def fake_kernel(monkeypatch):
 def test_auto_falls_back_once_from_a_kernel_that_fails_its_self_check(fake_kernel):
     ext = fake_kernel(error=1.05)  # masses 5% off
     q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2, seed=4)
-    with pytest.warns(UserWarning, match=r"failed its self-check \((mass|dq|dk) off by .* float32, q \(2, 6, 70, 64\)") as caught:
+    said = r"failed its self-check \((mass|dq|dk) off by .* float32, q \(2, 6, 70, 64\)"
+    with pytest.warns(UserWarning, match=said) as caught:
         with torch.no_grad():  # as eval calls it: the check still runs its backward
             first = kernels.attention_mass(q, k, q_pos, groups, 2)
         second = kernels.attention_mass(q, k, q_pos, groups, 2)
-    assert len([w for w in caught if "self-check" in str(w.message)]) == 1 and ext.calls == 1  # the check only
+    assert len([w for w in caught if "self-check" in str(w.message)]) == 1
+    assert ext.calls == 1  # the check only
     want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="sdpa")
     assert torch.equal(first, want) and torch.equal(second, want)
     with pytest.raises(RuntimeError, match="the CUDA kernel failed its self-check: (mass|dq|dk) off by"):
@@ -311,6 +323,7 @@ def test_auto_keeps_a_kernel_that_passes_its_self_check(fake_kernel, recwarn):
     q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2, seed=5)
     got = kernels.attention_mass(q, k, q_pos, groups, 2)
     kernels.attention_mass(q, k, q_pos, groups, 2)
-    assert ext.calls == 3 and not [w for w in recwarn if "self-check" in str(w.message)]  # check, then two calls
+    assert ext.calls == 3
+    assert not [w for w in recwarn if "self-check" in str(w.message)]  # check, then two calls
     assert torch.allclose(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
     assert kernels._verdicts == {("cpu", torch.float32, 64): None}

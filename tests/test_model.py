@@ -65,7 +65,8 @@ def test_save_then_transformers_loads(checkpoints, tmp_path):
         with torch.no_grad():
             assert max_diff(ours(**b).logits, hf(**b).logits, b["attention_mask"]) <= 1e-4
         again = VLM.from_pretrained(tmp_path / name)  # and our own loader reads it back
-        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+        assert all(torch.equal(a, b)
+                   for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
 
 
 def test_sharded_checkpoint_and_bf16(checkpoints, tmp_path):
@@ -82,10 +83,15 @@ def test_config_variants():
     """rope_theta at either place, derived head_dim, missing num_attention_heads, tying at either level."""
     from model import VLMConfig
     base = {"model_type": "smolvlm", "scale_factor": 3, "vision_config": {"hidden_size": 32},
-            "text_config": {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1}}
-    c = VLMConfig.from_hf({**base, "text_config": {**base["text_config"], "rope_parameters": {"rope_theta": 7.0}}})
-    assert (c.text.rope_theta, c.text.num_attention_heads, c.text.head_dim, c.text.num_key_value_heads) == (7.0, 32, 2, 32)
-    c = VLMConfig.from_hf({**base, "text_config": {**base["text_config"], "rope_theta": 5.0, "num_attention_heads": 4,
+            "text_config": {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
+                            "num_hidden_layers": 1}}
+    c = VLMConfig.from_hf({**base,
+                           "text_config": {**base["text_config"], "rope_parameters": {"rope_theta": 7.0}}})
+    assert (c.text.rope_theta, c.text.num_attention_heads, c.text.head_dim,
+            c.text.num_key_value_heads) == (7.0, 32, 2, 32)
+    c = VLMConfig.from_hf({**base,
+                           "text_config": {**base["text_config"], "rope_theta": 5.0,
+                                           "num_attention_heads": 4,
                                                    "tie_word_embeddings": True}})
     assert (c.text.rope_theta, c.text.head_dim, c.tie_word_embeddings) == (5.0, 16, True)
     assert VLMConfig.from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
@@ -137,9 +143,11 @@ def test_bad_files_name_the_file_and_key(checkpoints, tmp_path):
             VLM.from_pretrained(d)
     (d / "model.safetensors").unlink()
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: the index has no 'weight_map'"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.safetensors.index.json: the index has no 'weight_map'"):
         VLM.from_pretrained(d)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "shard-1.safetensors"}}))
+    index = {"weight_map": {"lm_head.weight": "shard-1.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match=r"c/shard-1.safetensors: not found"):
         VLM.from_pretrained(d)
 
@@ -163,7 +171,8 @@ def test_sampling_follows_temperature_and_top_p():
         draws = sample(logits.expand(n, -1).clone(), T, top_p, torch.Generator().manual_seed(0))
         freq = torch.bincount(draws, minlength=len(logits)).double() / n
         assert (freq[want == 0] == 0).all(), (T, top_p, freq)
-        assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-9).all(), (T, top_p, freq, want)
+        bound = 4 * (want * (1 - want) / n).sqrt() + 1e-9
+        assert ((freq - want).abs() <= bound).all(), (T, top_p, freq, want)
     assert (sample(logits.expand(3, -1), 0.0) == 0).all()
 
 
@@ -189,7 +198,8 @@ def test_greedy_matches_transformers(checkpoints, name):
     ours = VLM.from_pretrained(path).eval()
     for i in range(2):
         b = prompts(path, [TEXTS[i]], [IMAGE_LISTS[i]])
-        want = hf.generate(**b, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, b["input_ids"].shape[1]:]
+        want = hf.generate(**b, max_new_tokens=12, do_sample=False,
+                           eos_token_id=None)[:, b["input_ids"].shape[1]:]
         got = ours.generate(**b, max_new_tokens=12)
         assert torch.equal(got, want)
 
@@ -219,14 +229,17 @@ def test_generation_stops_at_eos(checkpoints):
     first_eos_1 = (free[1] == eos).nonzero()
     n1 = int(first_eos_1[0]) + 1 if len(first_eos_1) else 8
     assert torch.equal(got[1, :n1], free[1, :n1]) and (got[1, n1:] == eos).all()
-    eos_1 = next(int(t) for t in free[1, :4].flip(0) if int(t) not in free[0, :3].tolist())  # ends row 1 by step 4
+    # ends row 1 by step 4
+    eos_1 = next(int(t) for t in free[1, :4].flip(0) if int(t) not in free[0, :3].tolist())
     both = ours.generate(**b, max_new_tokens=8, eos_token_id=[eos, eos_1])
     n = 1 + max(int((torch.isin(free[i], torch.tensor([eos, eos_1]))).nonzero()[0]) for i in range(2))
     assert both.shape == (2, n) and n <= 4
     for row in range(2):
         k = int(torch.isin(free[row], torch.tensor([eos, eos_1])).nonzero()[0]) + 1
-        assert torch.equal(both[row, :k], free[row, :k]) and torch.isin(both[row, k:], torch.tensor([eos])).all()
-    sample = lambda **kw: ours.generate(**b, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(both[row, :k], free[row, :k])
+        assert torch.isin(both[row, k:], torch.tensor([eos])).all()
+    sample = lambda **kw: ours.generate(**b, max_new_tokens=6, temperature=1.0,
+                                        generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(sample(top_p=0.9), sample(top_p=0.9, use_cache=False))
     assert torch.equal(sample(top_p=1e-9), free[:, :6])
 

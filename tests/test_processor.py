@@ -26,7 +26,8 @@ def photo(w, h, mode="RGB", seed=0):
 
 
 IMAGES = [photo(50, 40), photo(200, 70, seed=1), photo(31, 97, seed=2), photo(80, 80, "RGBA", seed=3),
-          photo(120, 45, "L", seed=4), photo(20, 20, seed=5), photo(300, 300, "P", seed=6), photo(32, 32, seed=7)]
+          photo(120, 45, "L", seed=4), photo(20, 20, seed=5), photo(300, 300, "P", seed=6),
+          photo(32, 32, seed=7)]
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -69,7 +70,8 @@ def test_chat_template_and_decode(tokenizer_dir, tmp_path):
     for gen in (True, False):
         assert ours.apply_chat_template(messages, add_generation_prompt=gen) == \
             hf.apply_chat_template(messages, add_generation_prompt=gen)
-    assert ours.apply_chat_template(messages[:1]) == "<|im_start|>User:<image>How many?<end_of_utterance>\nAssistant:"
+    assert ours.apply_chat_template(messages[:1]) == \
+        "<|im_start|>User:<image>How many?<end_of_utterance>\nAssistant:"
     ids = ours("How many red squares?")["input_ids"][0]
     assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "How many red squares?"
 
@@ -139,6 +141,8 @@ def test_image_token_boxes_follow_the_pixels(split, size, hot):
     for k, box in enumerate(boxes):
         tile = np.asarray(tiles[k // 4].convert("L"), dtype=np.float32) / 255
         i, j = divmod(k % 4, 2)
-        cell = np.pad(tile, ((0, 32 - tile.shape[0]), (0, 32 - tile.shape[1])))[16 * i:16 * i + 16, 16 * j:16 * j + 16]
+        cell = np.pad(tile,
+                      ((0, 32 - tile.shape[0]),
+                       (0, 32 - tile.shape[1])))[16 * i:16 * i + 16, 16 * j:16 * j + 16]
         assert inside(box) or apart(box)
         assert (cell.mean() > 0.99) if inside(box) else (cell.mean() < 0.01), (k, box)

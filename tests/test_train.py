@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import data
-
 import checkpoint
+import data
+import model as model_mod
 import nanoattcot
 from nanoattcot import TrainConfig
 
@@ -59,9 +59,11 @@ def test_loss_terms_match_materialised_attention(trained):
     examples = data.encode_all(proc, result["train_records"][:4])
     batch = data.collate(examples, proc.pad_token_id)
     layers = [0, 2, 3]
-    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"),
+                                                     attn_implementation="eager").eval()
     with torch.no_grad():
-        out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+        out = hf(**{k: batch[k]
+                    for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
                  output_attentions=True)
     A = torch.stack([out.attentions[l] for l in layers]).double().mean(0).mean(1)  # (B, T, T): layers, heads
     spans = batch["spans"]
@@ -69,16 +71,20 @@ def test_loss_terms_match_materialised_attention(trained):
     m_rv = (A * ((spans == data.V) | (spans == data.R))[:, None, :]).sum(-1)
     in_r, in_a = spans == data.R, spans == data.A
     for floor, impl in ((None, "reference"), (float(m_v[in_r].median()), "reference"), (None, "sdpa")):
-        cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)  # floor: half the steps above it
+        # floor: half the steps above it
+        cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)
         terms = {k: v.detach() for k, v in nanoattcot.loss_terms(model, batch, cfg, layers).items()}
         want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
         assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
         assert abs(float(terms["vas_sum"] / terms["r_count"]) - m_v[in_r].mean()) < 1e-4
         assert abs(float(terms["ans_sum"] / terms["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
-        surely, maybe = (m_v[in_r] < (floor or 1) + d for d in (-1e-5, 1e-5))  # the steps under the floor (the log's)
+        # the steps under the floor (the log's)
+        surely, maybe = (m_v[in_r] < (floor or 1) + d for d in (-1e-5, 1e-5))
         assert int(surely.sum()) <= int(terms["below_count"]) <= int(maybe.sum()) and int(surely.sum()) > 0
-        assert float(m_v[in_r][surely].sum()) - 1e-3 < float(terms["below_mass_sum"]) < float(m_v[in_r][maybe].sum()) + 1e-3
-    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        low, high = float(m_v[in_r][surely].sum()), float(m_v[in_r][maybe].sum())
+        assert low - 1e-3 < float(terms["below_mass_sum"]) < high + 1e-3
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                           batch["labels"][:, 1:].flatten())
     assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
 
 
@@ -93,9 +99,11 @@ def test_attention_profile_matches_materialised_attention(trained):
     layers = [0, 2, 3]
     got = eval_mod.attention_profile(model, proc, recs, layers)
     batch = data.collate(data.encode_all(proc, recs), proc.pad_token_id)
-    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"),
+                                                     attn_implementation="eager").eval()
     with torch.no_grad():
-        out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+        out = hf(**{k: batch[k]
+                    for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
                  output_attentions=True)
     spans = batch["spans"]
     A = torch.stack([out.attentions[l] for l in layers]).double().mean(2)  # (L, B, T, T): mean over heads
@@ -123,19 +131,24 @@ def test_image_attention_and_heatmap_steps_match_materialised_attention(trained)
     layers = [1, 3]
     got, ids = eval_mod.image_attention(model, proc, rec, layers)
     batch = data.collate(data.encode_all(proc, [rec]), proc.pad_token_id)
-    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"), attn_implementation="eager").eval()
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"),
+                                                     attn_implementation="eager").eval()
     with torch.no_grad():
-        out = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
+        out = hf(**{k: batch[k]
+                    for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
                  output_attentions=True)
     spans = batch["spans"][0]
-    A = torch.stack([out.attentions[l][0] for l in layers]).mean((0, 1))  # (T, T): mean over layers and heads
+    # (T, T): mean over layers and heads
+    A = torch.stack([out.attentions[l][0] for l in layers]).mean((0, 1))
     want = A[spans >= data.R][:, spans == data.V]
     assert got.shape == want.shape == (int((spans >= data.R).sum()), 9) and (got - want).abs().max() < 1e-5
     assert torch.equal(ids, batch["input_ids"][0][spans >= data.R])
     steps = eval_mod.attention_steps(model, proc, rec, layers)
     texts = [s["text"] for s in steps["steps"]]
-    assert " ".join(texts) == rec["reply"] and texts[-1].startswith("Answer:") and texts[0].startswith("Row 1:")
-    assert len(steps["boxes"]) == 9 and steps["boxes"][4] == (32.0, 32.0, 64.0, 64.0)  # 3 x 3 cells of a 96 px image
+    assert " ".join(texts) == rec["reply"] and texts[-1].startswith("Answer:")
+    assert texts[0].startswith("Row 1:")
+    assert len(steps["boxes"]) == 9
+    assert steps["boxes"][4] == (32.0, 32.0, 64.0, 64.0)  # 3 x 3 cells of a 96 px image
     answer_rows = spans[spans >= data.R] == data.A
     assert abs(steps["steps"][-1]["image_mass"] - float(want[answer_rows].sum(1).mean())) < 1e-5
 
@@ -147,8 +160,10 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
     from PIL import Image
     cfg, _ = trained
     model_dir, data_dir = os.path.join(cfg.out, "model"), os.path.join(cfg.out, "data")
-    eval_mod.main(["--model", model_dir, "--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"),
-                   "--train-data", os.path.join(data_dir, "train.jsonl"), "--limit", "4", "--max-new-tokens", "12",
+    eval_mod.main(["--model", model_dir, "--model", model_dir, "--data",
+                   os.path.join(data_dir, "eval.jsonl"),
+                   "--train-data", os.path.join(data_dir, "train.jsonl"), "--limit", "4",
+                   "--max-new-tokens", "12",
                    "--out", str(tmp_path / "rep"), "--device", "cpu", "--visual-attn-scale", "2"])
     out, err = capsys.readouterr()
     assert out.splitlines()[0].split() == ["run", "run", "img", "x2", "run-2", "run-2", "img", "x2"]
@@ -156,7 +171,9 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
     assert "cot: 4/4 items" in err and "ETA" in err
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"- models: run = {model_dir}, run-2 = {model_dir}\n" in md  # a folder per model, not per row
-    assert all(f"({f})" in md for f in ("accuracy.png", "image_mass_by_layer.png", "early_commitment.png", "attention_1.png"))
+    assert all(f"({f})" in md
+               for f in ("accuracy.png", "image_mass_by_layer.png", "early_commitment.png",
+                         "attention_1.png"))
     assert Image.open(tmp_path / "rep" / "attention_1.png").height > 2 * 160  # a row per model
     with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
         eval_mod.main(["--model", model_dir, "--data", str(tmp_path / "nowhere.jsonl")])
@@ -174,8 +191,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
     for on in (False, True):
         model.checkpoint_activations(on).train().zero_grad()
         saved = []  # bytes autograd keeps for the backward outside the recomputed blocks
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
-                                                      lambda x: x):
+        keep = lambda x: saved.append(x.numel() * x.element_size()) or x
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
             loss = nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, attcot, [0, 3]), counts, attcot)
         loss.backward()
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -185,7 +202,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
     assert kept[1] < 0.5 * kept[0], kept  # the blocks' activations are really not kept
     assert torch.equal(loss_off, loss_on)
     assert all(torch.allclose(grads_off[n], grads_on[n], rtol=1e-5, atol=1e-7) for n in grads_off)
-    assert grads_on["vision.layers.0.fc1.weight"].abs().sum() > 0  # the vision tower was recomputed and trained
+    # the vision tower was recomputed and trained
+    assert grads_on["vision.layers.0.fc1.weight"].abs().sum() > 0
 
 
 def test_hf_format_output_loads_in_transformers(trained):
@@ -201,11 +219,14 @@ def test_hf_format_output_loads_in_transformers(trained):
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
     with torch.no_grad():
         assert (hf(**inputs).logits - ours(**inputs).logits).abs()[b["attention_mask"].bool()].max() < 1e-4
-    assert os.path.exists(os.path.join(cfg.out, "curves.png")) and os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+    assert os.path.exists(os.path.join(cfg.out, "curves.png"))
+    assert os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
     from transformers import AutoProcessor  # the saved processor files load in transformers too
     hf_proc = AutoProcessor.from_pretrained(path)
     rec = result["train_records"][0]
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rec["question"]}]}])
+    text = proc.apply_chat_template([{"role": "user",
+                                      "content": [{"type": "image"},
+                                                  {"type": "text", "text": rec["question"]}]}])
     images = [[data.load_image(rec["images"][0])]]
     want, got = hf_proc(text=[text], images=images, return_tensors="pt"), proc([text], images)
     assert torch.equal(want["input_ids"], got["input_ids"])
@@ -216,7 +237,8 @@ def test_total_loss_by_hand():
     terms = {"ce_sum": torch.tensor(6.0), "vis_sum": torch.tensor(3.0), "ans_sum": torch.tensor(2.0)}
     counts = {"n_label": torch.tensor(4.0), "r_count": torch.tensor(2.0), "a_count": torch.tensor(1.0)}
     attcot = TrainConfig(objective="attcot", lambda_vis=0.1, lambda_ans=0.3)
-    assert float(nanoattcot.total_loss(terms, counts, attcot)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
+    assert float(nanoattcot.total_loss(terms, counts,
+                                       attcot)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
     assert float(nanoattcot.total_loss(terms, counts, TrainConfig(objective="sft"))) == pytest.approx(6 / 4)
 
 
@@ -224,7 +246,8 @@ def final_state(out):
     """The weights and optimizer state of a run's last checkpoint."""
     from safetensors.torch import load_file
     ckpt = os.path.join(out, "checkpoint")
-    return load_file(os.path.join(ckpt, "model.safetensors")), checkpoint.load_trainer_state(ckpt)["optimizer"]
+    return load_file(os.path.join(ckpt,
+                                  "model.safetensors")), checkpoint.load_trainer_state(ckpt)["optimizer"]
 
 
 def assert_bitwise_equal(a, b):
@@ -267,11 +290,13 @@ def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsy
     clock = iter(range(1000))  # a clock that ticks a second per reading: the ETA is then exact
     monkeypatch.setattr(nanoattcot, "time", SimpleNamespace(time=lambda: float(next(clock))))
     capsys.readouterr()
-    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True, log_every=1))["metrics"]
+    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True,
+                                      log_every=1))["metrics"]
     out = capsys.readouterr().out
     assert "resumed from" in out and len(steps) == 4  # steps 5 to 8 only
     first = next(l for l in out.splitlines() if l.startswith("step "))
-    assert first.startswith("step     5/8") and first.endswith("ETA 3s")  # 1 s for the 1 step run since the resume
+    assert first.startswith("step     5/8")
+    assert first.endswith("ETA 3s")  # 1 s for the 1 step run since the resume
     assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed == straight[0]
     assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
 
@@ -300,7 +325,8 @@ point, ckpt, real, writes = sys.argv[2], sys.argv[3], os.replace, [0]
 def replace(src, dst):  # SIGKILL this process at one point of the second checkpoint save (step 6)
     dst = str(dst)
     writes[0] += dst == os.path.join(ckpt + ".tmp", "model.safetensors")
-    if writes[0] == 2 and (point == "writing" and dst.endswith("model.safetensors") or point == "swap" and dst == ckpt):
+    if writes[0] == 2 and (point == "writing" and dst.endswith("model.safetensors")
+                           or point == "swap" and dst == ckpt):
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
     if writes[0] == 2 and point == "cleanup" and dst == ckpt:
@@ -315,7 +341,8 @@ def test_sigkill_during_a_checkpoint_save(tmp_path, monkeypatch, capsys, straigh
     """Killed while writing the new checkpoint, between its two renames, or while removing the old
     one: the folder left is the old or the new checkpoint, whole, and the resumed run ends equal."""
     out = tmp_path / "run"
-    flags = ["train", "--out", str(out), "--n-train", "64", "--n-eval", "6", "--batch-size", "8", "--max-steps", "8",
+    flags = ["train", "--out", str(out), "--n-train", "64", "--n-eval", "6", "--batch-size", "8",
+             "--max-steps", "8",
              "--warmup", "2", "--save-every", "3", "--log-every", "100", "--device", "cpu"]
     run = subprocess.run([sys.executable, "-c", KILLER, ROOT, point, str(out / "checkpoint"), *flags],
                          capture_output=True, text=True, timeout=600)
@@ -341,7 +368,7 @@ def test_tampered_trainer_state_is_refused(tmp_path):
         def __reduce__(self):
             return os.mkdir, (str(marker),)
     torch.save({"step": Payload()}, tmp_path / "run" / "checkpoint" / "trainer_state.pt")
-    with pytest.raises(nanoattcot.CheckpointError, match="trainer_state.pt: refused to load"):
+    with pytest.raises(model_mod.CheckpointError, match="trainer_state.pt: refused to load"):
         nanoattcot.train(config(tmp_path, max_steps=2, resume=True))
     assert not marker.exists()
 
@@ -353,7 +380,7 @@ import checkpoint
 import nanoattcot
 dump, real = sys.argv[2], torch.nn.utils.clip_grad_norm_
 
-def clip(params, *args):  # the gradients of the first step as the optimizer gets them (summed, before clipping)
+def clip(params, *args):  # the first step's gradients as the optimizer gets them (summed, before clipping)
     params = list(params)
     if not os.path.exists(dump) and os.environ.get("RANK", "0") == "0":
         torch.save([p.grad.clone() for p in params], dump)
@@ -367,10 +394,13 @@ def run_dumping_grads(tmp_path, name, flags, launcher=()):
     """Trains through the command line and returns (metrics rows, first-step gradients)."""
     script = tmp_path / "grad_dump.py"
     script.write_text(GRAD_DUMP)
-    run = subprocess.run([sys.executable, *launcher, str(script), ROOT, str(tmp_path / f"{name}.pt"), "train",
-                          "--out", str(tmp_path / name), *flags], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, *launcher, str(script), ROOT, str(tmp_path / f"{name}.pt"),
+                          "train",
+                          "--out", str(tmp_path / name), *flags], capture_output=True, text=True,
+                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")], torch.load(tmp_path / f"{name}.pt")
+    return [json.loads(l)
+            for l in open(tmp_path / name / "metrics.jsonl")], torch.load(tmp_path / f"{name}.pt")
 
 
 def assert_same_training(a, b):
@@ -399,7 +429,8 @@ def test_two_process_ddp_with_grad_accum_matches_one_process(tmp_path):
     flags = [*COMMON, "--vis-target", "none"]
     one = run_dumping_grads(tmp_path, "one", ["--batch-size", "8", *flags])
     two = run_dumping_grads(tmp_path, "two", ["--batch-size", "2", "--grad-accum", "2", *flags],
-                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"))
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                      "--master_port", "29533"))
     assert_same_training(one, two)
     summary = json.load(open(tmp_path / "two" / "summary.json"))
     assert summary["objective"] == "attcot" and summary["config"]["vis_target"] is None

@@ -1,0 +1,128 @@
+"""The project's shape: the import graph has no cycle, every flag of every command explains itself, the
+one layer grammar, and the key groups' names."""
+import argparse
+import ast
+import glob
+import os
+
+import pytest
+import torch
+
+import bench_generate
+import bench_kernels
+import bench_train
+import config
+import data
+import eval as eval_mod
+import generate
+import grpo
+import masses
+import nanoattcot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+
+
+def imports_of(name):
+    """The project modules a file imports anywhere in it (inside functions too)."""
+    tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & MODULES - {name}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {m: imports_of(m) for m in MODULES}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            pytest.fail("import cycle: " + " -> ".join(path + [m]))
+        if state.get(m) is None:
+            state[m] = "open"
+            for n in sorted(graph[m]):
+                visit(n, path + [m])
+            state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])
+    assert graph["nanoattcot"] >= {"config", "data", "masses", "checkpoint"}  # the graph was read
+    assert graph["grpo"] >= {"checkpoint", "masses", "config"} and "nanoattcot" not in graph["grpo"]
+    # only a benchmark sits above it
+    assert not any("nanoattcot" in graph[m] for m in MODULES - {"bench_train"})
+
+
+PARSERS = {"nanoattcot.py": nanoattcot.parser, "grpo.py": grpo.parser, "eval.py": eval_mod.parser,
+           "generate.py": generate.parser, "bench_train.py": bench_train.parser,
+           "bench_kernels.py": bench_kernels.parser, "bench_generate.py": bench_generate.parser}
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_every_flag_explains_itself_with_its_default(command):
+    actions = [a for a in PARSERS[command]()._actions
+               if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS]
+    assert actions
+    for a in actions:
+        assert a.help and len(a.help.split()) >= 2, f"{command} {a.option_strings}: no help"
+        switch = isinstance(a, (argparse._StoreTrueAction, argparse._AppendAction)) or a.required
+        assert switch or "default" in a.help, f"{command} {a.option_strings}: no default in the help"
+
+
+def test_help_prints():
+    text = nanoattcot.parser().format_help()
+    assert "--lambda-vis LAMBDA_VIS" in text and "weight of L_vis" in text and "(default: 0.1)" in text
+    assert "3%" in text  # a literal percent sign survives argparse's formatting
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("all", [0, 1, 2, 3, 4, 5]), (":", [0, 1, 2, 3, 4, 5]), ("last", [5]), ("-1", [5]), ("0,3", [0, 3]),
+    ("3,0,3", [0, 3]), ("4:", [4, 5]), (":2", [0, 1]), ("-2:", [4, 5]), ("1:3,5", [1, 2, 5]), (" 2 ", [2]),
+])
+def test_layer_grammar(spec, want):
+    assert config.layer_set(spec, 6) == want
+    assert config.layer_set(spec) is None  # the grammar alone, before a model is loaded
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("x", "must be all"), ("1,", "must be all"), ("1:2:3", "must be all"), ("6", "the model has 6 layers"),
+    ("-7", "the model has 6 layers"), ("7:", "names no layer"),
+])
+def test_layer_grammar_refuses(spec, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.layer_set(spec, 6, "--layers")
+
+
+def test_key_groups_by_name():
+    S, P, V, R, A = data.S, data.P, data.V, data.R, data.A
+    spans = torch.tensor([[S, S, P, V, V, P, R, R, A, 0]])
+    groups = masses.key_groups(spans, ("image", "rationale+image"))
+    assert groups.tolist() == [[0, 0, 0, 3, 3, 0, 2, 2, 0, 0]]
+    assert masses.key_groups(spans, ("image", "rationale")).tolist() == [[0, 0, 0, 1, 1, 0, 2, 2, 0, 0]]
+    region = torch.tensor([[0, 0, 0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    got = masses.key_groups(spans, ("image", "system"), extra=[region])
+    assert got.tolist() == [[2, 2, 0, 1, 5, 0, 0, 0, 0, 0]] and got.dtype == torch.uint8
+
+
+def test_mass_hook_takes_the_rows_and_applies_the_boost():
+    """The hook's masses are the kernel's on the chosen rows, and with a boost kernels.boosted of them."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
+    spans = torch.tensor([[data.P, data.V, data.V, data.R, data.R, data.A]])
+    rows, q_pos, _ = masses.query_rows(spans)
+    groups = masses.key_groups(spans, ("image", "rationale"))
+    plain = masses.mass_fn(rows, q_pos, groups, 2, impl="reference")(0, q, k)
+    scores = (q[0] @ k[0].transpose(-1, -2) / 8 ** 0.5).masked_fill(~torch.ones(6, 6).tril().bool(),
+                                                                    float("-inf"))
+    p = scores.softmax(-1)[:, 3:]  # (H, 3 reply rows, 6 keys)
+    want = torch.stack([p[..., 1:3].sum(-1), p[..., 3:5].sum(-1)], -1)
+    assert torch.allclose(plain[0], want)
+    boosted = masses.mass_fn(rows, q_pos, groups, 2, impl="reference", boost=lambda layer: 3.0)(0, q, k)
+    assert torch.allclose(boosted, kernels_boosted(plain, 3.0))
+
+
+def kernels_boosted(m, f):  # by hand: the image's probabilities times f, renormalised
+    image, rest = m[..., :1] * f, m[..., 1:]
+    return torch.cat([image, rest], -1) / (1 + (f - 1) * m[..., :1])
