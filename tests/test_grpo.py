@@ -96,6 +96,15 @@ def test_top_entropy_tokens_ignore_padding():
     assert float(got) == pytest.approx((r(0.1, 0.4) + r(0.4, 0.4)) / 2)
 
 
+@pytest.mark.parametrize("text,ok", [
+    ("Row 1: a circle. Answer: 1", True), ("<think>Row 1: a circle.</think><answer>1</answer>", True),
+    ("Answer: 1", False), ("   Answer: 1", False), ("Row 1: a circle.", False), ("", False),
+    ("Answer: 1. Row 1: a circle. Answer: 1", True),  # a rationale before the last marker
+])
+def test_format_reward_wants_a_rationale_then_an_answer(text, ok):
+    assert grpo.has_format(text) is ok
+
+
 def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
     from transformers import AutoModelForImageTextToText
     cfg = config(start, tmp_path / "g", reward_avar=0.3, reward_region=1.0, num_generations=2)

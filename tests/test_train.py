@@ -454,3 +454,12 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     assert result["nonfinite_skipped"] == 1 and len(result["metrics"]) == 3
 
 
+
+
+@pytest.mark.parametrize("spec,want", [("all", [0, 1, 2, 3]), ("1,-1", [1, 3]), ("2:", [2, 3])])
+def test_the_objective_reads_the_layers_the_flag_names(tmp_path, monkeypatch, spec, want):
+    seen, real = [], nanoattcot.loss_terms
+    monkeypatch.setattr(nanoattcot, "loss_terms", lambda model, batch, cfg, layers: seen.append(layers)
+                        or real(model, batch, cfg, layers))
+    result = nanoattcot.train(config(tmp_path, max_steps=1, layers=spec))
+    assert seen == [want] and result["layers"] == want
