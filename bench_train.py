@@ -7,20 +7,24 @@ one's allocator state never inflates the next one's peak.
 
     python bench_train.py               # GPU
     python bench_train.py --activation-checkpointing --batch 8
-    python bench_train.py --tiny        # a quick check of the script on CPU
-    python bench_train.py --cpu --batch 1 --steps 1   # the activation memory ratio without a GPU
+    python bench_train.py --cpu --steps 30          # the default run's model and batches, on the CPU
+    python bench_train.py --shape tiny              # a quick check of the script on CPU
+    python bench_train.py --cpu --shape 256m --batch 1 --steps 1   # the activation memory ratio, no GPU
 """
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 import data
 import nanoattcot
+import synthetic
 from model import VLM, TextConfig, VisionConfig, VLMConfig, peak_flops
+from records import read_records
 
 
 def make_batch(cfg, B, T, n_tiles, device):
@@ -36,6 +40,18 @@ def make_batch(cfg, B, T, n_tiles, device):
             "labels": torch.where(spans >= data.R, ids, -100),
             "pixel_values": torch.randn(B, n_tiles, 3, side, side, device=device),
             "pixel_attention_mask": torch.ones(B, n_tiles, side, side, dtype=torch.long, device=device)}
+
+
+def default_run_batch(B):
+    """The default run's model config and a batch of B of its records, encoded as it encodes them
+    (the synthetic set, its tokenizer trained on 1,000 records: the real lengths and spans)."""
+    with tempfile.TemporaryDirectory() as d:
+        synthetic.make_synthetic(d, 1000, 2, seed=0)
+        recs = read_records(synthetic.paths(d)[0])
+        proc = data.new_processor([r["question"] + " " + r["reply"] for r in recs], tile=96, image_seq_len=9,
+                                  vocab_size=600)
+        batch = data.collate(data.encode_all(proc, recs[:B]), proc.pad_token_id)
+    return synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
 
 
 def saved_for_backward(model, fn):
@@ -59,13 +75,14 @@ RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"),
 
 def parser():
     p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a toy shape, for a smoke run")
+    p.add_argument("--shape", choices=("256m", "default-run", "tiny"), help="the model and batch: "
+                   "SmolVLM-256M (2048 tokens, 17 tiles), the default run's small model on its synthetic "
+                   "records, or a toy for a smoke run (default: 256m on a GPU, default-run with --cpu)")
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps after the warm-up (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8,
-                   help="records per step; 8 is the target shape (default: %(default)s)")
+    p.add_argument("--batch", type=int, help="records per step (default: 8 for 256m, the default run's 16)")
     p.add_argument("--cpu", action="store_true",
-                   help="the 256M shape on CPU (slow: use --batch 1 --steps 1)")
+                   help="on the CPU (256m there is slow: --shape 256m --batch 1 --steps 1)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated, from: " + ", ".join(RUNS)
@@ -77,12 +94,19 @@ def parser():
 
 def main():
     args = parser().parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not (args.tiny or args.cpu) else "cpu")
-    if args.tiny:
+    args.shape = args.shape or ("default-run" if args.cpu else "256m")
+    on_gpu = torch.cuda.is_available() and not (args.shape == "tiny" or args.cpu)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    batch = None
+    if args.shape == "tiny":
         cfg = VLMConfig(VisionConfig(64, 128, 1, 2, 16, 64), TextConfig(1000, 128, 256, 2, 2, 1, 64), 2, 999)
         B, T, tiles = 2, 128, 4
+    elif args.shape == "default-run":
+        cfg, batch = default_run_batch(args.batch or 16)
+        (B, T), tiles = batch["input_ids"].shape, 1
+        batch = {k: v.to(device) for k, v in batch.items()}
     else:  # SmolVLM-256M's shapes (the config defaults)
-        cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch, 2048, 17
+        cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch or 8, 2048, 17
     layers = list(range(cfg.text.num_hidden_layers))
     if args.one is None:  # each objective in a fresh process
         rows = []
@@ -97,7 +121,7 @@ def main():
             if run.returncode:
                 print(f"  {name}: failed\n{run.stderr[-1500:]}")
         return print_table(rows, device, B, T, tiles, cfg, layers, args)
-    batch = make_batch(cfg, B, T, tiles, device)
+    batch = make_batch(cfg, B, T, tiles, device) if batch is None else batch
     flops_peak = peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
     name = args.one
     objective, impl = RUNS[name]
@@ -141,7 +165,7 @@ def main():
 
 def print_table(rows, device, B, T, tiles, cfg, layers, args):
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\ntraining step, {'tiny' if args.tiny else 'SmolVLM-256M shape'}, {dev}, batch {B} x {T} tokens "
+    print(f"\ntraining step, {args.shape} shape, {dev}, batch {B} x {T} tokens "
           f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}; each objective in its "
           "own process")

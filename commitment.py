@@ -97,8 +97,8 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
         else:
             keep.append((i, list(readings.values()), list(readings).index(final)))
     out = {"cuts": list(cuts), "agreement": [], "accuracy": [], "final_answer_probability": [],
-           "n": len(keep),
-           "left_out": dict(left_out)}
+           "n": len(keep), "left_out": dict(left_out),
+           "items": [{"index": i, "forced": [], "p_final": []} for i, _, _ in keep]}  # per item, per cut
     if not keep:
         return out
     recs = [records[i] for i, _, _ in keep]
@@ -118,6 +118,9 @@ def early_commitment(model, proc, records, texts, batch_size=64, cuts=CUTS, mark
         out["accuracy"].append(sum(matches(a, r) for a, r in zip(read, recs)) / len(keep))
         out["final_answer_probability"].append(sum(float(p[j])
                                                    for p, (_, _, j) in zip(probs, keep)) / len(keep))
+        for item, p, f, (_, c, j) in zip(out["items"], probs, forced, keep):
+            item["forced"].append(c[f])
+            item["p_final"].append(round(float(p[j]), 4))
         if log:
             log(f"cut {cut}%: {len(keep)} items x their candidates scored")
     return out

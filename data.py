@@ -411,37 +411,52 @@ class Skips(collections.Counter):
 
 def split_reply(reply, marker="Answer:"):
     """A reply -> (rationale, answer) character split index. `<think>..</think><answer>..</answer>`
-    replies split at <answer>; others at the last `marker`. -1 if the reply has no answer part."""
+    replies split at <answer>; others at the last `marker`, else at the last "the answer is". -1 if
+    the reply has no answer part."""
     if "<answer>" in reply:
         return reply.index("<answer>")
-    return reply.rfind(marker)
+    if marker in reply:
+        return reply.rfind(marker)
+    return reply.lower().rfind("the answer is")
 
 
-def chat_prompt(proc, question, n_images=0):
+def chat_prompt(proc, question, n_images=0, history=()):
     """The one prompt builder (training, eval, GRPO, generate.py): the chat template on the question,
-    up to "Assistant:", with an <image> placeholder per image before it unless the question places
-    its own ("User: <image>How many?")."""
-    if n_images and SPECIAL["image"] not in question:
+    after history (earlier messages [{role, text}]: a system message, earlier turns), up to
+    "Assistant:", with an <image> placeholder per image before the question unless the messages
+    place their own ("User: <image>How many?")."""
+    if n_images and not any(SPECIAL["image"] in m["text"] for m in [*history, {"text": question}]):
         question = SPECIAL["image"] * n_images + question
-    return proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": question}]}])
+    messages = [*history, {"role": "user", "text": question}]
+    return proc.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["text"]}]}
+                                     for m in messages])
 
 
 def record_prompt(proc, rec):
-    """The chat prompt of a record (chat_prompt of its question and images)."""
-    return chat_prompt(proc, rec["question"], len(rec["images"]))
+    """The chat prompt of a record (chat_prompt of its question, images and history)."""
+    return chat_prompt(proc, rec["question"], len(rec["images"]), rec.get("history", ()))
 
 
-@functools.lru_cache(maxsize=8)
-def chat_head(proc):
-    """The chat template's text before a user's content ("<|im_start|>User: "): the S span."""
-    marked = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "\0"}]}])
-    return marked.split("\0")[0]
+@functools.lru_cache(maxsize=64)
+def chat_head(proc, system=None):
+    """The chat template's text before the user's content ("<|im_start|>User: "), with a system
+    message everything before the first user's content: the S span (AVAR's "system" tokens)."""
+    history = [{"role": "system", "text": system}] if system else []
+    return chat_prompt(proc, "\0", 0, history).split("\0")[0]
 
 
 def encode_record(proc, rec, max_len=2048, marker="Answer:"):
     """One record -> dict of ids, labels, spans (1-D tensors) and its images; raises RecordError naming
     the record for a missing or unreadable image, an image without a place, or too many tokens.
     Length policy: a record longer than max_len is rejected (the answer is never cut)."""
+    text, prompt_len, cut, pixels = record_text(proc, rec, marker)
+    return tokens_to_example(proc, rec, proc.tokenizer.encode(text), prompt_len, cut, pixels, max_len)
+
+
+def record_text(proc, rec, marker="Answer:"):
+    """The first half of encode_record: the record's images processed, its full text (prompt with the
+    images expanded, then the reply) -> text, the prompt's length, where the answer starts (characters)
+    and the pixels ((pixel_values, pixel_attention_mask) or None)."""
     where = rec["source"]
     try:
         images = [load_image(p, where) for p in rec["images"]]
@@ -452,26 +467,30 @@ def encode_record(proc, rec, max_len=2048, marker="Answer:"):
         raise RecordError(where, "no <image> place for each image",
                           f" ({prompt.count(SPECIAL['image'])} places, {len(images)} images)")
     reply = " " + rec["reply"] + SPECIAL["eou"] + "\n"
-    pixels = None
     if images:
         pixels, pmask, rows, cols = proc.image_processor([images])
         prompt = proc.expand_images(prompt, rows[0], cols[0])
     cut = len(prompt) + split_reply(reply, marker)
     while (prompt + reply)[cut - 1].isspace():  # " Answer" is one token: its space belongs to the answer
         cut -= 1
-    enc = proc.tokenizer.encode(prompt + reply)
+    return prompt + reply, len(prompt), cut, (pixels[0], pmask[0]) if images else None
+
+
+def tokens_to_example(proc, rec, enc, prompt_len, cut, pixels, max_len=2048):
+    """The second half: the tokenizer's encoding of record_text's text -> the example (ids, labels,
+    spans, pixels), each token's span read off its character offsets."""
     ids = torch.tensor(enc.ids)
-    starts, ends = torch.tensor(enc.offsets).T
+    starts, ends = torch.from_numpy(np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)).T
     # S by end offset: a token straddling the head's last space (" What" after "User:") is the user's
-    span = torch.where(ends <= len(chat_head(proc)), S,
-                       torch.where(starts < len(prompt), P, torch.where(starts < cut, R, A)))
+    span = torch.where(ends <= len(chat_head(proc, rec.get("system"))), S,
+                       torch.where(starts < prompt_len, P, torch.where(starts < cut, R, A)))
     span[ids == proc.image_token_id] = V
     if len(ids) > max_len:
-        raise RecordError(where, "too long", f" ({len(ids)} tokens > max_len {max_len})")
+        raise RecordError(rec["source"], "too long", f" ({len(ids)} tokens > max_len {max_len})")
     labels = torch.where(span >= R, ids, -100)  # the loss is on the reply only
     out = {"input_ids": ids, "labels": labels, "spans": span}
     if pixels is not None:
-        out.update(pixel_values=pixels[0], pixel_attention_mask=pmask[0])
+        out.update(pixel_values=pixels[0], pixel_attention_mask=pixels[1])
     return out
 
 
@@ -509,12 +528,20 @@ def epoch_order(seed, epoch, n):
 
 
 def encode_all(proc, records, max_len=2048, skips=None):
-    """Encodes every record; one that cannot be used goes to skips (None: the first one raises)."""
+    """encode_record for every record, the texts through the tokenizer in one batch (its threads); a
+    record that cannot be used goes to skips (None: the first one raises)."""
     skips = Skips(strict=True) if skips is None else skips
-    kept = []
+    prepared = []
     for rec in records:
         try:
-            kept.append(encode_record(proc, rec, max_len))
+            prepared.append((rec, *record_text(proc, rec)))
+        except RecordError as e:
+            skips.add(e)
+    encodings = proc.tokenizer.encode_batch([text for _, text, *_ in prepared])
+    kept = []
+    for (rec, _, prompt_len, cut, pixels), enc in zip(prepared, encodings):
+        try:
+            kept.append(tokens_to_example(proc, rec, enc, prompt_len, cut, pixels, max_len))
         except RecordError as e:
             skips.add(e)
     return kept

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 import config
 import data
 import draw
+import explorer
 import masses
 from answers import is_right, matches, read_answer, with_candidates
 from boxes import control_boxes
@@ -93,10 +94,11 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
     that change, against the model's own unoccluded answer, when the evidence is painted grey, next
     to the share that change when as much area elsewhere is (the control: control_boxes). Reported:
     how many items each control rule covered, and the items left out by reason (no evidence box,
-    not one image, no room for the control). A grounded model changes the first and not the second."""
+    not one image, no room for the control), and per item (its index in records) whether each
+    changed its answer. A grounded model changes the first and not the second."""
     rng = np.random.default_rng(seed)
     picked, evidence, control, rules, left_out = [], [], [], collections.Counter(), collections.Counter()
-    for r, t in zip(records, texts):
+    for i, (r, t) in enumerate(zip(records, texts)):
         if not r.get("boxes") or len(r["images"]) != 1:
             left_out["no evidence box" if not r.get("boxes") else "not one image"] += 1
             continue
@@ -112,16 +114,20 @@ def occlusion(model, proc, records, texts, batch_size=64, max_new_tokens=160, se
             left_out[rule] += 1
             continue
         rules[rule] += 1
-        picked.append((r, t))
+        picked.append((i, r, t))
         evidence.append({**r, "images": [occluded(im, boxes)]})
         control.append({**r, "images": [occluded(im, others)]})
     if not picked:
         return None
-    before = [read_answer(r, t) for r, t in picked]
-    changed = lambda recs: sum(read_answer(r, t) != b for r, t, b in zip(
-        recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)) / len(recs)
-    return {"n": len(picked), "evidence_changed": changed(evidence), "control_changed": changed(control),
-            "control_rules": dict(rules), "left_out": dict(left_out)}
+    before = [read_answer(r, t) for _, r, t in picked]
+    changed = lambda recs: [read_answer(r, t) != b for r, t, b in zip(
+        recs, generate_answers(model, proc, recs, batch_size, max_new_tokens, log=log), before)]
+    on_evidence, on_control = changed(evidence), changed(control)
+    return {"n": len(picked), "evidence_changed": sum(on_evidence) / len(picked),
+            "control_changed": sum(on_control) / len(picked), "control_rules": dict(rules),
+            "left_out": dict(left_out),
+            "items": [{"index": i, "evidence_changed": e, "control_changed": c}
+                      for (i, _, _), e, c in zip(picked, on_evidence, on_control)]}
 
 
 def text_prior(train_records):
@@ -130,10 +136,6 @@ def text_prior(train_records):
     for r in train_records:
         by_type[r.get("type")][str(r["answer"])] += 1
     return {t: c.most_common(1)[0][0] for t, c in by_type.items()}
-
-
-def boost_at(model, layer):  # the factor of the test-time intervention in that layer (1: none)
-    return model.image_boost[0] if model.image_boost and layer in model.image_boost[1] else 1.0
 
 
 # disjoint: the intervention's renormalisation (kernels.boosted) needs it
@@ -157,7 +159,7 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
         rows, q_pos, row_span = masses.query_rows(batch["spans"])
         groups = masses.key_groups(batch["spans"], PROFILE_GROUPS)
         hook = masses.mass_fn(rows, q_pos, groups, len(PROFILE_GROUPS),
-                              boost=lambda layer: boost_at(model, layer))
+                              boost=model.boost_at)
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                     batch["attention_mask"], mass_layers=layers,
                     mass_fn=hook)  # the masses under the intervention
@@ -181,29 +183,6 @@ def own_rationale_records(records, texts, marker="Answer:"):
     return [{**r, "reply": t.strip()} for r, t in zip(records, texts) if marker in t and t.strip()]
 
 
-@torch.no_grad()
-def image_attention(model, proc, rec, layers):
-    """One record, its reply teacher forced: each reply token's attention on each image token (mean
-    over heads and layers) -> (n_reply, n_image). One item's reply rows x keys are few, so the
-    probabilities are formed directly here (a picture, not a training statistic)."""
-    model.eval()
-    device = next(model.parameters()).device
-    ex = data.encode_record(proc, rec)
-    batch = {k: v.to(device) for k, v in data.collate([ex], proc.pad_token_id).items()}
-    rows = torch.nonzero(batch["spans"][0] >= data.R)[:, 0]
-    image = torch.nonzero(batch["spans"][0] == data.V)[:, 0]
-
-    def probs(layer, q, k):  # q (1, Hq, T, d), k (1, Hkv, T, d)
-        k = k[0].repeat_interleave(q.shape[1] // k.shape[1], 0).float()
-        scores = q[0][:, rows].float() @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (Hq, n, T)
-        scores[..., image] += math.log(boost_at(model, layer))
-        scores.masked_fill_(torch.arange(k.shape[1], device=device)[None, :] > rows[:, None], float("-inf"))
-        return scores.softmax(-1)[..., image].mean(0)
-    out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                batch["attention_mask"], mass_layers=layers, mass_fn=probs)
-    return torch.stack([out.masses[layer] for layer in layers]).mean(0).cpu(), ex["input_ids"][rows.cpu()]
-
-
 def reply_steps(text, most=6, marker="Answer:"):
     """A reply -> its steps: the rationale's sentences (neighbours joined to at most `most`), then
     the answer part."""
@@ -217,7 +196,8 @@ def reply_steps(text, most=6, marker="Answer:"):
 def attention_steps(model, proc, rec, layers):
     """For a heatmap: the record's image, each image token's box in it, and per step of the reply
     (reply_steps) its words, its image mass and its mean attention on each image token."""
-    weights, ids = image_attention(model, proc, rec, layers)
+    weights, ids = explorer.image_attention(model, proc, rec, layers)
+    weights = weights.mean(0)  # over the layers
     # where each token ends in the reply
     ends = [len(proc.decode(ids[:i + 1]).strip()) for i in range(len(ids))]
     steps, start, out = reply_steps(rec["reply"]), 0, []
@@ -237,7 +217,7 @@ def attention_steps(model, proc, rec, layers):
 
 
 def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=128, max_new_tokens=160,
-             commitment=True, heatmaps=3, log=None):
+             commitment=True, heatmaps=3, explore=12, log=None):
     """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with
     its bootstrap 95% interval and the answers that could not be read (counted wrong), reply_tokens
     (mean reply length in each mode), text_prior_accuracy, prior_agreement, counterfactual_consistency
@@ -246,8 +226,9 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     ones), occlusion (records with evidence boxes: answers changed by greying the evidence, and by
     greying as much elsewhere), early_commitment (per cut of the rationale: agreement with the final
     answer, accuracy), heatmaps (attention_steps on the model's own replies, or the gold ones where
-    it wrote nothing, to the first few records with one image), accuracy_by_type, n, and seconds
-    and items/s per phase. log(line): progress."""
+    it wrote nothing, to the first few records with one image), explore (explorer.explore: each reply
+    token's attention over the image per layer, for the first `explore` one-image records: what
+    report.html shows), accuracy_by_type, n, and seconds and items/s per phase. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
     eval_records = with_candidates(eval_records, train_records)  # answers are read among their type's
@@ -288,7 +269,10 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
                 if len(r["images"]) == 1][:heatmaps] if layers else []
     maps = [{**attention_steps(model, proc, {**r, "reply": t or r["reply"]}, layers),
              "reply": "own" if t else "gold"} for r, t in pictured]
-    seconds["heatmaps"] = time.time() - t0
+    seconds["heatmaps"], t0 = time.time() - t0, time.time()
+    explored = explorer.explore(model, proc, eval_records, texts, layers, explore) if layers else []
+    seconds["explore"] = time.time() - t0
+
     def n_tokens(replies):  # the mean reply length in tokens (stubs in tests have no processor)
         return sum(len(proc.tokenizer.encode(t).ids) for t in replies) / len(replies) if proc else None
     result = {
@@ -309,6 +293,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
         "early_commitment": commit,
         "occlusion": occlude,
         "heatmaps": maps,
+        "explore": explored,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "examples": [{"question": r["question"], "answer": r["answer"], "output": t, "direct": d}
                      for r, t, d in list(zip(eval_records, texts, direct))[:5]],
@@ -442,13 +427,18 @@ def figures(results, out):
 
 
 def write_report(results, out, meta=None, extra=()):
-    """report.json (every number), report.md (the table and the pictures, readable on GitHub) and
-    the PNGs under out. extra: [(heading, file relative to out)] drawn elsewhere (training curves)."""
+    """report.json (every number), report.md (the table and the pictures, readable on GitHub),
+    report.html (the same with the attention explorer: explorer.py) and the PNGs under out. extra:
+    [(heading, file relative to out)] drawn elsewhere (training curves)."""
     os.makedirs(out, exist_ok=True)
     made = figures(results, out) + [e for e in extra if os.path.exists(os.path.join(out, e[1]))]
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meta": meta or {}, "results": results}, f, indent=1)
+        json.dump({"meta": meta or {}, "results": results}, f)
+    explorer.write_html(os.path.join(out, "report.html"), results, table_rows(results),
+                        [(heading, os.path.join(out, file)) for heading, file in made], meta)
     lines = ["# Evaluation report", ""] + [f"- {k}: {v}" for k, v in (meta or {}).items()]
+    lines += ["", "Where each reply token looks, token by token and layer by layer: open report.html "
+              "(one file, no network) in a browser."]
     lines += ["", markdown_table(results), ""]
     lines += [line for heading, file in made for line in (f"## {heading}", "", f"![{heading}]({file})", "")]
     lines += ["## Time", "", "| model | seconds per phase | items/s per phase |", "|---|---|---|"]
@@ -485,6 +475,8 @@ def parser():
     p.add_argument("--batch-size", type=int, default=64,
                    help="records per generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply (default: %(default)s)")
+    p.add_argument("--explore", type=int, default=12, help="eval items (with one image) whose every reply "
+                   "token's attention report.html shows (default: %(default)s)")
     p.add_argument("--layers", default="all", help=f"the layers of the attention masses: "
                    f"{config.LAYER_GRAMMAR} (default: %(default)s)")
     p.add_argument("--visual-attn-scale", default="", help="test-time intervention: comma-separated "
@@ -529,7 +521,7 @@ def main(argv=None):
                 t0 = time.time()
                 model.boost_image_attention(f, boost_layers)
                 results[row] = evaluate(model, proc, records, train_records, layers, args.batch_size,
-                                        args.max_new_tokens, log=log)
+                                        args.max_new_tokens, explore=args.explore, log=log)
                 results[row]["wall_seconds"] = round(time.time() - t0, 1)
     print(table(results))
     meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(model_names(args.model), args.model)),

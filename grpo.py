@@ -162,12 +162,13 @@ def region_tokens(proc, rec, ids):
     return where
 
 
-def system_tokens(proc, ids, mask):
-    """(B, T) left-padded prompt ids -> (B, T) bool: the chat scaffolding before the user's content
-    (data.S; the leading tokens shared with the template's head, as data.encode_record tags them)."""
-    head_ids = proc.tokenizer.encode(data.chat_head(proc)).ids
+def system_tokens(proc, ids, mask, systems=None):
+    """(B, T) left-padded prompt ids -> (B, T) bool: the chat scaffolding (and the system message of
+    systems[b], when there is one) before the user's content (data.S; the leading tokens shared with
+    the template's head, as data.encode_record tags them)."""
     out = torch.zeros_like(ids, dtype=torch.bool)
     for b in range(ids.shape[0]):
+        head_ids = proc.tokenizer.encode(data.chat_head(proc, systems[b] if systems else None)).ids
         start = int((mask[b] == 0).sum())
         n = 0
         while n < len(head_ids) and start + n < ids.shape[1] and int(ids[b, start + n]) == head_ids[n]:
@@ -245,7 +246,8 @@ def rollouts(model, proc, recs, cfg, step, device):
     texts = [proc.decode(c[m]) for c, m in zip(comp, cmask)]
     ids, pmask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
     spans = torch.where(ids == proc.image_token_id, data.V, 0)
-    spans = spans.masked_fill(system_tokens(proc, ids, pmask), data.S)
+    systems = [r.get("system") for r in recs for _ in range(G)]
+    spans = spans.masked_fill(system_tokens(proc, ids, pmask, systems), data.S)
     regions = [region_tokens(proc, r, ids[i * G]) for i, r in enumerate(recs)]
     has_region = torch.tensor([regions[i // G] is not None for i in range(len(prompts))])
     region = torch.stack([regions[i // G] if has_region[i] else torch.zeros(ids.shape[1], dtype=torch.bool)

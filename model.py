@@ -249,6 +249,10 @@ class VLM(nn.Module):
         # f = 1: off, SDPA's fused kernels again
         self.image_boost = (f, frozenset(layers)) if f != 1 else None
 
+    def boost_at(self, layer):
+        """The factor of the test-time intervention in that layer (1: none)."""
+        return self.image_boost[0] if self.image_boost and layer in self.image_boost[1] else 1.0
+
     def checkpoint_activations(self, on=True):
         """Activation checkpointing for every vision and decoder block: recomputed in the backward.
         Attention masses are taken from the q, k each block returns, so they are unaffected."""

@@ -526,8 +526,8 @@ def run(cfg, compare=()):
                    "nonfinite_skipped": result["nonfinite_skipped"],
                    "wall_seconds": round(time.time() - t0, 1), "examples": ev["examples"],
                    "config": asdict(c)}
-        with open(os.path.join(c.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        with open(os.path.join(c.out, "summary.json"), "w") as f:  # the explorer's weights: report.json
+            json.dump({k: v for k, v in summary.items() if k != "explore"}, f, indent=2)
         summaries[objective] = summary
         # checked in train
         boost_layers = config.layer_set(cfg.visual_attn_layers, len(result["model"].layers))

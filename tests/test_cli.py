@@ -93,7 +93,7 @@ def test_bad_training_data_is_one_line(tmp_path):
         f"error: {empty}: no usable evaluation record (none skipped)"
     llava = tmp_path / "llava.json"
     llava.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Which?"}]}]))
-    assert "llava.json:record 1 gpt turn: no value" in user_error(
+    assert "llava.json:record 1: no user turn then assistant reply" in user_error(
         ["train", "--data", str(llava), "--eval-data", ev, *out, *TRAIN])
 
 

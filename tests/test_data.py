@@ -93,10 +93,10 @@ def test_bad_records_are_counted_or_named(proc, tmp_path):
     kept = data.encode_all(proc, records, skips=skips)
     assert len(kept) == 2
     assert skips == {"cannot read image": 2, "no answer": 1,
-                     "no <image> place for each image": 1, "bad JSON": 2,
+                     "no <image> place for each image": 1, "bad JSON": 1, "not an object": 1,
                      "no question": 1, "bad image field": 1}
     assert skips.examples[0].startswith(f"{path}:4: no answer") and len(skips.examples) == 3
-    assert "8 skipped (bad JSON: 2, cannot read image: 2" in str(skips)
+    assert "8 skipped (cannot read image: 2, no answer: 1" in str(skips)
     assert f"{path}:6: bad JSON" in str(skips)
     with pytest.raises(data.RecordError, match=r"d.jsonl:2: cannot read image"):
         data.encode_all(proc, read_records(str(path), data.Skips()), skips=data.Skips(strict=True))
@@ -119,8 +119,9 @@ def test_bad_llava_records(tmp_path):
     skips = data.Skips()
     records = read_records(str(path), skips)
     assert [r["answer"] for r in records] == ["B"]
-    assert skips == {"no value": 2, "no answer": 1, "no conversations": 2}
-    assert "l.json:record 2 gpt turn: no value" in skips.examples[0]
+    assert skips == {"no user turn then assistant reply": 2, "no answer": 1, "unknown record shape": 1,
+                     "not an object": 1}
+    assert "l.json:record 2: no user turn then assistant reply" in skips.examples[0]
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(data.DataError, match="l.json: expected a JSON list"):
         read_records(str(path), data.Skips())
@@ -219,3 +220,103 @@ def test_record_prompt_places_images_once(proc, tmp_path):
     assert data.record_prompt(proc, llava) == \
         "<|im_start|>User: Look: <image> How many?<end_of_utterance>\nAssistant:"
     assert (data.encode_record(proc, llava)["spans"] == data.V).sum() == 4
+
+
+# --- the ecosystem's format: LLaMA-Factory / ms-swift / TRL records with messages and images
+
+def test_llama_factory_demo_layout_trains_on_the_last_turn(proc, tmp_path):
+    """LLaMA-Factory's mllm_demo.json layout: a JSON list, two user turns with an <image> each, the
+    images listed beside the messages. The last assistant turn is the reply (R and A, the only
+    labels); the first exchange is prompt, rendered by the chat template before the question."""
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    (tmp_path / "demo.json").write_text(json.dumps([{
+        "messages": [{"content": "<image>Who are they?", "role": "user"},
+                     {"content": "Two players. Answer: players", "role": "assistant"},
+                     {"content": "What are they doing?<image>", "role": "user"},
+                     {"content": "They hold a cup. Answer: celebrating", "role": "assistant"}],
+        "images": ["1.png", "2.png"]}]))
+    rec = read_records(str(tmp_path / "demo.json"))[0]
+    assert rec["question"] == "What are they doing?<image>" and rec["answer"] == "celebrating"
+    assert rec["images"] == [str(tmp_path / "1.png"), str(tmp_path / "2.png")] and "system" not in rec
+    assert rec["history"] == [{"role": "user", "text": "<image>Who are they?"},
+                              {"role": "assistant", "text": "Two players. Answer: players"}]
+    assert data.record_prompt(proc, rec) == (
+        "<|im_start|>User: <image>Who are they?<end_of_utterance>\nAssistant: Two players. Answer: players"
+        "<end_of_utterance>\nUser: What are they doing?<image><end_of_utterance>\nAssistant:")
+    ex = data.encode_record(proc, rec)
+    assert (ex["spans"] == data.V).sum() == 8  # both images, 4 tokens each
+    assert text_of(proc, ex, data.R) == " They hold a cup."
+    assert text_of(proc, ex, data.A).startswith(" Answer: celebrating")
+    labelled = proc.tokenizer.decode(ex["labels"][ex["labels"] != -100].tolist(), skip_special_tokens=False)
+    assert "Two players" not in labelled and labelled.startswith(" They hold a cup.")
+
+
+def test_typed_parts_and_a_system_message(proc, tmp_path):
+    """TRL's content lists ({type: image}, {type: text}) in JSONL, with a system message: the S span
+    (AVAR's "system") is the system message and the scaffolding before the user's content."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    path = write(tmp_path, "trl.jsonl", [{
+        "messages": [{"role": "system", "content": [{"type": "text", "text": "Count carefully."}]},
+                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+                     {"role": "assistant",
+                      "content": [{"type": "text", "text": "<think>one</think><answer>1</answer>"}]}],
+        "images": ["a.png"], "type": "count"}])
+    rec = read_records(path)[0]
+    assert rec["question"] == "<image>How many?" and rec["answer"] == "1"
+    assert rec["system"] == "Count carefully."
+    assert rec["type"] == "count"  # other fields are kept
+    assert data.record_prompt(proc, rec) == ("<|im_start|>System: Count carefully.<end_of_utterance>\n"
+                                             "User: <image>How many?<end_of_utterance>\nAssistant:")
+    ex = data.encode_record(proc, rec)
+    assert text_of(proc, ex, data.S) == "<|im_start|>System: Count carefully.<end_of_utterance>\nUser: "
+    assert text_of(proc, ex, data.A).startswith("<answer>1</answer>")
+
+
+def test_prompt_completion_and_the_answer_is(proc, tmp_path):
+    """TRL's conversational prompt/completion, and a reply whose answer follows "the answer is"."""
+    path = write(tmp_path, "pc.jsonl", [{
+        "prompt": [{"role": "user", "content": "Is the sky blue?"}],
+        "completion": [{"role": "assistant", "content": "It looks so, so the answer is yes."}]}])
+    rec = read_records(path)[0]
+    assert rec["answer"] == "yes." and rec["images"] == [] and rec["reply"].endswith("the answer is yes.")
+    ex = data.encode_record(proc, rec)
+    assert text_of(proc, ex, data.R) == " It looks so, so"
+    assert text_of(proc, ex, data.A).startswith(" the answer is")
+
+
+def test_bad_messages_records_are_skipped_and_counted(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    user = {"role": "user", "content": "<image>How many?"}
+    reply = {"role": "assistant", "content": "One. Answer: 1"}
+    rows = [{"messages": [user, reply], "images": ["a.png"]},                         # fine
+            {"messages": [user, reply], "images": ["a.png", "a.png"]},                # 1 tag, 2 images
+            {"messages": [{"role": "user", "content": "How many?"}, reply], "images": ["a.png"]},  # no tag
+            {"messages": [user, {"role": "assistant", "content": "One."}], "images": ["a.png"]},
+            # no answer
+            {"messages": [user], "images": ["a.png"]},                                # no reply
+            {"messages": [{"role": "robot", "content": "hi"}, reply]},                # bad role
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}, reply]}]  # bad part
+    skips = data.Skips()
+    records = read_records(write(tmp_path, "m.jsonl", rows), skips)
+    assert len(records) == 1 and records[0]["answer"] == "1"
+    assert skips == {"<image> tags do not match images": 2, "no answer": 1,
+                     "no user turn then assistant reply": 1,
+                     "bad role": 1, "bad content": 1}
+    assert any("m.jsonl:2: <image> tags do not match images (1 tags, 2 images)" in e for e in skips.examples)
+
+
+def test_batch_encoding_gives_the_ids_one_at_a_time_does(tmp_path):
+    """encode_all (the tokenizer's batch encoding) against encode_record on each record: the same
+    ids, spans, labels and pixels, on the synthetic set and a messages record with a system turn."""
+    synthetic.make_synthetic(str(tmp_path), 40, 2, seed=3)
+    recs = read_records(synthetic.paths(str(tmp_path))[0])
+    recs.append({"question": "How many?", "images": [], "reply": "One. Answer: 1", "source": "x:1",
+                 "system": "Count.", "history": [{"role": "system", "text": "Count."}]})
+    proc = data.new_processor([r["question"] + " " + r["reply"] for r in recs], tile=96, image_seq_len=9,
+                              vocab_size=400)
+    batched = data.encode_all(proc, recs)
+    assert len(batched) == len(recs)
+    for rec, got in zip(recs, batched):
+        want = data.encode_record(proc, rec)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

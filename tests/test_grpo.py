@@ -271,3 +271,22 @@ def test_resume_equals_an_uninterrupted_run(start, tmp_path, monkeypatch):
     assert [m["reward"] for m in resumed["metrics"]] == [m["reward"] for m in straight["metrics"]]
     for (name, p), q in zip(straight["model"].named_parameters(), resumed["model"].parameters()):
         assert torch.equal(p, q), name
+
+
+def test_system_tokens_are_the_training_spans_s_with_and_without_a_system_message():
+    """GRPO's system key group on left-padded prompts is data.py's S span of the same record: the
+    scaffolding, and with a system message that message too (AVAR's "system")."""
+    proc = data.new_processor(["Count well. How many? Answer: 1"] * 20, tile=32, image_seq_len=4,
+                              vocab_size=300)
+    recs = [{"question": "How many?", "images": [], "reply": "x Answer: 1", "source": "t",
+             "system": "Count well.",
+             "history": [{"role": "system", "text": "Count well."}]},
+            {"question": "How many more of them?", "images": [], "reply": "x Answer: 2", "source": "t"}]
+    batch = proc([data.record_prompt(proc, r) for r in recs], None, padding_side="left")
+    got = grpo.system_tokens(proc, batch["input_ids"], batch["attention_mask"],
+                             [r.get("system") for r in recs])
+    for b, r in enumerate(recs):
+        n = int((data.encode_record(proc, r)["spans"] == data.S).sum())
+        pad = int((batch["attention_mask"][b] == 0).sum())
+        assert int(got[b].sum()) == n and got[b, pad:pad + n].all()
+    assert int(got[0].sum()) > int(got[1].sum())  # the system message is in the group

@@ -121,15 +121,16 @@ def test_attention_profile_matches_materialised_attention(trained):
 
 
 def test_image_attention_and_heatmap_steps_match_materialised_attention(trained):
-    """eval.image_attention (each reply token's attention on each image token, for the heatmaps)
-    against transformers' eager attention; attention_steps splits the reply into its sentences
-    and the answer, each step's weights the mean over its tokens."""
+    """explorer.image_attention (each reply token's attention on each image token per layer, for the
+    heatmaps and report.html) against transformers' eager attention; attention_steps splits the
+    reply into its sentences and the answer, each step's weights the mean over its tokens."""
     from transformers import AutoModelForImageTextToText
     import eval as eval_mod
+    import explorer
     cfg, result = trained
     model, proc, rec = result["model"], result["proc"], result["train_records"][0]
     layers = [1, 3]
-    got, ids = eval_mod.image_attention(model, proc, rec, layers)
+    per_layer, ids = explorer.image_attention(model, proc, rec, layers)
     batch = data.collate(data.encode_all(proc, [rec]), proc.pad_token_id)
     hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"),
                                                      attn_implementation="eager").eval()
@@ -138,10 +139,12 @@ def test_image_attention_and_heatmap_steps_match_materialised_attention(trained)
                     for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")},
                  output_attentions=True)
     spans = batch["spans"][0]
-    # (T, T): mean over layers and heads
-    A = torch.stack([out.attentions[l][0] for l in layers]).mean((0, 1))
-    want = A[spans >= data.R][:, spans == data.V]
-    assert got.shape == want.shape == (int((spans >= data.R).sum()), 9) and (got - want).abs().max() < 1e-5
+    for got, layer in zip(per_layer, layers):  # (T, T) per layer: mean over heads
+        want = out.attentions[layer][0].mean(0)[spans >= data.R][:, spans == data.V]
+        assert got.shape == want.shape == (int((spans >= data.R).sum()), 9)
+        assert (got - want).abs().max() < 1e-5
+    want = torch.stack([out.attentions[l][0]
+                        for l in layers]).mean((0, 1))[spans >= data.R][:, spans == data.V]
     assert torch.equal(ids, batch["input_ids"][0][spans >= data.R])
     steps = eval_mod.attention_steps(model, proc, rec, layers)
     texts = [s["text"] for s in steps["steps"]]
