@@ -68,11 +68,13 @@ def restore(ckpt, opt, metrics_path, rewrite=True):
     return state["step"], metrics
 
 
-def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=print):
+def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=print, after=None):
     """The loop both trainers share: step = one_step(step) until cfg.max_steps (one_step appends its
     row to metrics as its last act); a checkpoint in cfg.out/checkpoint every cfg.save_every steps,
     on Ctrl-C (then exit 130: --resume continues from it) and at the end, and the final model (HF
-    format) in cfg.out/model. writes False (a DDP rank other than 0): the steps only."""
+    format) in cfg.out/model. after(step): work between steps (a periodic eval), run once the step
+    is counted and saved, so a Ctrl-C inside it saves the step it follows. writes False (a DDP rank
+    other than 0): the steps only."""
     ckpt = os.path.join(cfg.out, "checkpoint")
     save = lambda at: save_checkpoint(ckpt, model, proc, opt, at, len(metrics), cfg) if writes else None
     try:
@@ -80,6 +82,8 @@ def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=p
             step = one_step(step)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
+            if after and step < cfg.max_steps:
+                after(step)
     except KeyboardInterrupt:
         save(step)
         if writes:

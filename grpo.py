@@ -75,7 +75,7 @@ class GRPOConfig:
     eval_limit: int = arg(0, "evaluate on at most this many records (0: all)")
     save_every: int = arg(50, "write a checkpoint every this many steps (0: at the end only)")
     log_every: int = arg(1, "print a line every this many steps")
-    seed: int = arg(0, "seed of the samples and the prompt order")
+    seed: int = arg(0, "seed of the synthetic set, the samples and the prompt order")
     device: str = arg("auto", "auto (the GPU if there is one), cpu, cuda or cuda:N")
     resume: bool = arg(False, "continue from OUT/checkpoint")
 

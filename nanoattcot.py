@@ -148,8 +148,9 @@ class TrainConfig:
     visual_attn_layers: str = arg("all", f"the intervention's layers: {LAYERS}")
     text_only: bool = arg(False, "the synthetic set in words, without the image (DRIFT's reasoning prior)")
     layers: str = arg("all", f"the layers whose attention masses the objective reads: {LAYERS}")
-    mass_impl: str = arg("auto", "how the masses are computed: auto (the CUDA kernel once it has passed "
-                         "its self-check on the GPU, else the PyTorch reference), cuda, reference, sdpa",
+    mass_impl: str = arg("auto", "how the masses are computed: auto (on a GPU the CUDA kernel once it has "
+                         "passed its self-check, the SDPA route if it fails it; else the PyTorch "
+                         "reference), cuda, reference, sdpa",
                          choices=MASS_IMPLS)
     measure_vas: bool = arg(False, "compute the masses (and log VAS) with sft too")
     batch_size: int = arg(16,
@@ -459,15 +460,17 @@ def train(cfg: TrainConfig):
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
                 log(progress_line(row, cfg, step + 1 - first_step, time.time() - t0, seen["tokens"],
                                   seen["flops"], peak))
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-                ev = run_eval(model, proc, cfg, eval_records, train_records, layers)
-                log(f"eval at step {step + 1}: " + ", ".join(f"{k} {ev[k]:.3f}" for k in (
-                    "accuracy_cot", "accuracy_direct", "counterfactual_consistency", "vas_rationale")
-                    if ev.get(k) is not None))
         metrics.append(row)
         return step + 1
 
-    run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=rank == 0, log=log)
+    def periodic_eval(step):
+        if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
+            ev = run_eval(model, proc, cfg, eval_records, train_records, layers)
+            log(f"eval at step {step}: " + ", ".join(f"{k} {ev[k]:.3f}" for k in (
+                "accuracy_cot", "accuracy_direct", "counterfactual_consistency", "vas_rationale")
+                if ev.get(k) is not None))
+
+    run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=rank == 0, log=log, after=periodic_eval)
     if rank == 0 and metrics:
         draw.curves(metrics, os.path.join(cfg.out, "curves.png"))
     if world > 1:

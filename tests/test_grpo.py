@@ -290,3 +290,10 @@ def test_system_tokens_are_the_training_spans_s_with_and_without_a_system_messag
         pad = int((batch["attention_mask"][b] == 0).sum())
         assert int(got[b].sum()) == n and got[b, pad:pad + n].all()
     assert int(got[0].sum()) > int(got[1].sum())  # the system message is in the group
+
+
+def test_reward_flags_alone_take_the_papers_weights():
+    p = grpo.parser()
+    assert p.parse_args([]).reward_avar == 0.0 and p.parse_args(["--reward-avar"]).reward_avar == 0.3
+    assert p.parse_args(["--reward-region"]).reward_region == 1.0
+    assert p.parse_args(["--reward-avar", "0.5"]).reward_avar == 0.5

@@ -178,6 +178,15 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
                for f in ("accuracy.png", "image_mass_by_layer.png", "early_commitment.png",
                          "attention_1.png"))
     assert Image.open(tmp_path / "rep" / "attention_1.png").height > 2 * 160  # a row per model
+    # --layers and --visual-attn-layers reach the measures: the masses of layers 1 and 2 only, the
+    # boost in layer 3 alone (so it leaves the gold replies' masses in layers 1 and 2 as they were)
+    eval_mod.main(["--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"), "--limit", "4",
+                   "--max-new-tokens", "12", "--out", str(tmp_path / "rep2"), "--device", "cpu",
+                   "--layers", "1:3", "--visual-attn-scale", "4", "--visual-attn-layers", "-1", "--explore", "1"])
+    results = json.load(open(tmp_path / "rep2" / "report.json"))["results"]
+    plain, boosted = results["run"]["where_it_looks"]["gold"], results["run img x4"]["where_it_looks"]["gold"]
+    assert plain["layers"] == [1, 2] and results["run"]["explore"][0]["layers"] == [1, 2]
+    assert plain["image_mass_by_layer"] == pytest.approx(boosted["image_mass_by_layer"], abs=1e-6)
     with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
         eval_mod.main(["--model", model_dir, "--data", str(tmp_path / "nowhere.jsonl")])
 
@@ -287,8 +296,9 @@ def straight(tmp_path_factory):
 
 def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsys, straight):
     count_steps(monkeypatch, fail_at=5, error=KeyboardInterrupt)  # Ctrl-C during step 5
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
+    assert e.value.code == 130  # --resume's cue
     steps = count_steps(monkeypatch)
     clock = iter(range(1000))  # a clock that ticks a second per reading: the ETA is then exact
     monkeypatch.setattr(nanoattcot, "time", SimpleNamespace(time=lambda: float(next(clock))))
@@ -301,6 +311,27 @@ def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsy
     assert first.startswith("step     5/8")
     assert first.endswith("ETA 3s")  # 1 s for the 1 step run since the resume
     assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed == straight[0]
+    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
+
+
+def test_ctrl_c_during_a_periodic_eval_saves_the_step_it_follows(tmp_path, monkeypatch, straight):
+    """--eval-every 2: evals after steps 2, 4, 6 (not after the last); a Ctrl-C inside the one after
+    step 4 exits 130 with a checkpoint at step 4 whose weights are step 4's, and --resume then gives
+    the uninterrupted run's metrics and final state."""
+    seen = []
+
+    def stub_eval(model, proc, cfg, *args):
+        seen.append(len(open(os.path.join(cfg.out, "metrics.jsonl")).readlines()))
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return {}
+    monkeypatch.setattr(nanoattcot, "run_eval", stub_eval)
+    with pytest.raises(SystemExit) as e:
+        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, eval_every=2))
+    assert e.value.code == 130 and seen == [2, 4]
+    assert checkpoint.load_trainer_state(str(tmp_path / "run" / "checkpoint"))["step"] == 4
+    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, eval_every=2, resume=True))
+    assert seen == [2, 4, 6] and resumed["metrics"] == straight[0]
     assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
 
 
@@ -466,3 +497,15 @@ def test_the_objective_reads_the_layers_the_flag_names(tmp_path, monkeypatch, sp
                         or real(model, batch, cfg, layers))
     result = nanoattcot.train(config(tmp_path, max_steps=1, layers=spec))
     assert seen == [want] and result["layers"] == want
+
+
+def test_metrics_row_means_over_the_global_batch():
+    """Hand sums: ce over labels, vis / ans / vas over their rows, below over rationale rows, below_vas
+    over the rows below the floor; two ranks' counts are the step's."""
+    cfg = TrainConfig(objective="attcot", lambda_vis=0.5, lambda_ans=0.25)
+    summed = {"ce_sum": 12.0, "vis_sum": 6.0, "ans_sum": 3.0, "vas_sum": 4.0, "below_count": 5.0,
+              "below_mass_sum": 1.0, "r_count": 0, "a_count": 0, "n_label": 0}
+    counts = {"n_label": torch.tensor(6.0), "r_count": torch.tensor(10.0), "a_count": torch.tensor(2.0)}
+    row = nanoattcot.metrics_row(summed, counts, cfg, 1, 6, 0.001)
+    assert row == {"step": 7, "ce": 2.0, "lr": 0.001, "vis": 0.6, "ans": 1.5, "vas": 0.4, "below": 0.5,
+                   "below_vas": 0.2, "loss": pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5)}
