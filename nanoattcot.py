@@ -148,9 +148,8 @@ class TrainConfig:
     visual_attn_layers: str = arg("all", f"the intervention's layers: {LAYERS}")
     text_only: bool = arg(False, "the synthetic set in words, without the image (DRIFT's reasoning prior)")
     layers: str = arg("all", f"the layers whose attention masses the objective reads: {LAYERS}")
-    mass_impl: str = arg("auto", "how the masses are computed: auto (on a GPU the CUDA kernel once it has "
-                         "passed its self-check, the SDPA route if it fails it; else the PyTorch "
-                         "reference), cuda, reference, sdpa",
+    mass_impl: str = arg("auto", "auto (on a GPU the kernel once it passes its self-check, SDPA if it "
+                         "fails; else the reference), cuda, reference or sdpa: how masses are computed",
                          choices=MASS_IMPLS)
     measure_vas: bool = arg(False, "compute the masses (and log VAS) with sft too")
     batch_size: int = arg(16,
@@ -466,9 +465,9 @@ def train(cfg: TrainConfig):
     def periodic_eval(step):
         if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
             ev = run_eval(model, proc, cfg, eval_records, train_records, layers)
-            log(f"eval at step {step}: " + ", ".join(f"{k} {ev[k]:.3f}" for k in (
-                "accuracy_cot", "accuracy_direct", "counterfactual_consistency", "vas_rationale")
-                if ev.get(k) is not None))
+            shown = ("accuracy_cot", "accuracy_direct", "counterfactual_consistency", "vas_rationale")
+            log(f"eval at step {step}: " + ", ".join(
+                f"{k} {ev[k]:.3f}" for k in shown if ev.get(k) is not None))
 
     run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=rank == 0, log=log, after=periodic_eval)
     if rank == 0 and metrics:

@@ -344,11 +344,13 @@ def test_early_commitment_through_evaluate_takes_candidates_from_training(monkey
     assert ec["n"] == 2
     assert ec["left_out"] == {"no candidate set (open-ended)": 1}  # z: no training answers of its type
     assert ec["agreement"] == [0.5] * 5  # the stub always ranks 2 first: right for a, not for ab
-    assert [(it["index"], it["forced"]) for it in ec["items"]] == [(0, ["2"] * 5), (1, ["2"] * 5)]  # per item
+    per_item = [(it["index"], it["forced"]) for it in ec["items"]]
+    assert per_item == [(0, ["2"] * 5), (1, ["2"] * 5)]
     assert all(len(it["p_final"]) == 5 for it in ec["items"])
-    assert sum(it["p_final"][0] for it in ec["items"]) / 2 == pytest.approx(ec["final_answer_probability"][0],
-                                                                            abs=1e-4)
-    assert set(ev["seconds"]) == {"cot", "direct", "masses", "commitment", "occlusion", "heatmaps", "explore"}
+    first_cut = sum(it["p_final"][0] for it in ec["items"]) / 2
+    assert first_cut == pytest.approx(ec["final_answer_probability"][0], abs=1e-4)
+    phases = {"cot", "direct", "masses", "commitment", "occlusion", "heatmaps", "explore"}
+    assert set(ev["seconds"]) == phases
     assert ev["where_it_looks"] is None and ev["heatmaps"] == [] and ev["explore"] == []  # no layers
 
 
@@ -433,7 +435,8 @@ def test_occlusion_on_a_stub_that_reads_one_region(monkeypatch, tmp_path):
     assert got == {"n": 6, "evidence_changed": 1.0, "control_changed": 0.0,
                    "control_rules": {"the evidence's boxes": 6},
                    "left_out": {"no room": 1, "no evidence box": 1},
-                   "items": [{"index": i, "evidence_changed": True, "control_changed": False} for i in range(6)]}
+                   "items": [{"index": i, "evidence_changed": True, "control_changed": False}
+                             for i in range(6)]}
     assert eval_mod.occluded(str(tmp_path / "a.png"), [[0, 0, 32, 32]]).getpixel((31, 31)) == eval_mod.GREY
     assert Image.open(tmp_path / "a.png").getpixel((16, 16)) == (255, 0, 0)  # the file is untouched
 

@@ -182,9 +182,11 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
     # boost in layer 3 alone (so it leaves the gold replies' masses in layers 1 and 2 as they were)
     eval_mod.main(["--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"), "--limit", "4",
                    "--max-new-tokens", "12", "--out", str(tmp_path / "rep2"), "--device", "cpu",
-                   "--layers", "1:3", "--visual-attn-scale", "4", "--visual-attn-layers", "-1", "--explore", "1"])
+                   "--layers", "1:3", "--visual-attn-scale", "4", "--visual-attn-layers", "-1",
+                   "--explore", "1"])
     results = json.load(open(tmp_path / "rep2" / "report.json"))["results"]
-    plain, boosted = results["run"]["where_it_looks"]["gold"], results["run img x4"]["where_it_looks"]["gold"]
+    plain = results["run"]["where_it_looks"]["gold"]
+    boosted = results["run img x4"]["where_it_looks"]["gold"]
     assert plain["layers"] == [1, 2] and results["run"]["explore"][0]["layers"] == [1, 2]
     assert plain["image_mass_by_layer"] == pytest.approx(boosted["image_mass_by_layer"], abs=1e-6)
     with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
