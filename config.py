@@ -103,6 +103,11 @@ def check(cfg, rules):
             raise ConfigError(f"{flag_name(name)} {getattr(cfg, name)!r}: must be {want}")
 
 
+def at_least(cfg, n, names):
+    """check()'s rules that each field in names is at least n."""
+    return [(name, getattr(cfg, name) >= n, f">= {n}") for name in names]
+
+
 def float_or_none(text):  # a flag whose value may be "none"
     return None if text.lower() == "none" else float(text)
 

@@ -527,6 +527,12 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
+def record_at(seed, i, n):
+    """The index of the record at place i of a run's sequence of epochs (each in epoch_order)."""
+    epoch, pos = divmod(i, n)
+    return epoch_order(seed, epoch, n)[pos]
+
+
 def encode_all(proc, records, max_len=2048, skips=None):
     """encode_record for every record, the texts through the tokenizer in one batch (its threads); a
     record that cannot be used goes to skips (None: the first one raises)."""

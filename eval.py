@@ -422,7 +422,7 @@ def figures(results, out):
         save(f"Attention over the image, step by step (item {k + 1}; [image mass] and the step's words)",
              f"attention_{k + 1}.png",
              draw.grid(cells, cols, title="where each step of the reply looks (brighter = more attention)",
-                                                 row_labels=[n for n, _ in same]))
+                       row_labels=[n for n, _ in same]))
     return made
 
 

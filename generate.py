@@ -50,8 +50,7 @@ def generate(args):
                    top_p=args.top_p,
                    eos_token_id=proc.eos_token_id, on_token=stream)
     print(f"\n[{len(new_ids)} tokens in {time.time() - t0:.1f}s, prompt {batch['input_ids'].shape[1]} "
-          "tokens]",
-          file=sys.stderr)
+          "tokens]", file=sys.stderr)
 
 
 def parser():

@@ -82,20 +82,19 @@ class GRPOConfig:
 
 def check(cfg):
     """Every flag, before any work (the layer sets' range once the model is loaded)."""
-    at_least = lambda n, names: [(k, getattr(cfg, k) >= n, f">= {n}") for k in names]
     config.check(cfg, [
-        ("init", bool(cfg.init) and os.path.isdir(cfg.init), "an existing checkpoint folder (the model GRPO "
-                                                             "starts from)"),
+        ("init", bool(cfg.init) and os.path.isdir(cfg.init),
+         "an existing checkpoint folder (the model GRPO starts from)"),
         ("loss_agg", cfg.loss_agg in ("token", "seq"), "token or seq"),
         ("eval_data", bool(cfg.eval_data or not cfg.data), "given with --data"),
         ("region_top", 0 < cfg.region_top <= 1, "in (0, 1]"),
-        ("temperature", cfg.temperature > 0, "> 0 (at 0 the G completions of a prompt are one, every "
-                                             "advantage is 0 and nothing trains)"),
+        ("temperature", cfg.temperature > 0,
+         "> 0 (at 0 the G completions of a prompt are one, every advantage is 0 and nothing trains)"),
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
-        *at_least(1,
-                  ("prompts_per_step", "num_generations", "max_new_tokens", "inner_steps", "micro_batch")),
-        *at_least(0, ("beta", "eps_low", "eps_high", "max_steps", "reward_format", "reward_avar",
-                      "reward_region"))])
+        *config.at_least(cfg, 1, ("prompts_per_step", "num_generations", "max_new_tokens", "inner_steps",
+                                  "micro_batch")),
+        *config.at_least(cfg, 0, ("beta", "eps_low", "eps_high", "max_steps", "reward_format", "reward_avar",
+                                  "reward_region"))])
     for name in ("avar_layers", "region_layers"):
         config.layer_set(getattr(cfg, name), flag=config.flag_name(name))
     if device_problem(cfg.device):
@@ -166,9 +165,11 @@ def system_tokens(proc, ids, mask, systems=None):
     """(B, T) left-padded prompt ids -> (B, T) bool: the chat scaffolding (and the system message of
     systems[b], when there is one) before the user's content (data.S; the leading tokens shared with
     the template's head, as data.encode_record tags them)."""
+    systems = systems or [None] * ids.shape[0]
+    heads = {s: proc.tokenizer.encode(data.chat_head(proc, s)).ids for s in set(systems)}  # once per message
     out = torch.zeros_like(ids, dtype=torch.bool)
     for b in range(ids.shape[0]):
-        head_ids = proc.tokenizer.encode(data.chat_head(proc, systems[b] if systems else None)).ids
+        head_ids = heads[systems[b]]
         start = int((mask[b] == 0).sum())
         n = 0
         while n < len(head_ids) and start + n < ids.shape[1] and int(ids[b, start + n]) == head_ids[n]:
@@ -235,8 +236,7 @@ def rollouts(model, proc, recs, cfg, step, device):
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)  # the same samples after a resume
     model.eval()
     comp = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p,
-                          eos_token_id=proc.eos_token_id, generator=gen)
+                          top_p=cfg.top_p, eos_token_id=proc.eos_token_id, generator=gen)
     model.train()
     # an <image> token with no image behind it: cut there, left out
     sampled_image = comp == proc.image_token_id
@@ -350,13 +350,12 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
 
 def progress_line(row, cfg, done, seconds, tokens):
     parts = [k for k in ("accuracy", "format", "avar", "region") if k in row]
-    return (f"step {row['step']:4d}/{cfg.max_steps} reward {row['reward']:.3f} ("
-            + ", ".join(f"{k} {row[k]:.3f}"
-                        for k in parts) + f") | acc {row.get('accuracy', float('nan')):.2f} "
+    rewards = ", ".join(f"{k} {row[k]:.3f}" for k in parts)
+    return (f"step {row['step']:4d}/{cfg.max_steps} reward {row['reward']:.3f} ({rewards}) "
+            f"| acc {row.get('accuracy', float('nan')):.2f} "
             f"len {row['completion_tokens']:.0f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
-            f"trunc {row['truncated']} zero-adv {row['zero_advantage_groups']} | {tokens / seconds:,.0f} "
-            "tok/s "
-            f"| ETA {seconds / done * (cfg.max_steps - row['step']):.0f}s")
+            f"trunc {row['truncated']} zero-adv {row['zero_advantage_groups']} "
+            f"| {tokens / seconds:,.0f} tok/s | ETA {seconds / done * (cfg.max_steps - row['step']):.0f}s")
 
 
 def train(cfg: GRPOConfig):
@@ -390,14 +389,12 @@ def train(cfg: GRPOConfig):
         step, metrics = restore(ckpt, opt, metrics_path)
         log(f"resumed from {ckpt} at step {step}")
     log(f"grpo: {len(records)} prompts from {train_path}, {cfg.prompts_per_step} x {cfg.num_generations} "
-        "completions "
-        f"a step, rewards: accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, region "
-        f"{cfg.reward_region}")
+        f"completions a step, rewards: accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, "
+        f"region {cfg.reward_region}")
     t0, seen, first_step = time.time(), {"tokens": 0}, step  # the ETA counts the steps run here
 
     def one_step(step):
-        order = lambda epoch: data.epoch_order(cfg.seed, epoch, len(records))
-        recs = [records[order(i // len(records))[i % len(records)]]
+        recs = [records[data.record_at(cfg.seed, i, len(records))]
                 for i in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step)]
         row = grpo_step(model, start, opt, proc, recs, cfg, step, device, layers)
         seen["tokens"] += round(row["completion_tokens"] * len(recs) * cfg.num_generations)

@@ -257,8 +257,7 @@ def self_check(device, dtype, head_dim):
         tol = SELF_CHECK_TOL[dtype]
         _verdicts[key] = None if all(math.isfinite(e) and e <= tol for e in errs.values()) else (
             f"{worst} off by {errs[worst]:.2e} (relative L2, tolerance {tol:g}) on {device}, "
-            f"{str(dtype)[6:]}, "
-            f"q {(B, Hq, Nq, head_dim)}, k {(B, Hkv, Tk, head_dim)}, {G} groups")
+            f"{str(dtype)[6:]}, q {(B, Hq, Nq, head_dim)}, k {(B, Hkv, Tk, head_dim)}, {G} groups")
     return _verdicts[key]
 
 
@@ -280,8 +279,8 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     if (not 1 <= num_groups <= 8 or key_groups.dtype != torch.uint8
             or key_groups.shape != (k.shape[0], k.shape[2])):
         raise ValueError(f"attention_mass: key_groups must be uint8 (B, Tk) = {(k.shape[0], k.shape[2])} "
-                         "and "
-                         f"num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, {num_groups}")
+                         f"and num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, "
+                         f"{num_groups}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "sdpa":
         return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)

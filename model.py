@@ -244,8 +244,7 @@ class VLM(nn.Module):
         layers = range(len(self.layers)) if layers is None else list(layers)
         if not f > 0 or not layers or not all(0 <= i < len(self.layers) for i in layers):
             raise ValueError(f"image attention boost {f} in layers {list(layers)}: want f > 0 and some of "
-                             "the "
-                             f"model's {len(self.layers)} layers")
+                             f"the model's {len(self.layers)} layers")
         # f = 1: off, SDPA's fused kernels again
         self.image_boost = (f, frozenset(layers)) if f != 1 else None
 
@@ -294,8 +293,7 @@ class VLM(nn.Module):
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but the images give "
                              f"{feats.shape[0]} features ({feats.shape[0] // self.config.image_seq_len} "
-                             "tiles "
-                             f"x {self.config.image_seq_len}); was the prompt expanded by the same "
+                             f"tiles x {self.config.image_seq_len}); was the prompt expanded by the same "
                              "processor?")
         return x.masked_scatter(slots[..., None], feats.to(x.dtype))  # tiles in order, global image last
 

@@ -195,7 +195,6 @@ class TrainConfig:
             self.warmup = max(1, round(0.03 * self.max_steps)) if finetune else SCRATCH_WARMUP
         band, scales = numbers(self.difficulty, ":"), numbers(self.visual_attn_scale, ",")
         band_ok = band == [] or (band is not None and len(band) == 2 and 0 <= band[0] <= band[1] <= 1)
-        at_least = lambda n, names: [(k, getattr(self, k) >= n, f">= {n}") for k in names]
         config.check(self, [
             ("objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
             ("drift_mode", self.drift_mode in related.DRIFT_MODES,
@@ -211,12 +210,13 @@ class TrainConfig:
             ("vis_target", self.vis_target is None or 0 < self.vis_target <= 1, "in (0, 1] or none"),
             ("eps", self.eps > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
             *[(k, getattr(self, k) > 0, "> 0") for k in ("lr", "lr_vision", "lr_connector")],
-            *at_least(1, ("batch_size", "grad_accum", "max_len", "log_every", "n_train", "n_eval",
-                          "difficulty_samples")),
-            *at_least(0, ("lambda_vis", "lambda_ans", "avar_img", "avar_sys", "drift_alpha", "weight_decay",
-                          "warmup", "max_steps", "save_every", "eval_every", "eval_limit", "peak_tflops")),
-            ("eval_data", bool(self.eval_data or not self.data), "given with --data (every run ends in an "
-                                                                 "evaluation)"),
+            *config.at_least(self, 1, ("batch_size", "grad_accum", "max_len", "log_every", "n_train",
+                                       "n_eval", "difficulty_samples")),
+            *config.at_least(self, 0, ("lambda_vis", "lambda_ans", "avar_img", "avar_sys", "drift_alpha",
+                                       "weight_decay", "warmup", "max_steps", "save_every", "eval_every",
+                                       "eval_limit", "peak_tflops")),
+            ("eval_data", bool(self.eval_data or not self.data),
+             "given with --data (every run ends in an evaluation)"),
             ("init", not self.init or os.path.isdir(self.init), "an existing checkpoint folder")])
         config.layer_set(self.layers, flag="--layers")  # the grammar now; the range once the model is loaded
         config.layer_set(self.visual_attn_layers, flag="--visual-attn-layers")
@@ -329,15 +329,12 @@ def lr_at(step, cfg):  # linear warmup, cosine to 10%
 
 def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
     """The micro-batches of one optimizer step for this rank, in a fixed order per epoch
-    (data.epoch_order), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (data.record_at), so a resumed run sees exactly the batches an uninterrupted one would."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     out = []
     for micro in range(cfg.grad_accum):
-        idx = []
-        for j in range(cfg.batch_size):
-            i = step * per_step + (micro * world + rank) * cfg.batch_size + j
-            epoch, pos = divmod(i, len(examples))
-            idx.append(data.epoch_order(cfg.seed, epoch, len(examples))[pos])
+        first = step * per_step + (micro * world + rank) * cfg.batch_size
+        idx = [data.record_at(cfg.seed, first + j, len(examples)) for j in range(cfg.batch_size)]
         out.append(data.collate([examples[i] for i in idx], pad_id))
     return out
 
@@ -563,8 +560,7 @@ def parser():
     config.add_flags(p, TrainConfig)
     p.add_argument("--compare", nargs="?", const="sft,attcot", default="",
                    help="objectives to train one after the other on the same data, side by side in one "
-                        "table, "
-                        "comma-separated (the flag alone: sft,attcot; default: off)")
+                        "table, comma-separated (the flag alone: sft,attcot; default: off)")
     return p
 
 
