@@ -90,7 +90,11 @@ def _turns_record(r, turns, where, base, tags_required):
 
 
 def _messages_record(r, where, base):
-    messages = r["messages"] if "messages" in r else r["prompt"] + r["completion"]  # TRL's prompt/completion
+    if "messages" in r:
+        messages = r["messages"]
+    else:  # TRL's conversational prompt/completion (lists of messages; strings are its other form)
+        listed = all(isinstance(r[k], list) for k in ("prompt", "completion"))
+        messages = r["prompt"] + r["completion"] if listed else None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise data.RecordError(where, "bad messages", " (a list of {role, content} messages)")
     turns = []

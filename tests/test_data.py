@@ -296,13 +296,14 @@ def test_bad_messages_records_are_skipped_and_counted(tmp_path):
             # no answer
             {"messages": [user], "images": ["a.png"]},                                # no reply
             {"messages": [{"role": "robot", "content": "hi"}, reply]},                # bad role
-            {"messages": [{"role": "user", "content": [{"type": "audio"}]}, reply]}]  # bad part
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}, reply]},  # bad part
+            {"prompt": "How many?", "completion": [reply]}]                          # not messages
     skips = data.Skips()
     records = read_records(write(tmp_path, "m.jsonl", rows), skips)
     assert len(records) == 1 and records[0]["answer"] == "1"
     assert skips == {"<image> tags do not match images": 2, "no answer": 1,
                      "no user turn then assistant reply": 1,
-                     "bad role": 1, "bad content": 1}
+                     "bad role": 1, "bad content": 1, "bad messages": 1}
     assert any("m.jsonl:2: <image> tags do not match images (1 tags, 2 images)" in e for e in skips.examples)
 
 
