@@ -23,11 +23,13 @@
 constexpr int NT = 128, WARPS = NT / 32;   // threads per block; each warp owns 16 rows of a tile
 constexpr int Br = 16 * WARPS, Bc = Br;     // query rows and key columns of a tile: 64 x 64
 constexpr int MAXG = 8;                     // groups per pass: the bits of a uint8; kernels take NG = 2 or 8
-static_assert(Br == 64 && Bc == Br, "load_tile, the group bits and Smem are laid out for square 64-row tiles");
+static_assert(Br == 64 && Bc == Br,
+              "load_tile, the group bits and Smem are laid out for square 64-row tiles");
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <typename T> constexpr bool is_f32() { return std::is_same<T, float>::value; }
-template <typename T, int W> constexpr int ld() { return W + 16 / (int)sizeof(T); }  // +16 bytes: no bank conflicts
+// a row stride of W elements plus 16 bytes: no bank conflicts
+template <typename T, int W> constexpr int ld() { return W + 16 / (int)sizeof(T); }
 
 // ---------------------------------------------------------------------------------------------
 // warp-level tensor-core instructions (the CPU emulator supplies its own versions of these three)
@@ -44,7 +46,8 @@ template <typename T, int W> constexpr int ld() { return W + 16 / (int)sizeof(T)
 // matrix arrives transposed, which is how a k-major (transposed) operand is loaded.
 #ifndef EMULATE_ON_CPU
 // Four 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8 and receives,
-// from matrix r into reg[r], row l / 4, columns 2 (l % 4) and +1 (trans: rows 2 (l % 4), +1 of column l / 4).
+// from matrix r into reg[r], row l / 4, columns 2 (l % 4) and +1 (trans: rows 2 (l % 4), +1 of
+// column l / 4).
 template <bool trans> __device__ __forceinline__ void ldmatrix_x4(uint32_t (&reg)[4], const void* smem_row) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
   if constexpr (trans)
@@ -58,20 +61,26 @@ template <bool trans> __device__ __forceinline__ void ldmatrix_x4(uint32_t (&reg
 // d (16x8, fp32) += a (16x16) b (16x8), 16-bit inputs. Lane l, g = l / 4, t = l % 4 holds
 // a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, b: {(2t..2t+1, g), (2t+8.., g)},
 // d: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
-template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #endif
 
 // The A fragment of rows 0-15, columns k..k+15 of A: matrices (m 0-7, k 0-7), (m 8-15, k 0-7),
 // (m 0-7, k 8-15), (m 8-15, k 8-15) -> a[0..3]. kmajor: A is stored transposed (A(m, k) = A[k * lda + m]).
-template <bool kmajor, typename T> __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const T* A, int lda, int k) {
-  const int mat = threadIdx.x % 32 / 8, row = threadIdx.x % 8;  // this lane addresses row `row` of matrix `mat`
+template <bool kmajor, typename T>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const T* A, int lda, int k) {
+  const int mat = threadIdx.x % 32 / 8, row = threadIdx.x % 8;  // this lane: row `row` of matrix `mat`
   if constexpr (kmajor) ldmatrix_x4<true>(a, A + (k + 8 * (mat / 2) + row) * lda + 8 * (mat % 2));
   else ldmatrix_x4<false>(a, A + (8 * (mat % 2) + row) * lda + k + 8 * (mat / 2));
 }
@@ -79,7 +88,8 @@ template <bool kmajor, typename T> __device__ __forceinline__ void load_a_fragme
 // Two B fragments, rows k..k+15 and columns 8n..8n+15 of B: matrices (k 0-7, n 0-7), (k 8-15, n 0-7)
 // -> b[0], b[1] (columns 8n..8n+7), then (k 0-7, n 8-15), (k 8-15, n 8-15) -> b[2], b[3].
 // kmajor: B(k, n) = B[k * ldb + n]; else B is stored n-major (B(k, n) = B[n * ldb + k]).
-template <bool kmajor, typename T> __device__ __forceinline__ void load_b_fragments(uint32_t (&b)[4], const T* B, int ldb, int k, int n) {
+template <bool kmajor, typename T>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[4], const T* B, int ldb, int k, int n) {
   const int mat = threadIdx.x % 32 / 8, row = threadIdx.x % 8;
   if constexpr (kmajor) ldmatrix_x4<true>(b, B + (k + 8 * (mat % 2) + row) * ldb + 8 * n + 8 * (mat / 2));
   else ldmatrix_x4<false>(b, B + (8 * n + 8 * (mat / 2) + row) * ldb + k + 8 * (mat % 2));
@@ -87,7 +97,8 @@ template <bool kmajor, typename T> __device__ __forceinline__ void load_b_fragme
 
 // acc (16 x 8N, this warp's output tile, in mma fragments) += A (16 x K) B (K x 8N), A and B in
 // shared memory with row strides lda, ldb. *_kmajor says how each is stored:
-//   A(m, k) = a_kmajor ? A[k * lda + m] : A[m * lda + k];   B(k, n) = b_kmajor ? B[k * ldb + n] : B[n * ldb + k]
+//   A(m, k) = a_kmajor ? A[k * lda + m] : A[m * lda + k]
+//   B(k, n) = b_kmajor ? B[k * ldb + n] : B[n * ldb + k]
 // 16-bit: ldmatrix (transposing where the storage is the other way round) and mma. fp32: each lane
 // computes its own fragment elements with FMAs, which is also the definition of the 16-bit path.
 template <typename T, int N, int K, bool a_kmajor, bool b_kmajor>
@@ -134,7 +145,8 @@ template <typename T, int D> __device__ void load_tile(T* dst, const T* src, int
 
 template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b) {  // p[0], p[1] = a, b
   if constexpr (is_f32<T>()) p[0] = a, p[1] = b;
-  else if constexpr (std::is_same<T, __nv_bfloat16>::value) *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+  else if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
   else *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
 }
 
@@ -176,8 +188,9 @@ __device__ float quad_sum(float x) {
 // 16w + g and 16w + g + 8 of the tile (g = lane / 4), 16 columns per lane; one exp2 per score
 // feeds the row sum and every group sum, and the 4 lanes of a row share its running max.
 template <typename T, int D, int NG>
-__global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                                   float* mass, float* lse, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
+__global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const int* q_pos,
+                                                   const uint8_t* key_groups, float* mass, float* lse, int Hq,
+                                                   int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
   const int b = blockIdx.z, h = blockIdx.y, row0 = (gridDim.x - 1 - blockIdx.x) * Br, hk = h / (Hq / Hkv);
@@ -186,7 +199,8 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
   q += bh * Nq * D;
   k += ((size_t)b * Hkv + hk) * Tk * D;
   load_tile<T, D>(sm.Q, q, row0, Nq);
-  for (int r = threadIdx.x; r < Br; r += NT) sm.pos[r] = row0 + r < Nq ? min(q_pos[(size_t)b * Nq + row0 + r], Tk - 1) : -1;
+  for (int r = threadIdx.x; r < Br; r += NT)
+    sm.pos[r] = row0 + r < Nq ? min(q_pos[(size_t)b * Nq + row0 + r], Tk - 1) : -1;
   __syncthreads();
   int n_keys = 0;  // keys past the tile's last position are never visible
   for (int r = 0; r < Br; r++) n_keys = max(n_keys, sm.pos[r] + 1);
@@ -238,7 +252,8 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
     const int i = row0 + 16 * warp + g + 8 * e;
     if (t == 0 && i < Nq) {
       for (int gi = 0; gi < G; gi++) mass[(bh * Nq + i) * G + gi] = l_row > 0.f ? lg_row[gi] / l_row : 0.f;
-      lse[bh * Nq + i] = l_row > 0.f ? (m[e] + log2f(l_row)) / LOG2E : INFINITY;  // +inf: p = 0 in the backward
+      // +inf: p = 0 in the backward
+      lse[bh * Nq + i] = l_row > 0.f ? (m[e] + log2f(l_row)) / LOG2E : INFINITY;
     }
   }
 }
@@ -248,9 +263,10 @@ __global__ void __launch_bounds__(NT) mass_forward(const T* q, const T* k, const
 // into shared memory, dK += dS^T Q (registers, this warp's keys), then dQ = dS K for the warp's 16
 // query rows, added to the fp32 dq_acc with atomics.
 template <typename T, int D, int NG>
-__global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, const int* q_pos, const uint8_t* key_groups,
-                                                    const float* row_c, const float* lse, const float* dmass, float* dq_acc,
-                                                    T* dk, int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
+__global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, const int* q_pos,
+                                                    const uint8_t* key_groups, const float* row_c,
+                                                    const float* lse, const float* dmass, float* dq_acc, T* dk,
+                                                    int Hq, int Hkv, int Nq, int Tk, int G, float scale) {
   extern __shared__ __align__(128) char smem[];
   Smem<T, D> sm(smem);
   const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * Bc, rep = Hq / Hkv;
@@ -274,7 +290,8 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
         sm.pos[r] = i < Nq ? min(q_pos[(size_t)b * Nq + i], Tk - 1) : -1;
         sees_keys |= sm.pos[r] >= k0;
         sm.row_L[r] = i < Nq ? lse[bh * Nq + i] * LOG2E : INFINITY;
-        for (int gi = 0; gi < MAXG; gi++) sm.row_dm[r * MAXG + gi] = i < Nq && gi < G ? dmass[(bh * Nq + i) * G + gi] : 0.f;
+        for (int gi = 0; gi < MAXG; gi++)
+          sm.row_dm[r * MAXG + gi] = i < Nq && gi < G ? dmass[(bh * Nq + i) * G + gi] : 0.f;
         sm.row_c[r] = i < Nq ? row_c[bh * Nq + i] : 0.f;
       }
       if (!__syncthreads_or(sees_keys)) continue;  // no row of this tile sees these keys
@@ -299,7 +316,8 @@ __global__ void __launch_bounds__(NT) mass_backward(const T* q, const T* k, cons
             dS[e][j] = key[e] <= sm.pos[r] ? exp2f(St[n][2 * e + j] * scale2 - L) * (w - c) : 0.f;
           }
         }
-        for (int e = 0; e < 2; e++) store2(sm.dSt + (16 * warp + g + 8 * e) * LP + 8 * n + 2 * t, dS[e][0], dS[e][1]);
+        for (int e = 0; e < 2; e++)
+          store2(sm.dSt + (16 * warp + g + 8 * e) * LP + 8 * n + 2 * t, dS[e][0], dS[e][1]);
       }
       __syncwarp();  // dK reads only this warp's rows of dS^T
       mma_tile<T, D / 8, Br, false, true>(dK, sm.dSt + 16 * warp * LP, LP, sm.Q, LD);
@@ -354,7 +372,8 @@ static int dtype_code(const at::Tensor& x) {
     case at::kFloat: return 0;
     case at::kBFloat16: return 1;
     case at::kHalf: return 2;
-    default: TORCH_CHECK(false, "attention_mass: dtype ", x.scalar_type(), " not supported (fp32, bf16, fp16)");
+    default:
+      TORCH_CHECK(false, "attention_mass: dtype ", x.scalar_type(), " not supported (fp32, bf16, fp16)");
   }
 }
 
@@ -363,21 +382,31 @@ static at::Tensor aligned(const at::Tensor& x) {  // 16-byte vector loads need 1
   return reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 ? y.clone() : y;
 }
 
-static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos, const at::Tensor& grp, int G) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && q_pos.is_cuda() && grp.is_cuda(), "attention_mass: CUDA tensors expected");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q_pos.is_contiguous() && grp.is_contiguous(), "attention_mass: contiguous inputs expected");
-  TORCH_CHECK(k.device() == q.device() && q_pos.device() == q.device() && grp.device() == q.device(), "attention_mass: inputs on different devices");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3), "attention_mass: q (B,Hq,Nq,D), k (B,Hkv,Tk,D)");
+static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos, const at::Tensor& grp,
+                         int G) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && q_pos.is_cuda() && grp.is_cuda(),
+              "attention_mass: CUDA tensors expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q_pos.is_contiguous() && grp.is_contiguous(),
+              "attention_mass: contiguous inputs expected");
+  TORCH_CHECK(k.device() == q.device() && q_pos.device() == q.device() && grp.device() == q.device(),
+              "attention_mass: inputs on different devices");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "attention_mass: q (B,Hq,Nq,D), k (B,Hkv,Tk,D)");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention_mass: Hq must be a multiple of Hkv >= 1");
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q.size(0) && q_pos.size(1) == q.size(2), "attention_mass: q_pos (B,Nq)");
-  TORCH_CHECK(grp.dim() == 2 && grp.size(0) == k.size(0) && grp.size(1) == k.size(2), "attention_mass: key_groups (B,Tk)");
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q.size(0) && q_pos.size(1) == q.size(2),
+              "attention_mass: q_pos (B,Nq)");
+  TORCH_CHECK(grp.dim() == 2 && grp.size(0) == k.size(0) && grp.size(1) == k.size(2),
+              "attention_mass: key_groups (B,Tk)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "attention_mass: q and k dtypes differ");
-  TORCH_CHECK(q_pos.scalar_type() == at::kInt && grp.scalar_type() == at::kByte, "attention_mass: q_pos int32, key_groups uint8");
-  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "attention_mass: head dim ", q.size(3), " not compiled (64, 128)");
+  TORCH_CHECK(q_pos.scalar_type() == at::kInt && grp.scalar_type() == at::kByte,
+              "attention_mass: q_pos int32, key_groups uint8");
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "attention_mass: head dim ", q.size(3),
+              " not compiled (64, 128)");
   TORCH_CHECK(G >= 1 && G <= MAXG, "attention_mass: 1 to 8 groups");
 }
 
-std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups, int64_t G, double scale) {
+std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups, int64_t G,
+                                double scale) {
   const c10::cuda::CUDAGuard device_guard(q.device());  // launch on q's GPU, not the current one
   q = aligned(q), k = aligned(k);
   check_inputs(q, k, q_pos, key_groups, G);
@@ -398,8 +427,8 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor q_pos, at
   return {mass, lse};
 }
 
-std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, at::Tensor q_pos, at::Tensor key_groups,
-                                 at::Tensor mass, at::Tensor lse, double scale) {
+std::vector<at::Tensor> backward(at::Tensor dmass, at::Tensor q, at::Tensor k, at::Tensor q_pos,
+                                 at::Tensor key_groups, at::Tensor mass, at::Tensor lse, double scale) {
   const int G = mass.size(3);
   const c10::cuda::CUDAGuard device_guard(q.device());
   q = aligned(q), k = aligned(k);
