@@ -2,8 +2,10 @@
 Training-step cost of the Att-CoT objective next to CoT-SFT: a SmolVLM-256M-shaped model (random
 init), bf16 autocast, sequence 2048 with 1088 image tokens (17 tiles of 64), batch 8. Tokens/s and
 peak memory for sft, attcot with the CUDA kernel, attcot with the PyTorch reference path, and
-attcot with the stock SDPA route (V = the group bits). Each objective runs in its own process, so
-one's allocator state never inflates the next one's peak.
+attcot with the stock SDPA route (V = the group bits). On a GPU each objective runs in its own
+process, so one's allocator state never inflates the next one's peak; on the CPU (no peak to
+measure) they run in one process, a step of each in turn, and the table gives each one's median
+step, so that a noisy machine slows all of them alike.
 
     python bench_train.py               # GPU
     python bench_train.py --activation-checkpointing --batch 8
@@ -13,6 +15,7 @@ one's allocator state never inflates the next one's peak.
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +72,7 @@ def saved_for_backward(model, fn):
     return out, sum(storages.values())
 
 
-RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"),
+RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"), "attcot (fused)": ("attcot", "fused"),
         "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa")}
 
 
@@ -108,11 +111,12 @@ def main():
     else:  # SmolVLM-256M's shapes (the config defaults)
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch or 8, 2048, 17
     layers = list(range(cfg.text.num_hidden_layers))
-    if args.one is None:  # each objective in a fresh process
+    if device.type == "cpu":  # no peak memory to keep apart: all objectives in this process, interleaved
+        batch = make_batch(cfg, B, T, tiles, device) if batch is None else batch
+        return print_table(interleaved(args, cfg, batch, layers), device, B, T, tiles, cfg, layers, args)
+    if args.one is None:  # on a GPU each objective in a fresh process, so peaks do not mix
         rows = []
         for name in args.runs.split(","):
-            if device.type != "cuda" and name == "attcot (kernel)":
-                continue  # the kernel needs a GPU
             run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
                                  capture_output=True, text=True)
             sys.stdout.write(run.stdout.split("ROW ")[0])
@@ -122,18 +126,43 @@ def main():
                 print(f"  {name}: failed\n{run.stderr[-1500:]}")
         return print_table(rows, device, B, T, tiles, cfg, layers, args)
     batch = make_batch(cfg, B, T, tiles, device) if batch is None else batch
-    flops_peak = peak_flops(device)  # MFU counts the model's matmuls (sft's), not the masses
     name = args.one
+    try:
+        step, saved, model = make_step(name, cfg, batch, layers, device, args)
+    except torch.OutOfMemoryError:
+        print(f"  {name}: out of memory")
+        print("ROW " + json.dumps([name, *[float("nan")] * 5]))
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
+    print("ROW " + json.dumps([name, B * T / dt, dt, peak, saved, mfu(model, batch, dt, device)]))
+
+
+def mfu(model, batch, dt, device):  # in %, of the model's matmuls (sft's), not the masses
+    flops = model.train_flops(batch["input_ids"], batch["attention_mask"])
+    return 100 * flops / dt / (peak_flops(device) or float("nan"))
+
+
+def make_step(name, cfg, batch, layers, device, args, model=None):
+    """-> (step() for one objective, GiB autograd kept for the backward in the warm-up step, model).
+    A fresh model (seed 0) and optimizer unless one is given. The warm-up also builds the extension."""
     objective, impl = RUNS[name]
     torch.manual_seed(0)
-    model = VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
+    model = model or VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
     counts = nanoattcot.step_counts([batch])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
 
-    def step(measure=False):  # measure: count what is saved for the backward (only in the warm-up)
+    def step(measure=False):  # measure: count what is saved for the backward
         terms = lambda: nanoattcot.loss_terms(model, batch, tcfg, layers)
         forward = lambda: nanoattcot.total_loss(terms(), counts, tcfg)
         with autocast:
@@ -142,39 +171,52 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         return saved
-    try:
-        saved = step(measure=True) / 2**30  # warm-up (and the extension build)
-    except torch.OutOfMemoryError:
-        print(f"  {name}: out of memory")
-        print("ROW " + json.dumps([name, *[float("nan")] * 5]))
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    mfu = model.train_flops(batch["input_ids"], batch["attention_mask"]) / dt / (flops_peak or float("nan"))
-    print(f"  {name}: {dt:.3f} s/step, peak {peak:.2f} GiB, saved for backward {saved:.2f} GiB", flush=True)
-    print("ROW " + json.dumps([name, B * T / dt, dt, peak, saved, 100 * mfu]))
+    return step, step(measure=True) / 2**30, model
+
+
+def interleaved(args, cfg, batch, layers):
+    """CPU: every objective in this process on one model, one step each in turn for args.steps
+    rounds (the order rotated each round), so that a busy neighbour slows all of them alike. Each
+    objective's median step, and its median ratio to sft's step of the same round. -> the table's
+    rows."""
+    names = [n for n in args.runs.split(",") if n != "attcot (kernel)"]  # the kernel needs a GPU
+    model = VLM(cfg).checkpoint_activations(args.activation_checkpointing)
+    built = {n: make_step(n, cfg, batch, layers, torch.device("cpu"), args, model) for n in names}
+    for n in names:  # two more warm-up steps each (the allocator, the thread pool)
+        for _ in range(min(2, args.steps - 1)):
+            built[n][0]()
+    times = {n: [] for n in names}
+    for r in range(args.steps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            built[n][0]()
+            times[n].append(time.perf_counter() - t0)
+    rows = []
+    for n in names:
+        dt = statistics.median(times[n])
+        ratios = [t / t0 for t, t0 in zip(times[n], times[names[0]])]
+        q1, ratio, q3 = statistics.quantiles(ratios, n=4) if args.steps > 1 else (ratios[0],) * 3
+        print(f"  {n}: median {dt:.3f} s/step; x {names[0]} of the same round: median {ratio:.3f} "
+              f"(quartiles {q1:.3f}, {q3:.3f}); saved for backward {built[n][1]:.3f} GiB", flush=True)
+        rows.append([n, batch["input_ids"].numel() / dt, dt, float("nan"), built[n][1],
+                     mfu(model, batch, dt, torch.device("cpu")), ratio])
+    return rows
 
 
 def print_table(rows, device, B, T, tiles, cfg, layers, args):
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\ntraining step, {args.shape} shape, {dev}, batch {B} x {T} tokens "
-          f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers, mean of {args.steps} steps"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}; each objective in its "
-          "own process")
+          f"({tiles * cfg.image_seq_len} image), all {len(layers)} layers"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
+          + (f"mean of {args.steps} steps, each objective in its own process" if device.type == "cuda" else
+             f"median of {args.steps} steps, the objectives in turn in one process; x time: the median "
+             "of each round's ratio to sft"))
     print("peak: the device's peak allocation (GPU only); saved: what autograd keeps for the backward")
     print(f"{'objective':20s} {'tokens/s':>10s} {'s/step':>8s} {'x time':>7s} {'peak GiB':>9s} "
           f"{'x peak':>7s} {'saved GiB':>10s} {'x saved':>8s} {'MFU %':>6s}")
-    for name, tps, dt, peak, saved, mfu in rows:
-        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {dt / rows[0][2]:7.3f} {peak:9.2f} "
-              f"{peak / rows[0][3]:7.3f} {saved:10.3f} {saved / rows[0][4]:8.3f} {mfu:6.1f}")
+    for name, tps, dt, peak, saved, mfu, *paired in rows:  # paired: the CPU's median ratio per round
+        print(f"{name:20s} {tps:10.0f} {dt:8.3f} {paired[0] if paired else dt / rows[0][2]:7.3f} "
+              f"{peak:9.2f} {peak / rows[0][3]:7.3f} {saved:10.3f} {saved / rows[0][4]:8.3f} {mfu:6.1f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ batch; and in the text, each <image> becomes its tiles' <fake_token_around_image
 <image>*image_seq_len blocks.
 """
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -40,15 +41,39 @@ def _token_text(t):  # special tokens are stored as "..." or {"content": "..."}
 
 
 def load_image(image, source=None):
-    """A path or a PIL image -> a PIL image, with an error that names the file."""
+    """A path or a PIL image -> a PIL image, with an error that names the file. Inside
+    remembering_images, a path is decoded once."""
     if isinstance(image, Image.Image):
         return image
+    if _memo is not None and image in _memo["decoded"]:
+        return _memo["decoded"][image]
     try:
         with Image.open(image) as im:
             im.load()
-            return im
     except (OSError, ValueError) as e:
         raise DataError(f"{source or image}: cannot read image {image!r} ({e})") from None
+    size = im.width * im.height * len(im.getbands())
+    if _memo is not None and _memo["bytes"] + size <= _memo["budget"]:
+        _memo["decoded"][image], _memo["bytes"] = im, _memo["bytes"] + size
+        _memo["decoded_ids"].add(id(im))
+    return im
+
+
+_memo = None  # while remembering_images: path -> decoded image; id(a decoded image) -> its arrays
+
+
+@contextlib.contextmanager
+def remembering_images(budget=2**30):
+    """Within it (or a function it decorates), each image path is decoded once and each decoded image
+    tiled and normalised once, until `budget` bytes are kept (images past it are processed every
+    time, as outside): eval's phases read each record's image five to seven times. The images
+    handed out are shared: copy one before drawing on it."""
+    global _memo
+    outer, _memo = _memo, {"decoded": {}, "decoded_ids": set(), "arrays": {}, "bytes": 0, "budget": budget}
+    try:
+        yield
+    finally:
+        _memo = outer
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +170,19 @@ class ImageProcessor:
             x = (x - self.mean) / self.std
         return x.transpose(2, 0, 1)
 
+    def arrays(self, im):
+        """One PIL image -> (its tiles as (3, m, m) float32 arrays, rows, cols); an image that
+        load_image decoded within remembering_images is processed once."""
+        remember = _memo is not None and id(im) in _memo["decoded_ids"]  # they stay alive: ids are theirs
+        if remember and id(im) in _memo["arrays"]:
+            return _memo["arrays"][id(im)]
+        tiles, r, c = self.tiles(im)
+        out = [self.to_array(t) for t in tiles], r, c
+        if remember and _memo["bytes"] + sum(a.nbytes for a in out[0]) <= _memo["budget"]:
+            _memo["arrays"][id(im)] = out
+            _memo["bytes"] += sum(a.nbytes for a in out[0])
+        return out
+
     def __call__(self, images):
         """images: list (per sample) of lists of PIL images -> pixel_values (B, N, 3, H, W),
         pixel_attention_mask (B, N, H, W), and rows/cols per image for the prompt."""
@@ -152,8 +190,8 @@ class ImageProcessor:
         for sample in images:
             arrays.append([]), rows.append([]), cols.append([])
             for im in sample:
-                tiles, r, c = self.tiles(im)
-                arrays[-1] += [self.to_array(t) for t in tiles]
+                a, r, c = self.arrays(im)
+                arrays[-1] += a
                 rows[-1].append(r), cols[-1].append(c)
         n = max(len(a) for a in arrays)
         H = max(x.shape[1] for a in arrays for x in a)

@@ -216,6 +216,7 @@ def attention_steps(model, proc, rec, layers):
             "boxes": proc.image_token_boxes(im.width, im.height), "steps": out}
 
 
+@data.remembering_images()  # the phases below read each record's image several times: decode and tile it once
 def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=128, max_new_tokens=160,
              commitment=True, heatmaps=3, explore=12, log=None):
     """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with

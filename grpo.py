@@ -57,6 +57,8 @@ class GRPOConfig:
     eps_low: float = arg(0.2, "the ratio's clip below 1")
     eps_high: float = arg(0.28, "the ratio's clip above 1 (DAPO's clip-higher)")
     beta: float = arg(0.0, "weight of the k3 KL to the starting model (SAYO uses 0.001); logged either way")
+    kl_every: int = arg(10, "at beta 0 the KL is only logged: measured every this many steps (the starting "
+                        "model's forward costs as much as the policy's scoring)")
     loss_agg: str = arg("token", "token: all completion tokens / their count; seq: each sequence's mean",
                         choices=("token", "seq"))
     no_std_scale: bool = arg(False, "Dr. GRPO: A = r - mean, not divided by the group's std")
@@ -92,7 +94,7 @@ def check(cfg):
          "> 0 (at 0 the G completions of a prompt are one, every advantage is 0 and nothing trains)"),
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         *config.at_least(cfg, 1, ("prompts_per_step", "num_generations", "max_new_tokens", "inner_steps",
-                                  "micro_batch")),
+                                  "micro_batch", "kl_every")),
         *config.at_least(cfg, 0, ("beta", "eps_low", "eps_high", "max_steps", "reward_format", "reward_avar",
                                   "reward_region"))])
     for name in ("avar_layers", "region_layers"):
@@ -143,14 +145,13 @@ def aggregate(per_token, mask, n_tokens, n_seqs, how):
     return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
 
 
-def region_tokens(proc, rec, ids):
-    """For a record with one image and evidence `boxes` (pixel boxes in the original image): a (T,) bool
-    over ids, True on the image tokens whose cell overlaps a box (through the processor's resize,
-    tiling and pixel shuffle: Processor.image_token_boxes), or None without boxes."""
+def region_tokens(proc, rec, ids, image):
+    """For a record with one image (loaded: `image`) and evidence `boxes` (pixel boxes in the original
+    image): a (T,) bool over ids, True on the image tokens whose cell overlaps a box (through the
+    processor's resize, tiling and pixel shuffle: Processor.image_token_boxes), or None without boxes."""
     if not rec.get("boxes") or len(rec["images"]) != 1:
         return None
-    im = data.load_image(rec["images"][0], rec["source"])
-    cells = proc.image_token_boxes(im.width, im.height)
+    cells = proc.image_token_boxes(image.width, image.height)
     hit = [any(min(x1, b[2]) > max(x0, b[0]) and min(y1, b[3]) > max(y0, b[1]) for b in rec["boxes"])
            for x0, y0, x1, y1 in cells]
     where = torch.zeros(len(ids), dtype=torch.bool)
@@ -212,8 +213,7 @@ def score(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
     # (b, L): a completion token sees up to itself
     q_pos = torch.where(seq["cmask"][rows], at, -1)
     with contextlib.nullcontext() if grad else torch.no_grad():
-        out = model(ids, seq["pixel_values"][rows] if "pixel_values" in seq else None,
-                    seq["pixel_attention_mask"][rows] if "pixel_values" in seq else None, mask,
+        out = model(ids, attention_mask=mask, image_features=shared_image_features(model, seq, rows),
                     mass_layers=mass_layers, mass_fn=masses.mass_fn(at, q_pos, seq["groups"][rows], 3))
         logits = out.logits.gather(1, (at - 1)[..., None].expand(-1, -1, out.logits.shape[-1]))
         logits = logits.float() / temperature
@@ -223,20 +223,35 @@ def score(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
     return logp, entropy, out.masses
 
 
+def shared_image_features(model, seq, rows):
+    """The image features of the sequences `rows` as model.embed takes them, each prompt's images
+    through the vision tower once however many of its completions are there (the gradient reaches
+    the tower summed over them, as G separate passes would give it); None without images."""
+    if "pixel_values" not in seq:
+        return None
+    prompts, which = torch.unique(seq["prompt"][rows], return_inverse=True)
+    pixels = seq["pixel_values"][prompts]
+    tiles = (pixels != 0).flatten(2).any(2).sum(1)  # image_features drops all-zero padding tiles
+    if not int(tiles.sum()):
+        return pixels.new_zeros(0, model.config.text.hidden_size)
+    per_prompt = model.image_features(pixels, seq["pixel_attention_mask"][prompts]).split(
+        (tiles * model.config.image_seq_len).tolist())
+    return torch.cat([per_prompt[i] for i in which.tolist()])
+
+
 def rollouts(model, proc, recs, cfg, step, device):
     """G completions per record, sampled with the KV cache -> the sequences to score, right-padded
     (the kernel masks keys by position only, so no padding may precede a real token): seq with
     input_ids, attention_mask, pixels, start (where each completion begins), completion, cmask
     and the key groups; truncated (B,), the decoded texts, has_region (B,)."""
     G = cfg.num_generations
-    prompts = [data.record_prompt(proc, r) for r in recs for _ in range(G)]
-    images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in recs for _ in range(G)]
-    batch = {k: v.to(device)
-             for k, v in proc(prompts, images if any(images) else None, padding_side="left").items()}
+    images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in recs]  # once per prompt
+    batch = {k: v.to(device) for k, v in proc([data.record_prompt(proc, r) for r in recs],
+                                              images if any(images) else None, padding_side="left").items()}
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)  # the same samples after a resume
     model.eval()
     comp = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, eos_token_id=proc.eos_token_id, generator=gen)
+                          top_p=cfg.top_p, eos_token_id=proc.eos_token_id, generator=gen, num_samples=G)
     model.train()
     # an <image> token with no image behind it: cut there, left out
     sampled_image = comp == proc.image_token_id
@@ -244,14 +259,16 @@ def rollouts(model, proc, recs, cfg, step, device):
     cmask, truncated = completion_mask(comp, proc.eos_token_id)
     truncated |= sampled_image.any(1)
     texts = [proc.decode(c[m]) for c, m in zip(comp, cmask)]
-    ids, pmask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+    # each prompt's G rows: completion i is of prompt i // G
+    ids, pmask = (batch[k].cpu().repeat_interleave(G, 0) for k in ("input_ids", "attention_mask"))
     spans = torch.where(ids == proc.image_token_id, data.V, 0)
     systems = [r.get("system") for r in recs for _ in range(G)]
     spans = spans.masked_fill(system_tokens(proc, ids, pmask, systems), data.S)
-    regions = [region_tokens(proc, r, ids[i * G]) for i, r in enumerate(recs)]
-    has_region = torch.tensor([regions[i // G] is not None for i in range(len(prompts))])
+    regions = [region_tokens(proc, r, ids[i * G], im[0] if im else None)
+               for i, (r, im) in enumerate(zip(recs, images))]
+    has_region = torch.tensor([regions[i // G] is not None for i in range(len(ids))])
     region = torch.stack([regions[i // G] if has_region[i] else torch.zeros(ids.shape[1], dtype=torch.bool)
-                          for i in range(len(prompts))])
+                          for i in range(len(ids))])
     # prompt + completion, each row shifted left past its padding
     P, T = ids.shape[1], ids.shape[1] + comp.shape[1]
     pad = (pmask == 0).sum(1)
@@ -259,7 +276,10 @@ def rollouts(model, proc, recs, cfg, step, device):
     row = lambda x, y: torch.cat([x, y], 1).gather(1, shift)
     none = torch.zeros(comp.shape, dtype=torch.long)
     groups = masses.key_groups(row(spans, none), SCORED_GROUPS, extra=[row(region, none.bool())])
-    seq = {**{k: v for k, v in batch.items() if k.startswith("pixel")}, "completion": comp, "cmask": cmask,
+    # the pixels once per prompt; seq["prompt"] says whose each row is
+    seq = {**{k: v for k, v in batch.items() if k.startswith("pixel")},
+           "prompt": torch.arange(len(recs), device=device).repeat_interleave(G),
+           "completion": comp, "cmask": cmask,
            "input_ids": row(ids, comp.cpu()).to(device),
            "attention_mask": row(pmask, cmask.long().cpu()).to(device),
            "groups": groups.to(device), "start": (P - pad).to(device)}
@@ -303,7 +323,9 @@ def rewards_of(recs, texts, old, seq, has_region, cfg, avar_layers, region_layer
 def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
     """One GRPO step on the prompts recs: rollouts, their scores under the policy and the starting
     model, rewards, advantages, inner_steps updates -> the metrics row. layers: {"avar", "region",
-    "masses"} layer lists."""
+    "masses"} layer lists. Forwards not needed are skipped: with one update and no attention reward
+    the policy's old log-probs are the update's own (detached; the ratio is 1 either way), and at
+    beta 0 the starting model only feeds the logged KL, measured every kl_every steps."""
     G = cfg.num_generations
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
@@ -311,18 +333,21 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
     cmask = seq["cmask"]
     chunks = [torch.arange(s, min(s + cfg.micro_batch, len(texts)), device=device)
               for s in range(0, len(texts), cfg.micro_batch)]
+    need_old = cfg.inner_steps > 1 or bool(layers["masses"])
+    need_ref = cfg.beta > 0 or step % cfg.kl_every == 0
     old = {"logp": [], "entropy": [], "ref": [], "masses": {l: [] for l in layers["masses"]}}
-    for rows in chunks:  # the rollouts' log-probs, entropies and masses, in chunks
+    for rows in chunks if need_old or need_ref else ():  # log-probs, entropies and masses, in chunks
         with amp():  # the same autocast as SFT
-            logp, entropy, m = score(model, seq, rows, layers["masses"], temperature=cfg.temperature)
-            ref = score(start, seq, rows, temperature=cfg.temperature)[0]
-        old["logp"].append(logp)
-        old["entropy"].append(entropy)
-        old["ref"].append(ref)
-        for l in layers["masses"]:
-            old["masses"][l].append(m[l])
-    old = {k: torch.cat(v) if isinstance(v, list) else {l: torch.cat(m) for l, m in v.items()}
-           for k, v in old.items()}
+            if need_old:
+                logp, entropy, m = score(model, seq, rows, layers["masses"], temperature=cfg.temperature)
+                old["logp"].append(logp)
+                old["entropy"].append(entropy)
+                for l in layers["masses"]:
+                    old["masses"][l].append(m[l])
+            if need_ref:
+                old["ref"].append(score(start, seq, rows, temperature=cfg.temperature)[0])
+    old = {k: torch.cat(v) if v and isinstance(v, list) else
+           {l: torch.cat(m) for l, m in v.items()} if isinstance(v, dict) else None for k, v in old.items()}
     reward, parts = rewards_of(recs, texts, old, seq, has_region, cfg, layers["avar"], layers["region"], G)
     adv = advantages(reward.view(-1, G), not cfg.no_std_scale).flatten()
     loss_mask = (cmask & (~truncated[:, None] | cfg.keep_truncated)).float()
@@ -332,7 +357,8 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
         for rows in chunks:
             with amp():
                 logp = score(model, seq, rows, grad=True, temperature=cfg.temperature)[0]
-            per, (kl, clipped) = policy_loss(logp, old["logp"][rows], old["ref"][rows], adv[rows],
+            per, (kl, clipped) = policy_loss(logp, old["logp"][rows] if need_old else logp.detach(),
+                                             old["ref"][rows] if need_ref else logp.detach(), adv[rows],
                                              loss_mask[rows], cfg)
             loss = aggregate(per, loss_mask[rows], n_tokens, n_seqs, cfg.loss_agg)
             loss.backward()
@@ -343,7 +369,8 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
         opt.zero_grad(set_to_none=True)
     return {"step": step + 1, "reward": float(reward.mean()),
             **{k: float(v.mean()) for k, v in parts.items()},
-            "completion_tokens": float(cmask.sum(1).float().mean()), "kl": kl_sum / float(n_tokens),
+            "completion_tokens": float(cmask.sum(1).float().mean()),
+            **({"kl": kl_sum / float(n_tokens)} if need_ref else {}),
             "clip_fraction": n_clipped / float(n_tokens), "truncated": int(truncated.sum()),
             "zero_advantage_groups": int((reward.view(-1, G).std(1) == 0).sum()), "loss": loss_sum}
 
@@ -351,9 +378,10 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
 def progress_line(row, cfg, done, seconds, tokens):
     parts = [k for k in ("accuracy", "format", "avar", "region") if k in row]
     rewards = ", ".join(f"{k} {row[k]:.3f}" for k in parts)
+    kl = f"{row['kl']:.4f}" if "kl" in row else "-"  # not measured this step (beta 0, see kl_every)
     return (f"step {row['step']:4d}/{cfg.max_steps} reward {row['reward']:.3f} ({rewards}) "
             f"| acc {row.get('accuracy', float('nan')):.2f} "
-            f"len {row['completion_tokens']:.0f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
+            f"len {row['completion_tokens']:.0f} kl {kl} clip {row['clip_fraction']:.3f} "
             f"trunc {row['truncated']} zero-adv {row['zero_advantage_groups']} "
             f"| {tokens / seconds:,.0f} tok/s | ETA {seconds / done * (cfg.max_steps - row['step']):.0f}s")
 

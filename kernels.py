@@ -92,11 +92,11 @@ def _use_cuda(q):
 # the reference: chunks of query rows, so at most chunk x Tk scores exist at once
 
 
-def _acc_dtype(x):  # fp32 accumulation; float64 stays float64 (for gradcheck)
+def acc_dtype(x):  # fp32 accumulation; float64 stays float64 (for gradcheck)
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _group_bits(key_groups, num_groups, dtype):  # (B, Tk) uint8 -> (B, 1, Tk, G) of 0/1
+def group_bits(key_groups, num_groups, dtype):  # (B, Tk) uint8 -> (B, 1, Tk, G) of 0/1
     shifts = torch.arange(num_groups, device=key_groups.device)
     return ((key_groups.long()[..., None] >> shifts) & 1).to(dtype)[:, None]
 
@@ -113,8 +113,8 @@ def _probs(scores, visible, lse):  # p from the row log-sum-exp; 0 on keys a row
 
 def reference_forward(q, k, q_pos, key_groups, num_groups, scale, chunk=256):
     B, Hq, Nq, D = q.shape
-    kf = k.to(_acc_dtype(k)).repeat_interleave(Hq // k.shape[1], dim=1)
-    bits = _group_bits(key_groups, num_groups, kf.dtype)
+    kf = k.to(acc_dtype(k)).repeat_interleave(Hq // k.shape[1], dim=1)
+    bits = group_bits(key_groups, num_groups, kf.dtype)
     mass, lse = [], []
     for s in range(0, Nq, chunk):
         scores, visible = _chunk_scores(q, kf, q_pos, s, s + chunk)
@@ -130,8 +130,8 @@ def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=2
     """dS = p * (dm . bits_j - dm . m), dQ = scale dS K, dK = scale dS^T Q summed over the GQA group."""
     B, Hq, Nq, D = q.shape
     Hkv, G = k.shape[1], mass.shape[-1]
-    kf = k.to(_acc_dtype(k)).repeat_interleave(Hq // Hkv, dim=1)
-    bits = _group_bits(key_groups, G, kf.dtype)  # (B, 1, Tk, G)
+    kf = k.to(acc_dtype(k)).repeat_interleave(Hq // Hkv, dim=1)
+    bits = group_bits(key_groups, G, kf.dtype)  # (B, 1, Tk, G)
     dq, dk = torch.zeros(q.shape, device=q.device, dtype=kf.dtype), torch.zeros_like(kf)
     for s in range(0, Nq, chunk):
         e = min(s + chunk, Nq)
@@ -148,7 +148,7 @@ def reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale, chunk=2
 def bits_as_values(key_groups, num_groups, head_dim, n_kv_heads, dtype):
     """(B, Tk) group bits -> V (B, Hkv, Tk, head_dim): the bits in the first num_groups columns, zeros
     after (attention backends want V as wide as q), so attention with this V gives the masses."""
-    bits = _group_bits(key_groups, num_groups, dtype)  # (B, 1, Tk, G)
+    bits = group_bits(key_groups, num_groups, dtype)  # (B, 1, Tk, G)
     return torch.nn.functional.pad(bits, (0, max(head_dim - num_groups, 0))).expand(-1, n_kv_heads, -1, -1)
 
 
@@ -182,8 +182,8 @@ def _mass_fwd(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups:
 @_mass_fwd.register_fake
 def _(q, k, q_pos, key_groups, num_groups, scale, use_cuda):
     B, Hq, Nq, _ = q.shape
-    return (q.new_empty(B, Hq, Nq, num_groups, dtype=_acc_dtype(q)),
-            q.new_empty(B, Hq, Nq, dtype=_acc_dtype(q)))
+    return (q.new_empty(B, Hq, Nq, num_groups, dtype=acc_dtype(q)),
+            q.new_empty(B, Hq, Nq, dtype=acc_dtype(q)))
 
 
 @torch.library.custom_op("nanoattcot::mass_bwd", mutates_args=())

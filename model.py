@@ -179,10 +179,11 @@ class TextAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, extra_values=None):
         """x (B, T, C); mask (B, 1, T, Tk) bool, "causal" or None; cache: dict holding this layer's
-        past k, v. Returns the output and the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for
-        attention masses."""
+        past k, v; extra_values (B, 1, Tk, G) or None: G more value columns, the same for every head.
+        Returns the output, the post-RoPE q (B, Hq, T, d), k (B, Hkv, Tk, d) for attention masses, and
+        the attention's output over the extra columns (B, Hq, T, G) (None without them)."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
@@ -195,9 +196,14 @@ class TextAttention(nn.Module):
         if causal and T != k.shape[2]:  # a chunk after a cache: causal from the bottom-right
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), q, k
+        q_, k_ = q, k
+        if extra_values is not None:  # q, k padded with zeros to V's width: the same scores, one width
+            v = torch.cat([v, extra_values.to(v.dtype).expand(-1, self.n_kv, -1, -1)], -1)  # (flash kernels)
+            q_, k_ = F.pad(q, (0, extra_values.shape[-1])), F.pad(k, (0, extra_values.shape[-1]))
+        y = F.scaled_dot_product_attention(q_, k_, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           scale=self.hd ** -0.5, enable_gqa=self.n_kv != self.n_head)
+        extra = None if extra_values is None else y[..., self.hd:]
+        return self.o_proj(y[..., :self.hd].transpose(1, 2).reshape(B, T, -1)), q, k, extra
 
 
 class TextBlock(nn.Module):
@@ -210,11 +216,11 @@ class TextBlock(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        a, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, extra_values=None):
+        a, q, k, extra = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, extra_values)
         x = x + a
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), q, k
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), q, k, extra
 
 
 # -----------------------------------------------------------------------------
@@ -284,11 +290,14 @@ class VLM(nn.Module):
         x = pixel_shuffle(self.vision(pixels, patch_mask), self.config.scale_factor)
         return self.connector(x).flatten(0, 1)
 
-    def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None):
+    def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None, image_features=None):
+        """image_features: what image_features(pixel_values, ...) would give, computed elsewhere (GRPO's
+        completions of one prompt share one pass of its images through the vision tower)."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             return x
-        feats = self.image_features(pixel_values, pixel_attention_mask)
+        feats = self.image_features(pixel_values, pixel_attention_mask) if image_features is None \
+            else image_features
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but the images give "
@@ -303,7 +312,9 @@ class VLM(nn.Module):
                image_keys=None):
         """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token;
         image_keys (B, Tk) bool (for boost_image_attention). mass_fn(layer, q, k) gets post-RoPE q, k
-        on mass_layers."""
+        on mass_layers; a mass_fn with a .values (B, 1, Tk, G) tensor (masses.mass_fn's fused route)
+        has them appended to V there and gets the attention's output over them too: mass_fn(layer, q,
+        k, out), out (B, Hq, T, G)."""
         mask = self.attention_bias(attention_mask, x.shape[1], shortcut=not self.image_boost)
         f, boost_layers = self.image_boost or (1.0, ())
         if boost_layers:  # in those layers a float mask: log f on the image keys' scores
@@ -311,12 +322,14 @@ class VLM(nn.Module):
                                   float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta,
                                 x.dtype)
-        masses = {}
+        masses, values = {}, getattr(mass_fn, "values", None)
         for i, layer in enumerate(self.layers):
-            x, q, k = run_block(layer, self.recompute, x, cos, sin, boosted if i in boost_layers else mask,
-                                None if cache is None else cache[i])
+            x, q, k, extra = run_block(layer, self.recompute, x, cos, sin,
+                                       boosted if i in boost_layers else mask,
+                                       None if cache is None else cache[i],
+                                       values if i in mass_layers else None)
             if i in mass_layers:
-                masses[i] = mass_fn(i, q, k)
+                masses[i] = mass_fn(i, q, k) if extra is None else mass_fn(i, q, k, extra)
         return self.lm_head(self.norm(x)), masses
 
     @staticmethod
@@ -334,15 +347,16 @@ class VLM(nn.Module):
         return mask[:, None]
 
     def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
-                position_ids=None, mass_layers=(), mass_fn=None):
+                position_ids=None, mass_layers=(), mass_fn=None, image_features=None):
         """input_ids (B, T) -> .logits (B, T, vocab), .masses {layer: mass_fn(layer, q, k)}.
-        position_ids default to 0..T-1 as transformers' forward does; pass them for left padding."""
+        position_ids default to 0..T-1 as transformers' forward does; pass them for left padding.
+        image_features: see embed."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask, image_features)
         logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn,
                                      input_ids == self.config.image_token_id)
         return SimpleNamespace(logits=logits, masses=masses)
@@ -371,26 +385,35 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
                  max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, use_cache=True,
-                 on_token=None, generator=None):
+                 on_token=None, generator=None, num_samples=1):
         """Greedy (temperature 0) or nucleus sampling from a left-padded batch. Returns the new ids
-        (B, <= max_new_tokens); rows that hit eos are filled with eos. on_token(ids (B,)) streams.
-        A row that hits eos leaves the batch (its cache too): one long reply does not keep the
-        finished rows computing."""
-        B = input_ids.shape[0]
+        (B * num_samples, <= max_new_tokens), each prompt's samples together; rows that hit eos are
+        filled with eos. on_token(ids) streams. A prompt's samples share one pass of its images through
+        the vision tower and, with the cache, one prefill. A row that hits eos leaves the batch (its
+        cache too): one long reply does not keep the finished rows computing."""
+        n = num_samples
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
         x = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        image_keys = input_ids == self.config.image_token_id
+        if not use_cache:  # every step runs the whole sequence: the samples' rows from the start
+            x, mask, image_keys = (t.repeat_interleave(n, 0) for t in (x, mask, image_keys))
         cache = [{} for _ in self.layers] if use_cache else None
+        B = input_ids.shape[0] * n
         out = torch.full((B, max_new_tokens), int(eos[0]) if eos.numel() else 0, dtype=torch.long,
                          device=input_ids.device)
         rows, step = torch.arange(B, device=input_ids.device), -1  # the batch rows still generating
-        image_keys = input_ids == self.config.image_token_id
         for step in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
             if use_cache and step > 0:
                 logits, _ = self.decode(x[:, -1:], pos[:, -1:], mask, cache, image_keys=image_keys)
             else:
                 logits, _ = self.decode(x, pos, mask, cache, image_keys=image_keys)
+                if use_cache and n > 1:  # after the one prefill, each prompt's samples get its cache
+                    logits, x, mask, image_keys = (t.repeat_interleave(n, 0)
+                                                   for t in (logits[:, -1:], x, mask, image_keys))
+                    for c in cache:
+                        c["k"], c["v"] = c["k"].repeat_interleave(n, 0), c["v"].repeat_interleave(n, 0)
             tok = sample(logits[:, -1].float(), temperature, top_p, generator)
             out[rows, step] = tok
             if on_token is not None:

@@ -111,7 +111,7 @@ def total_loss(terms, counts, cfg):
 # the training run's settings
 
 
-OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "reference", "sdpa")
+OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "fused", "reference", "sdpa")
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
@@ -148,8 +148,9 @@ class TrainConfig:
     visual_attn_layers: str = arg("all", f"the intervention's layers: {LAYERS}")
     text_only: bool = arg(False, "the synthetic set in words, without the image (DRIFT's reasoning prior)")
     layers: str = arg("all", f"the layers whose attention masses the objective reads: {LAYERS}")
-    mass_impl: str = arg("auto", "auto (on a GPU the kernel once it passes its self-check, SDPA if it "
-                         "fails; else the reference), cuda, reference or sdpa: how masses are computed",
+    mass_impl: str = arg("auto", "how masses are computed: auto (on a GPU the kernel once it passes its "
+                         "self-check, SDPA if it fails; on the CPU fused), cuda, fused (the group bits as "
+                         "extra value columns of the model's own attention), reference or sdpa",
                          choices=MASS_IMPLS)
     measure_vas: bool = arg(False, "compute the masses (and log VAS) with sft too")
     batch_size: int = arg(16,

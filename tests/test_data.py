@@ -321,3 +321,32 @@ def test_batch_encoding_gives_the_ids_one_at_a_time_does(tmp_path):
     for rec, got in zip(recs, batched):
         want = data.encode_record(proc, rec)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_remembering_images_decodes_and_tiles_each_image_once(proc, tmp_path, monkeypatch):
+    """Inside data.remembering_images a path is opened once and its image tiled once, however many
+    times the processor and the record encoder read it, with the same pixels as outside; outside, or
+    past the byte budget, every read decodes and tiles again."""
+    for i in range(2):
+        Image.new("RGB", (40 + 8 * i, 32), (60 * i, 90, 30)).save(tmp_path / f"{i}.png")
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    opened, tiled, real_open, real_tiles = [], [], Image.open, proc.image_processor.tiles
+    monkeypatch.setattr(data.Image, "open", lambda p, *a: opened.append(p) or real_open(p, *a))
+    monkeypatch.setattr(proc.image_processor, "tiles", lambda im: tiled.append(im.size) or real_tiles(im))
+    rec = {"question": "How many?", "reply": "Row 1: one. Answer: 1", "images": paths[:1], "source": "t:1"}
+
+    def read_all():
+        texts = ["<image>q", "<image>r"]
+        a, b = proc(texts, [paths[:1], paths[1:]]), proc(texts, [paths[:1], paths[1:]])
+        return a, b, data.encode_record(proc, rec)
+    plain = read_all()
+    assert len(opened) == 5 and len(tiled) == 5
+    for budget, opens in ((0, 5), (2**30, 2)):
+        opened.clear(), tiled.clear()
+        with data.remembering_images(budget):
+            again = read_all()
+        assert len(opened) == opens and len(tiled) == opens, (budget, opened, tiled)
+        assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(plain, again))
+    opened.clear()
+    read_all()
+    assert len(opened) == 5  # the memory ends with the block

@@ -543,3 +543,25 @@ def test_curves_of_a_one_step_run(tmp_path):
     draw.curves([{"step": 1, "loss": 6.2, "ce": 5.9, "vis": 1.9, "ans": 0.47, "vas": 0.15}],
                 str(tmp_path / "c.png"))
     assert Image.open(tmp_path / "c.png").size == (1070, 30 + 3 * 270 + 10)
+
+
+def test_evaluate_opens_each_image_once(tmp_path, monkeypatch):
+    """Every phase of evaluate() (CoT, direct, masses, early commitment, occlusion, heatmaps, the
+    explorer) on a real small model reads each eval image, yet each file is opened once; the
+    occluded copies are made from that one decoded image."""
+    import data
+    import synthetic
+    from model import VLM
+    from PIL import Image
+    from records import read_records
+    synthetic.make_synthetic(str(tmp_path), 40, 3, seed=0)
+    train, recs = (read_records(p) for p in synthetic.paths(str(tmp_path)))
+    proc = data.new_processor([r["question"] + " " + r["reply"] for r in train], tile=96, image_seq_len=9,
+                              vocab_size=400)
+    torch.manual_seed(0)
+    model = VLM(synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id)).eval()
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(data.Image, "open", lambda p, *a: opened.append(p) or real_open(p, *a))
+    ev = eval_mod.evaluate(model, proc, recs, train, layers=[0, 3], max_new_tokens=6, heatmaps=2, explore=2)
+    assert ev["occlusion"]["n"] > 0 and len(ev["explore"]) == 2 and ev["where_it_looks"]
+    assert sorted(opened) == sorted({p for r in recs for p in r["images"]})

@@ -77,12 +77,12 @@ def test_region_lights_exactly_its_cells_in_a_tiled_image(tmp_path):
     rec = {"images": [str(tmp_path / "im.png")], "boxes": [[40, 36, 56, 44]], "source": "t:1",
            "question": "q?"}
     ids = proc(data.record_prompt(proc, rec), [[str(tmp_path / "im.png")]])["input_ids"][0]
-    lit = grpo.region_tokens(proc, rec, ids)
+    lit = grpo.region_tokens(proc, rec, ids, Image.open(tmp_path / "im.png"))
     image_positions = (ids == proc.image_token_id).nonzero()[:, 0]
     assert len(image_positions) == 7 * 4
     assert [i for i, p in enumerate(image_positions)
             if lit[p]] == [4 * 4 + 0, 4 * 4 + 1, 6 * 4 + 2, 6 * 4 + 3]
-    assert int(lit.sum()) == 4 and grpo.region_tokens(proc, {**rec, "boxes": []}, ids) is None
+    assert int(lit.sum()) == 4 and grpo.region_tokens(proc, {**rec, "boxes": []}, ids, None) is None
 
 
 def test_top_entropy_tokens_ignore_padding():
@@ -131,8 +131,9 @@ def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
     for b in range(len(texts)):
         real, start_b = seq["attention_mask"][b].bool(), int(seq["start"][b])
         with torch.no_grad():
-            out = hf(input_ids=seq["input_ids"][b][real][None], pixel_values=seq64["pixel_values"][b:b + 1],
-                     pixel_attention_mask=seq["pixel_attention_mask"][b:b + 1], output_attentions=True)
+            p = seq["prompt"][b:b + 1]  # the images are kept once per prompt
+            out = hf(input_ids=seq["input_ids"][b][real][None], pixel_values=seq64["pixel_values"][p],
+                     pixel_attention_mask=seq["pixel_attention_mask"][p], output_attentions=True)
         image, system, region = (((seq["groups"][b][real] >> bit) & 1).bool() for bit in (0, 1, 2))
         A = torch.stack([a[0][:, start_b:] for a in out.attentions])  # (L, H, n, T): the completion's rows
         avar = (A * image).sum() / (A * system).sum() * parts["accuracy"][b]
@@ -206,7 +207,8 @@ def test_old_logprobs_are_taken_once_per_batch_of_rollouts(start, tmp_path, monk
 
 
 def test_the_loop_scores_every_pass_at_the_sampling_temperature(start, tmp_path, monkeypatch):
-    """The old log-probs, the reference model's and the gradient pass all take --temperature."""
+    """The old log-probs (inner_steps 2, so they have their own pass), the reference model's and the
+    gradient pass all take --temperature."""
     seen, real = [], grpo.score
 
     def spy(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
@@ -224,8 +226,62 @@ def test_the_loop_scores_every_pass_at_the_sampling_temperature(start, tmp_path,
     monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
                         *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
     grpo.train(config(start, tmp_path / "g", max_steps=1, keep_truncated=True, micro_batch=64,
-                      temperature=0.7))
+                      temperature=0.7, inner_steps=2))
     assert sorted(set(seen)) == [(False, False, 0.7), (False, True, 0.7), (True, False, 0.7)]
+
+
+def test_passes_not_needed_are_skipped_and_the_update_is_unchanged(start, tmp_path, monkeypatch):
+    """inner_steps 1 without an attention reward: no no-grad policy pass (the update's own log-probs,
+    detached, are the old ones), and the trained weights equal those of a run that takes the pass.
+    beta 0: the starting model scores only every kl_every steps, and only those rows log a KL; beta > 0:
+    every step."""
+    calls, real = [], grpo.score
+
+    def spy(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
+        calls.append(("start" if not model.training else "grad" if grad else "old", int(steps[0])))
+        return real(model, seq, rows, mass_layers, grad, temperature)
+    steps = [0]
+    real_step = grpo.grpo_step
+
+    def counting_step(*args):
+        steps[0] = args[6]
+        return real_step(*args)
+    monkeypatch.setattr(grpo, "score", spy)
+    monkeypatch.setattr(grpo, "grpo_step", counting_step)
+    monkeypatch.setattr(grpo, "rewards_of", lambda recs, texts,
+                        *a: (torch.tensor([len(t) % 3.0 for t in texts]), {}))
+    kw = dict(max_steps=3, keep_truncated=True, micro_batch=64, kl_every=2, lr=3e-4)
+    skipped = grpo.train(config(start, tmp_path / "a", **kw))
+    assert sorted(set(calls)) == [("grad", 0), ("grad", 1), ("grad", 2), ("start", 0), ("start", 2)]
+    assert ["kl" in row for row in skipped["metrics"]] == [True, False, True]
+    calls.clear()  # the same rewards, but an attention reward's layers ask for the no-grad pass
+    taken = grpo.train(config(start, tmp_path / "b", reward_avar=0.3, **kw))
+    assert ("old", 1) in calls
+    for p, q in zip(skipped["model"].parameters(), taken["model"].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.equal(skipped["model"].lm_head.weight, skipped["start"].lm_head.weight)
+    calls.clear()
+    grpo.train(config(start, tmp_path / "c", beta=0.01, **kw))
+    assert {s for who, s in calls if who == "start"} == {0, 1, 2}
+
+
+def test_each_prompts_images_pass_the_vision_tower_once(start, tmp_path):
+    """G = 3 completions of 2 prompts: generation and scoring each run the vision tower on 2 images,
+    not 6, and scoring a subset of rows runs only the prompts it holds."""
+    cfg = config(start, tmp_path / "g", num_generations=3)
+    proc, model = data.Processor.from_pretrained(start), grpo.VLM.from_pretrained(start, dtype=torch.float32)
+    import synthetic
+    synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
+    recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
+    seen = []
+    model.vision.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    seq = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))[0]
+    tiles = int((seq["pixel_values"][0] != 0).flatten(1).any(1).sum())
+    assert seen == [2 * tiles] and seq["input_ids"].shape[0] == 6
+    seen.clear()
+    grpo.score(model, seq, torch.arange(6))
+    grpo.score(model, seq, torch.tensor([3, 5]))
+    assert seen == [2 * tiles, tiles]
 
 
 def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
@@ -239,9 +295,9 @@ def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
     seq = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))[0]
     rows = torch.arange(seq["cmask"].shape[0])
     logp, entropy, _ = grpo.score(model, seq, rows, temperature=0.5)
-    with torch.no_grad():
-        logits = model(seq["input_ids"], seq["pixel_values"], seq["pixel_attention_mask"],
-                       seq["attention_mask"]).logits
+    with torch.no_grad():  # each row with its own copy of its prompt's images
+        logits = model(seq["input_ids"], seq["pixel_values"][seq["prompt"]],
+                       seq["pixel_attention_mask"][seq["prompt"]], seq["attention_mask"]).logits
     for b in range(len(rows)):
         s, n = int(seq["start"][b]), int(seq["cmask"][b].sum())
         want = torch.log_softmax(logits[b, s - 1:s - 1 + n] / 0.5, -1)

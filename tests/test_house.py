@@ -123,6 +123,41 @@ def test_mass_hook_takes_the_rows_and_applies_the_boost():
     assert torch.allclose(boosted, kernels_boosted(plain, 3.0))
 
 
+def test_fused_masses_are_the_models_attention(tmp_path):
+    """The fused route (group bits as extra value columns of the model's own attention) gives the
+    reference's masses and gradients through a real forward: GQA, right padding, the boost on in one
+    layer (the fused masses carry it themselves, the reference gets kernels.boosted)."""
+    from model import VLM, TextConfig, VisionConfig, VLMConfig
+    torch.manual_seed(0)
+    cfg = VLMConfig(VisionConfig(32, 64, 1, 2, 8, 32), TextConfig(50, 48, 96, 3, 6, 2, 8), 2, 49)
+    model = VLM(cfg).double()
+    P, V, R, A = data.P, data.V, data.R, data.A
+    spans = torch.tensor([[P] + [V] * 4 + [P, P] + [R] * 5 + [A, A],
+                          [P] + [V] * 4 + [P] + [R] * 3 + [A] + [0] * 4])  # right padding
+    ids = torch.randint(0, 49, spans.shape).masked_fill(spans == V, 49)
+    pixels = torch.randn(2, 1, 3, 32, 32, dtype=torch.float64)
+    rows, q_pos, _ = masses.query_rows(spans)
+    groups = masses.key_groups(spans, ("image", "rationale"))  # disjoint, as kernels.boosted needs
+    got, weights = {}, torch.rand(3, 2, 6, rows.shape[1], 2, dtype=torch.float64)
+    for f in (1.0, 3.0):
+        model.boost_image_attention(f, [1])
+        for impl in ("reference", "fused"):
+            model.zero_grad()
+            hook = masses.mass_fn(rows, q_pos, groups, 2, impl=impl, boost=model.boost_at)
+            assert (hook.values is not None) == (impl == "fused")
+            out = model(ids, pixels, torch.ones(2, 1, 32, 32, dtype=torch.long), (spans > 0).long(),
+                        mass_layers=[0, 1, 2], mass_fn=hook)
+            m = torch.stack([out.masses[i] for i in range(3)])
+            (torch.log(m + 1e-6) * weights).sum().backward()  # any upstream gradient
+            got[f, impl] = m.detach(), model.layers[0].self_attn.k_proj.weight.grad.clone()
+    for f in (1.0, 3.0):
+        (m_ref, g_ref), (m_fused, g_fused) = got[f, "reference"], got[f, "fused"]
+        assert torch.allclose(m_fused, m_ref, atol=1e-12) and torch.allclose(g_fused, g_ref, atol=1e-10)
+        assert m_ref[..., 0].max() > 0.1 and g_ref.abs().max() > 1e-3  # not zeros agreeing
+    assert not torch.allclose(got[3.0, "fused"][0][1], got[1.0, "fused"][0][1])  # the boost is in layer 1
+    assert masses.mass_fn(rows, q_pos, groups, 2).values is not None  # auto on the CPU is fused
+
+
 def kernels_boosted(m, f):  # by hand: the image's probabilities times f, renormalised
     image, rest = m[..., :1] * f, m[..., 1:]
     return torch.cat([image, rest], -1) / (1 + (f - 1) * m[..., :1])

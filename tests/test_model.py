@@ -215,6 +215,25 @@ def test_cached_equals_uncached_and_batched_equals_single(checkpoints):
         assert torch.equal(single[0], cached[i])
 
 
+def test_samples_of_a_prompt_share_its_prefill(checkpoints):
+    """num_samples = 3 gives what the prompts repeated 3 times give: greedy, and sampled with one seed
+    (with and without the cache), while the vision tower sees each prompt's images once."""
+    path, _ = checkpoints["smolvlm_gqa_untied_s2"]
+    ours = VLM.from_pretrained(path).eval()
+    b = prompts(path, TEXTS[:2], IMAGE_LISTS[:2])
+    repeated = {k: v.repeat_interleave(3, 0) for k, v in b.items()}
+    images = []
+    ours.vision.register_forward_hook(lambda m, args, out: images.append(args[0].shape[0]))
+    assert torch.equal(ours.generate(**b, max_new_tokens=8, num_samples=3),
+                       ours.generate(**repeated, max_new_tokens=8))
+    assert images[0] * 3 == images[1]
+    for cache in (True, False):
+        draw = lambda batch, n: ours.generate(**batch, max_new_tokens=8, temperature=1.0, use_cache=cache,
+                                              generator=torch.Generator().manual_seed(0), num_samples=n)
+        shared = draw(b, 3)
+        assert torch.equal(shared, draw(repeated, 1)) and not torch.equal(shared[0], shared[1])
+
+
 def test_generation_stops_at_eos(checkpoints):
     """A row that samples an eos keeps its tokens up to it and is eos after it; the other row goes on as
     without the eos; generation stops once every row has ended. Sampling: the same seed gives the same

@@ -70,7 +70,9 @@ def test_loss_terms_match_materialised_attention(trained):
     m_v = (A * (spans == data.V)[:, None, :]).sum(-1)
     m_rv = (A * ((spans == data.V) | (spans == data.R))[:, None, :]).sum(-1)
     in_r, in_a = spans == data.R, spans == data.A
-    for floor, impl in ((None, "reference"), (float(m_v[in_r].median()), "reference"), (None, "sdpa")):
+    median = float(m_v[in_r].median())
+    for floor, impl in ((None, "reference"), (median, "reference"), (None, "sdpa"), (median, "fused"),
+                        (None, "auto")):
         # floor: half the steps above it
         cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)
         terms = {k: v.detach() for k, v in nanoattcot.loss_terms(model, batch, cfg, layers).items()}
@@ -193,13 +195,15 @@ def test_eval_command_compares_two_checkpoints(trained, tmp_path, capsys):
         eval_mod.main(["--model", model_dir, "--data", str(tmp_path / "nowhere.jsonl")])
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained):
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained, impl):
     """Recomputing every vision and decoder block in the backward changes no number: the Att-CoT loss
-    (masses from the q, k the blocks return) and every gradient."""
+    (masses from the q, k the blocks return, or from their attention with the fused route) and every
+    gradient."""
     cfg, result = trained
     model, proc = result["model"], result["proc"]
     batch = data.collate(data.encode_all(proc, result["train_records"][:4]), proc.pad_token_id)
-    attcot = TrainConfig(objective="attcot", mass_impl="reference")
+    attcot = TrainConfig(objective="attcot", mass_impl=impl)
     counts = nanoattcot.step_counts([batch])
     runs, kept = [], []
     for on in (False, True):
