@@ -25,6 +25,7 @@ import torch
 
 import data
 import nanoattcot
+import objective
 import synthetic
 from model import VLM, TextConfig, VisionConfig, VLMConfig, peak_flops
 from records import read_records
@@ -54,6 +55,9 @@ def default_run_batch(B):
         proc = data.new_processor([r["question"] + " " + r["reply"] for r in recs], tile=96, image_seq_len=9,
                                   vocab_size=600)
         batch = data.collate(data.encode_all(proc, recs[:B]), proc.pad_token_id)
+    # the early-commitment term's cut copies of a quarter of the records, as training draws them
+    batch["commit"] = objective.commit_batch(batch, proc.tokenizer.encode(" Answer:").ids, 0.25,
+                                             torch.Generator().manual_seed(0), proc.pad_token_id)
     return synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
 
 
@@ -73,7 +77,8 @@ def saved_for_backward(model, fn):
 
 
 RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"), "attcot (fused)": ("attcot", "fused"),
-        "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa")}
+        "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa"),
+        "attcot + commit": ("attcot", "auto")}  # + the early-commitment term (default-run shape only)
 
 
 def parser():
@@ -107,7 +112,7 @@ def main():
     elif args.shape == "default-run":
         cfg, batch = default_run_batch(args.batch or 16)
         (B, T), tiles = batch["input_ids"].shape, 1
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = objective.to_device(batch, device)
     else:  # SmolVLM-256M's shapes (the config defaults)
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch or 8, 2048, 17
     layers = list(range(cfg.text.num_hidden_layers))
@@ -117,6 +122,8 @@ def main():
     if args.one is None:  # on a GPU each objective in a fresh process, so peaks do not mix
         rows = []
         for name in args.runs.split(","):
+            if name == "attcot + commit" and not (batch or {}).get("commit"):
+                continue  # cut copies need real records (the default-run shape)
             run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
                                  capture_output=True, text=True)
             sys.stdout.write(run.stdout.split("ROW ")[0])
@@ -153,18 +160,18 @@ def mfu(model, batch, dt, device):  # in %, of the model's matmuls (sft's), not 
 def make_step(name, cfg, batch, layers, device, args, model=None):
     """-> (step() for one objective, GiB autograd kept for the backward in the warm-up step, model).
     A fresh model (seed 0) and optimizer unless one is given. The warm-up also builds the extension."""
-    objective, impl = RUNS[name]
+    goal, impl = RUNS[name]
     torch.manual_seed(0)
     model = model or VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tcfg = nanoattcot.TrainConfig(objective=objective, mass_impl=impl)
-    counts = nanoattcot.step_counts([batch])
+    tcfg = nanoattcot.TrainConfig(objective=goal, mass_impl=impl, lambda_commit=0.1 * ("commit" in name))
+    counts = objective.step_counts([batch])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
 
     def step(measure=False):  # measure: count what is saved for the backward
-        terms = lambda: nanoattcot.loss_terms(model, batch, tcfg, layers)
-        forward = lambda: nanoattcot.total_loss(terms(), counts, tcfg)
+        terms = lambda: objective.loss_terms(model, batch, tcfg, layers)
+        forward = lambda: objective.total_loss(terms(), counts, tcfg)
         with autocast:
             loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
         loss.backward()
@@ -179,7 +186,8 @@ def interleaved(args, cfg, batch, layers):
     rounds (the order rotated each round), so that a busy neighbour slows all of them alike. Each
     objective's median step, and its median ratio to sft's step of the same round. -> the table's
     rows."""
-    names = [n for n in args.runs.split(",") if n != "attcot (kernel)"]  # the kernel needs a GPU
+    names = [n for n in args.runs.split(",") if n != "attcot (kernel)"  # the kernel needs a GPU
+             and (n != "attcot + commit" or batch.get("commit"))]      # cut copies of real records
     model = VLM(cfg).checkpoint_activations(args.activation_checkpointing)
     built = {n: make_step(n, cfg, batch, layers, torch.device("cpu"), args, model) for n in names}
     for n in names:  # two more warm-up steps each (the allocator, the thread pool)

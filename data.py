@@ -59,7 +59,7 @@ def load_image(image, source=None):
     return im
 
 
-_memo = None  # while remembering_images: path -> decoded image; id(a decoded image) -> its arrays
+_memo = None  # while remembering_images: path -> decoded image; (processor, decoded image) -> arrays
 
 
 @contextlib.contextmanager
@@ -174,12 +174,13 @@ class ImageProcessor:
         """One PIL image -> (its tiles as (3, m, m) float32 arrays, rows, cols); an image that
         load_image decoded within remembering_images is processed once."""
         remember = _memo is not None and id(im) in _memo["decoded_ids"]  # they stay alive: ids are theirs
-        if remember and id(im) in _memo["arrays"]:
-            return _memo["arrays"][id(im)]
+        key = (id(self), id(im))  # another processor tiles the same image otherwise
+        if remember and key in _memo["arrays"]:
+            return _memo["arrays"][key]
         tiles, r, c = self.tiles(im)
         out = [self.to_array(t) for t in tiles], r, c
         if remember and _memo["bytes"] + sum(a.nbytes for a in out[0]) <= _memo["budget"]:
-            _memo["arrays"][id(im)] = out
+            _memo["arrays"][key] = out
             _memo["bytes"] += sum(a.nbytes for a in out[0])
         return out
 

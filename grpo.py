@@ -56,7 +56,8 @@ class GRPOConfig:
     grad_clip: float = arg(1.0, "the gradient's norm is clipped to this")
     eps_low: float = arg(0.2, "the ratio's clip below 1")
     eps_high: float = arg(0.28, "the ratio's clip above 1 (DAPO's clip-higher)")
-    beta: float = arg(0.0, "weight of the k3 KL to the starting model (SAYO uses 0.001); logged either way")
+    beta: float = arg(0.0, "weight of the k3 KL to the starting model (SAYO uses 0.001); logged every step, "
+                      "or every --kl-every steps at 0")
     kl_every: int = arg(10, "at beta 0 the KL is only logged: measured every this many steps (the starting "
                         "model's forward costs as much as the policy's scoring)")
     loss_agg: str = arg("token", "token: all completion tokens / their count; seq: each sequence's mean",

@@ -19,6 +19,7 @@ GROUPS = {
     "image": (data.V,),
     "rationale": (data.R,),
     "rationale+image": (data.R, data.V),
+    "user+rationale": (data.P, data.V, data.R),  # everything the user gave, and the rationale
     "system": (data.S,),             # the chat scaffolding before the user's content (AVAR's "system")
 }
 

@@ -1,8 +1,10 @@
 """
-nanoattcot: the Att-CoT objective, the training loop and the command line.
+nanoattcot: the training run's settings, the training loop and the command line (the objectives
+themselves are in objective.py).
 
     python nanoattcot.py                      # the synthetic experiment, end to end on CPU
     python nanoattcot.py --compare            # sft and attcot side by side (or --compare sft,attcot,avar)
+    python nanoattcot.py --family wording     # the synthetic set whose answers hang on the question's words
     python nanoattcot.py --text-only --objective sft --out out/prior   # DRIFT's reasoning prior (no pixels)
     python nanoattcot.py --objective sft --drift-prior out/prior/model     # sft with DRIFT's gradient bias
     python nanoattcot.py train --init DIR --data train.jsonl --eval-data eval.jsonl ...
@@ -31,7 +33,7 @@ import config
 import data
 import draw
 import eval as eval_mod
-import masses
+import objective
 import related
 import synthetic
 from checkpoint import find_checkpoint, restore, run_steps
@@ -42,76 +44,11 @@ from records import read_records
 
 
 # -----------------------------------------------------------------------------
-# the Att-CoT objective (this project's formulation; the paper's exact loss is not public)
-#   spans: P prompt text, V image tokens, R rationale, A answer (data.py tags every token)
-#   m_i(G): attention mass of query row i on key group G, mean over the chosen layers and all heads
-#   L = CE(reply) + lambda_vis * mean_{i in R} -log(min(m_i(V), t) + eps)
-#                 + lambda_ans * mean_{i in A} -log(m_i(R u V) + eps)
-#   the floor t (--vis-target, default 0.5) stops pushing a step that already looks at the image
-#   enough: without it the rationale put 95% of its attention on the image and lost the question
-
-ATTCOT_ROWS, ATTCOT_GROUPS = (data.R, data.A), ("image", "rationale+image")
-
-
-def loss_terms(model, batch, cfg, layers):
-    """-> dict of summed terms and their counts (so that micro-batches and ranks can be averaged
-    exactly): ce_sum / n_label, vis_sum & vas_sum / r_count, ans_sum / a_count; for avar, img_sum /
-    img_count and sys_sum / sys_count (related.avar_terms)."""
-    avar = cfg.objective == "avar"
-    need_mass = cfg.objective == "attcot" or cfg.measure_vas or avar
-    hook = row_span = None
-    if need_mass:
-        kinds, names = (related.AVAR_ROWS, related.AVAR_GROUPS) if avar else (ATTCOT_ROWS, ATTCOT_GROUPS)
-        rows, q_pos, row_span = masses.query_rows(batch["spans"], kinds)
-        groups = masses.key_groups(batch["spans"], names)
-        hook = masses.mass_fn(rows, q_pos, groups, len(names), impl=cfg.mass_impl)
-    out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                batch["attention_mask"], mass_layers=layers if need_mass else (), mass_fn=hook)
-    labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                         reduction="sum")
-    terms = {"ce_sum": ce, "n_label": (labels != -100).sum()}
-    if avar:
-        terms.update(related.avar_terms(out.masses, layers, row_span, batch["spans"], cfg.eps))
-    elif need_mass:
-        m = torch.stack([out.masses[layer] for layer in layers]).mean(0).mean(1)  # (B, Nq, 2)
-        in_r, in_a = row_span == data.R, row_span == data.A
-        # push below t only
-        m_vis = m[..., 0] if cfg.vis_target is None else m[..., 0].clamp(max=cfg.vis_target)
-        below = (m[..., 0].detach() < (cfg.vis_target or 1.0)) & in_r  # the steps L_vis pushes
-        terms.update(vis_sum=-(torch.log(m_vis + cfg.eps) * in_r).sum(), r_count=in_r.sum(),
-                     ans_sum=-(torch.log(m[..., 1] + cfg.eps) * in_a).sum(), a_count=in_a.sum(),
-                     vas_sum=(m[..., 0].detach() * in_r).sum(), below_count=below.sum(),
-                     below_mass_sum=(m[..., 0].detach() * below).sum())
-    return terms
-
-
-def step_counts(batches):
-    """The counts the loss terms are divided by, over all micro-batches of a step (float tensors)."""
-    return {"n_label": sum((b["labels"][:, 1:] != -100).sum() for b in batches).float(),
-            "r_count": sum((b["spans"] == data.R).sum() for b in batches).float(),
-            "a_count": sum((b["spans"] == data.A).sum() for b in batches).float(),
-            **related.avar_counts(batches)}
-
-
-def total_loss(terms, counts, cfg):
-    """The loss to backpropagate for one micro-batch, each term divided by its count over the whole
-    step (all micro-batches, all ranks), so that the summed gradients equal the full-batch mean."""
-    loss = terms["ce_sum"] / counts["n_label"]
-    if cfg.objective == "attcot":
-        loss = loss + cfg.lambda_vis * terms["vis_sum"] / counts["r_count"] \
-            + cfg.lambda_ans * terms["ans_sum"] / counts["a_count"]
-    if cfg.objective == "avar":
-        loss = loss + cfg.avar_img * terms["img_sum"] / counts["img_count"] \
-            + cfg.avar_sys * terms["sys_sum"] / counts["sys_count"]
-    return loss
-
-
-# -----------------------------------------------------------------------------
 # the training run's settings
 
 
 OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "fused", "reference", "sdpa")
+ANS_GROUPS = objective.ANS_GROUPS  # (a name the config's own `objective` field would shadow)
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
@@ -128,7 +65,15 @@ class TrainConfig:
     objective: str = arg("attcot", "sft (CE on the reply), attcot (+ L_vis + L_ans) or avar (+ AVAR's "
                          "L_img + L_sys)", choices=OBJECTIVES)
     lambda_vis: float = arg(0.1, "weight of L_vis: the rationale's attention on the image")
-    lambda_ans: float = arg(0.1, "weight of L_ans: the answer's attention on rationale + image")
+    lambda_ans: float = arg(0.1, "weight of L_ans: the answer's attention on --ans-group")
+    ans_group: str = arg("rationale+image", "L_ans's key group: rationale+image, or user+rationale (all "
+                         "but the chat scaffolding)", choices=ANS_GROUPS)
+    ans_target: float = arg(None, "L_ans's floor: only answer tokens with mass below it are pushed "
+                            "(none: all)", type=config.float_or_none)
+    lambda_commit: float = arg(0.0, "weight of the early-commitment term: the answer forced after an early "
+                               "cut of the rationale, its probability pushed down to --commit-floor")
+    commit_floor: float = arg(0.25, "the early-commitment term's p0: no push below it")
+    commit_share: float = arg(0.25, "the share of each batch's records that get an early-cut copy")
     vis_target: float = arg(0.5, "L_vis's floor t: only rationale steps with image mass below t are pushed "
                             "(none: all)", type=config.float_or_none)
     eps: float = arg(1e-6, "added inside the logs of the attention terms")
@@ -173,6 +118,9 @@ class TrainConfig:
                              "the accelerator's dense bf16 peak for MFU; 0: looked up from the GPU's name")
     eval_every: int = arg(0, "evaluate every this many steps as well (0: at the end only)")
     save_every: int = arg(250, "write a checkpoint every this many steps (0: at the end only)")
+    family: str = arg("grid", "the synthetic set's family: grid (counts, comparisons, a cell's colour; the "
+                      "rationale walks the grid) or wording (negations and which-questions; the rationale "
+                      "says what is seen, never the answer)", choices=tuple(synthetic.FAMILIES))
     n_train: int = arg(20000, "synthetic training records (fewer images and the small model memorises them)")
     n_eval: int = arg(150, "synthetic eval ITEMS: each comes with its counterfactual twin, so the eval has "
                       "twice as many records")
@@ -208,12 +156,19 @@ class TrainConfig:
             ("visual_attn_scale", scales is not None and all(f > 0 for f in scales),
              "comma-separated factors > 0"),
             ("mass_impl", self.mass_impl in MASS_IMPLS, f"one of {', '.join(MASS_IMPLS)}"),
-            ("vis_target", self.vis_target is None or 0 < self.vis_target <= 1, "in (0, 1] or none"),
+            *[(k, getattr(self, k) is None or 0 < getattr(self, k) <= 1, "in (0, 1] or none")
+              for k in ("vis_target", "ans_target")],
+            ("ans_group", self.ans_group in ANS_GROUPS, f"one of {', '.join(ANS_GROUPS)}"),
+            *[(k, 0 < getattr(self, k) <= 1, "in (0, 1]") for k in ("commit_floor", "commit_share")],
+            ("family", self.family in synthetic.FAMILIES, f"one of {', '.join(synthetic.FAMILIES)}"),
+            ("lambda_commit", not self.lambda_commit or int(os.environ.get("WORLD_SIZE", 1)) == 1,
+             "0 under torchrun (its second forward per micro-batch is untested with DDP)"),
             ("eps", self.eps > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
             *[(k, getattr(self, k) > 0, "> 0") for k in ("lr", "lr_vision", "lr_connector")],
             *config.at_least(self, 1, ("batch_size", "grad_accum", "max_len", "log_every", "n_train",
                                        "n_eval", "difficulty_samples")),
-            *config.at_least(self, 0, ("lambda_vis", "lambda_ans", "avar_img", "avar_sys", "drift_alpha",
+            *config.at_least(self, 0, ("lambda_vis", "lambda_ans", "lambda_commit", "avar_img", "avar_sys",
+                                       "drift_alpha",
                                        "weight_decay", "warmup", "max_steps", "save_every", "eval_every",
                                        "eval_limit", "peak_tflops")),
             ("eval_data", bool(self.eval_data or not self.data),
@@ -263,15 +218,19 @@ def keep_freed_memory():
         ctypes.CDLL("libc.so.6").mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
+def synthetic_dir(cfg):  # one folder per family, so that a run of one never reads the other's
+    return os.path.join(cfg.out, "data" if cfg.family == "grid" else f"data_{cfg.family}")
+
+
 def load_data(cfg, rank, world, log):
     """-> the training file, its records, the eval records and the Skips that count bad records. No
     --data: the synthetic set, made once by rank 0 in OUT/data. Bad eval data fails now, not after
     training."""
     train_path, eval_path = cfg.data, cfg.eval_data
     if not train_path:
-        data_dir = os.path.join(cfg.out, "data")
+        data_dir = synthetic_dir(cfg)
         if rank == 0:
-            synthetic.make_once(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed)
+            synthetic.make_once(data_dir, cfg.n_train, cfg.n_eval, seed=cfg.seed, family=cfg.family)
         if world > 1:
             torch.distributed.barrier()
         train_path, synthetic_eval = synthetic.paths(data_dir, cfg.text_only)
@@ -328,15 +287,19 @@ def lr_at(step, cfg):  # linear warmup, cosine to 10%
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1):
+def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1, marker_ids=()):
     """The micro-batches of one optimizer step for this rank, in a fixed order per epoch
-    (data.record_at), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (data.record_at), so a resumed run sees exactly the batches an uninterrupted one would; with the
+    early-commitment term each carries its early-cut copies ("commit"), drawn from the step's seed."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     out = []
     for micro in range(cfg.grad_accum):
         first = step * per_step + (micro * world + rank) * cfg.batch_size
         idx = [data.record_at(cfg.seed, first + j, len(examples)) for j in range(cfg.batch_size)]
         out.append(data.collate([examples[i] for i in idx], pad_id))
+        if cfg.lambda_commit:
+            cuts = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first)
+            out[-1]["commit"] = objective.commit_batch(out[-1], marker_ids, cfg.commit_share, cuts, pad_id)
     return out
 
 
@@ -344,7 +307,7 @@ def train_step(net, ddp, model, opt, micro, cfg, layers, base_lr, step, world, d
     """One optimizer step over its micro-batches -> the metrics row (metrics_row), or None for a
     step whose loss is not finite and that --skip-nonfinite skips. net: the model as called (DDP,
     compiled), ddp: its DDP wrapper (or the model), model: the module itself."""
-    counts = step_counts(micro)
+    counts = objective.step_counts(micro)
     if world > 1:
         for v in counts.values():
             torch.distributed.all_reduce(v)
@@ -356,8 +319,8 @@ def train_step(net, ddp, model, opt, micro, cfg, layers, base_lr, step, world, d
     for i, b in enumerate(micro):
         sync = contextlib.nullcontext() if world == 1 or i == len(micro) - 1 else ddp.no_sync()
         with sync, autocast:
-            terms = loss_terms(net, b, cfg, layers)
-            total_loss(terms, counts, cfg).backward()
+            terms = objective.loss_terms(net, b, cfg, layers)
+            objective.total_loss(terms, counts, cfg).backward()
         for k, v in terms.items():
             summed[k] = summed.get(k, 0.0) + float(v.detach())
     row = metrics_row(summed, counts, cfg, world, step, opt.param_groups[0]["lr"])
@@ -392,13 +355,16 @@ def metrics_row(summed, counts, cfg, world, step, lr):
                        below_vas=s["below_mass_sum"] / max(s["below_count"], 1.0))
     if "img_sum" in s:
         row.update(img=s["img_sum"] / n["img_count"], sys=s["sys_sum"] / n["sys_count"])
-    row["loss"] = float(total_loss(s, n, cfg))  # the global-batch loss
+    n["commit_count"] = max(n.get("commit_count", 0.0), 1.0)
+    if "commit_sum" in s:
+        row.update(commit=s["commit_sum"] / n["commit_count"], commit_p=s["commit_p_sum"] / n["commit_count"])
+    row["loss"] = float(objective.total_loss(s, n, cfg))  # the global-batch loss
     return row
 
 
 def progress_line(row, cfg, done, seconds, tokens, flops, peak):
     """The line printed every --log-every steps; done: the steps this process has run (for the ETA)."""
-    shown = ("vis", "ans", "vas", "below", "below_vas", "img", "sys", "drift_ratio")
+    shown = ("vis", "ans", "vas", "below", "below_vas", "commit", "commit_p", "img", "sys", "drift_ratio")
     extra = "".join(f" {k} {row[k]:.3f}" for k in shown if k in row)
     mfu = f" | MFU {100 * flops / seconds / peak:.1f}%" if peak else ""
     return (f"step {row['step']:5d}/{cfg.max_steps} loss {row['loss']:.4f} ce {row['ce']:.4f}{extra} "
@@ -442,8 +408,9 @@ def train(cfg: TrainConfig):
     seen = {"tokens": 0, "flops": 0.0, "nonfinite": 0}
 
     def one_step(step):
-        micro = [{k: v.to(device) for k, v in b.items()}
-                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world)]
+        micro = [objective.to_device(b, device)
+                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world,
+                                           proc.tokenizer.encode(" Answer:").ids)]
         row = train_step(net, ddp, model, opt, micro, cfg, layers, base_lr, step, world, drift, autocast)
         seen["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
         seen["flops"] += sum(model.train_flops(b["input_ids"], b["attention_mask"])
@@ -507,8 +474,8 @@ def run(cfg, compare=()):
         raise ConfigError("--compare runs on one process: under torchrun, train each objective with "
                           "--objective")
     if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
-        synthetic.make_synthetic(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_eval, cfg.seed)
-        train_path, eval_path = synthetic.paths(os.path.join(cfg.out, "data"), cfg.text_only)
+        synthetic.make_synthetic(synthetic_dir(cfg), cfg.n_train, cfg.n_eval, cfg.seed, family=cfg.family)
+        train_path, eval_path = synthetic.paths(synthetic_dir(cfg), cfg.text_only)
         cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
     summaries = {}
     for objective in objectives:

@@ -127,16 +127,99 @@ def _sample(rng, qtype, skewed):
 
 def _twin(rng, grid, q):
     """The counterfactual: the same question on a minimally edited grid whose answer differs."""
-    answer = _solve(grid, q)[0]
+    answer = solve(grid, q)[0]
     for _ in range(100):
         g = [row[:] for row in grid]
         r, c = int(rng.integers(GRID)), int(rng.integers(GRID))
-        if q["type"] == "cell":
+        if q["type"] in ("cell", "is_cell"):
             r, c = q["cell"]
-        g[r][c] = _random_item(rng) if q["type"] != "count" or rng.random() < 0.7 else None
-        if _solve(g, q)[0] != answer:
+        g[r][c] = _random_item(rng) if q["type"] not in ("count", "exists") or rng.random() < 0.7 else None
+        if q["type"] == "which_more" and len({sum(1 for row in g for it in row if it and it[1] == k)
+                                              for k in q["kinds"]}) == 1:
+            continue  # the twin must not tie either
+        if solve(g, q)[0] != answer:
             return g
     return None
+
+
+# -----------------------------------------------------------------------------
+# the wording family: answers that hang on the question's words, rationales that only say what is seen
+
+WORDING_TYPES = ("is_cell", "which_more", "exists")
+
+
+def _wording_solve(grid, q):
+    """(answer, rationale, cells the answer depends on) for a wording-family question. The rationale
+    states what the image shows about the question (the cell's shape; the two counts; the shapes of
+    that kind and their colours) and never the answer: that takes the question's words too (a "not",
+    "more" or "fewer", which of two kinds was named first)."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    if q["type"] == "is_cell":
+        (r, c), item = q["cell"], grid[q["cell"][0]][q["cell"][1]]
+        said = f"Row {r + 1}, column {c + 1} holds {_describe(item)}."
+        return ("yes" if (item[1] == q["kind"]) != q["negated"] else "no"), said, [(r, c)]
+    if q["type"] == "which_more":
+        k1, k2 = q["kinds"]
+        a, b = ([rc for rc in cells if grid[rc[0]][rc[1]] and grid[rc[0]][rc[1]][1] == k] for k in (k1, k2))
+        more = k1 if len(a) > len(b) else k2
+        answer = more if q["more"] else (k2 if more == k1 else k1)
+        plural = lambda n, kind: f"{n} {kind}{'s' * (n != 1)}"
+        return answer, f"I count {plural(len(a), k1)} and {plural(len(b), k2)}.", a + b
+    colour, kind = q["colour"], q["kind"]
+    seen = [rc for rc in cells if grid[rc[0]][rc[1]] and grid[rc[0]][rc[1]][1] == kind]
+    colours = sorted({grid[r][c][0] for r, c in seen})
+    said = f"The {kind}s are {' and '.join(colours)}." if seen else f"I count 0 {kind}s."
+    there = colour in colours
+    # absent: every shape of the kind
+    looked_at = [rc for rc in seen if grid[rc[0]][rc[1]][0] == colour] or seen
+    return ("yes" if there != q["negated"] else "no"), said, looked_at
+
+
+def _wording_text(q):
+    if q["type"] == "is_cell":
+        r, c = q["cell"]
+        return f"Is the shape in row {r + 1}, column {c + 1} {'not ' * q['negated']}a {q['kind']}?"
+    if q["type"] == "which_more":
+        return f"Which are there {'more' if q['more'] else 'fewer'} of, {q['kinds'][0]}s or {q['kinds'][1]}s?"
+    return f"Is there {'no' if q['negated'] else 'a'} {q['colour']} {q['kind']}?"
+
+
+def _wording_sample(rng, qtype, skewed):
+    """A grid and a wording-family question whose answer is drawn first: in training (skewed) one way
+    per type 70% of the time, whatever the words ("yes"; for "which", the kind named first), the text
+    prior a model can take without looking or reading; in eval half and half."""
+    lean = rng.random() < (0.7 if skewed else 0.5)
+    for _ in range(1000):
+        grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)]
+                for _ in range(GRID)]
+        negated = bool(rng.integers(2))
+        if qtype == "is_cell":
+            cells = [(r, c) for r in range(GRID) for c in range(GRID) if grid[r][c]]
+            if not cells:
+                continue  # an empty grid: no shape to ask about
+            q = {"type": "is_cell", "cell": cells[rng.integers(len(cells))], "negated": negated,
+                 "kind": KINDS[rng.integers(3)]}
+        elif qtype == "which_more":
+            q = {"type": "which_more", "kinds": tuple(KINDS[i] for i in rng.permutation(3)[:2]),
+                 "more": bool(rng.integers(2))}
+            if len({sum(1 for row in grid for it in row if it and it[1] == k) for k in q["kinds"]}) == 1:
+                continue  # a tie: "which" would have no answer
+        else:
+            q = {"type": "exists", "colour": list(COLOURS)[rng.integers(4)], "kind": KINDS[rng.integers(3)],
+                 "negated": negated}
+        leaning = "yes" if qtype != "which_more" else q["kinds"][0]
+        if (_wording_solve(grid, q)[0] == leaning) == lean:
+            return grid, q
+    raise RuntimeError(f"no {qtype} question found")  # not with these rates
+
+
+def solve(grid, q):
+    """(answer, rationale, cells the answer depends on) for a question of either family."""
+    return _wording_solve(grid, q) if q["type"] in WORDING_TYPES else _solve(grid, q)
+
+
+def question_text(q):
+    return _wording_text(q) if q["type"] in WORDING_TYPES else _question_text(q)
 
 
 def in_words(grid):
@@ -145,12 +228,19 @@ def in_words(grid):
                     for r in range(GRID))
 
 
-def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
+FAMILIES = {"grid": ("count", "compare", "cell"), "wording": WORDING_TYPES}
+
+
+def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96, family="grid"):
     """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
     (balanced, each item with a counterfactual twin: same question, edited image, other answer),
     with PNGs under images/. Each record keeps the boxes of the cells its answer depends on.
     Beside them, train_text.jsonl and eval_text.jsonl: the same records with the grid in words in the
-    question and no image."""
+    question and no image. family: "grid" (counts, comparisons and a cell's colour, rationales that
+    walk the grid with a running tally and end on the answer's number) or "wording" (negations and
+    "which" questions, rationales that say what is seen and never the answer)."""
+    if family not in FAMILIES:
+        raise ValueError(f"synthetic family {family!r}: one of {', '.join(FAMILIES)}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     cell = image_size / GRID
@@ -159,8 +249,8 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
 
     def record(name, grid, q, **extra):
         _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
-        answer, rationale, cells = _solve(grid, q)
-        return {"id": name, "image": f"images/{name}.png", "question": _question_text(q),
+        answer, rationale, cells = solve(grid, q)
+        return {"id": name, "image": f"images/{name}.png", "question": question_text(q),
                 "rationale": rationale,
                 "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
 
@@ -173,8 +263,9 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
                   "w") as f, open(os.path.join(out_dir, f"{split}_text.jsonl"), "w") as t:
             i = 0
             while i < n:
-                qtype = ("count", "compare", "cell")[i % 3]
-                grid, q = _sample(rng, qtype, skewed=split == "train")
+                qtype = FAMILIES[family][i % 3]
+                sample = _sample if family == "grid" else _wording_sample
+                grid, q = sample(rng, qtype, skewed=split == "train")
                 if split == "eval":
                     twin = _twin(rng, grid, q)
                     if twin is None:
@@ -189,10 +280,10 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96):
     return paths(out_dir)
 
 
-def make_once(out_dir, n_train=2000, n_eval=300, seed=0):
+def make_once(out_dir, n_train=2000, n_eval=300, seed=0, family="grid"):
     """make_synthetic, unless out_dir already holds the set (its last file, eval_text.jsonl, is there)."""
     if not os.path.exists(paths(out_dir, text_only=True)[1]):
-        make_synthetic(out_dir, n_train, n_eval, seed)
+        make_synthetic(out_dir, n_train, n_eval, seed, family=family)
 
 
 def paths(out_dir, text_only=False):

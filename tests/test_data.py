@@ -206,6 +206,55 @@ def test_synthetic_set(tmp_path):
             assert t["question"] == r["question"] and t["answer"] != r["answer"]
 
 
+def test_wording_family(tmp_path):
+    """The wording family against a solver that reads the rendered pixels and the question's words:
+    every answer; the rationale says what the image shows (the cell's shape, the two counts, the
+    colours of the kind asked about) and never the answer word; the boxes are the cells the answer
+    rests on; training leans one way per type, eval is balanced, and each eval item's twin has the
+    same question and the other answer."""
+    train, evaluation = synthetic.make_synthetic(tmp_path, n_train=150, n_eval=150, seed=2, image_size=192,
+                                                 family="wording")
+    tr = [json.loads(l) for l in open(train)]
+    ev = [json.loads(l) for l in open(evaluation)]
+    plural = lambda n, k: f"{n} {k}{'s' * (n != 1)}"
+    for r in tr + ev:
+        cells, q = read_grid(tmp_path / r["image"]), r["question"]
+        where = lambda kind, colour=None: [i for i, c in enumerate(cells)
+                                           if c and c[1] == kind and colour in (None, c[0])]
+        if m := re.fullmatch(r"Is the shape in row (\d), column (\d) (not )?a (\w+)\?", q):
+            i = (int(m[1]) - 1) * 3 + int(m[2]) - 1
+            want, looked_at = ("yes" if (cells[i][1] == m[4]) != bool(m[3]) else "no"), [i]
+            said = f"Row {m[1]}, column {m[2]} holds a {cells[i][2]} {cells[i][0]} {cells[i][1]}."
+        elif m := re.fullmatch(r"Which are there (more|fewer) of, (\w+)s or (\w+)s\?", q):
+            a, b = len(where(m[2])), len(where(m[3]))
+            want = m[2] if (a > b) == (m[1] == "more") else m[3]
+            looked_at = sorted(where(m[2]) + where(m[3]))
+            said = f"I count {plural(a, m[2])} and {plural(b, m[3])}."
+        else:
+            m = re.fullmatch(r"Is there (no|a) (\w+) (\w+)\?", q)
+            there = bool(where(m[3], m[2]))
+            want = "yes" if there != (m[1] == "no") else "no"
+            looked_at = where(m[3], m[2]) or where(m[3])
+            colours = sorted({cells[i][0] for i in where(m[3])})
+            said = f"The {m[3]}s are {' and '.join(colours)}." if colours else f"I count 0 {m[3]}s."
+        assert r["answer"] == want and r["rationale"] == said, (r["id"], q, r["rationale"])
+        assert not re.search(r"\b(yes|no|not)\b", said)  # the answer takes the question's words
+        cell_of_box = lambda b: int((b[1] + b[3]) / 2 // 64) * 3 + int((b[0] + b[2]) / 2 // 64)
+        assert sorted(map(cell_of_box, r["boxes"])) == sorted(looked_at), r["id"]
+    share = lambda rs, t, lean: sum(lean(r) for r in rs if r["type"] == t) / sum(r["type"] == t for r in rs)
+    first_named = lambda r: r["answer"] == re.search(r"of, (\w+)s", r["question"])[1]
+    for t, lean in (("is_cell", lambda r: r["answer"] == "yes"), ("exists", lambda r: r["answer"] == "yes"),
+                    ("which_more", first_named)):
+        originals = [r for r in ev if "twin_of" not in r]  # (each twin has the other answer)
+        assert share(tr, t, lean) > 0.6 and 0.35 < share(originals, t, lean) < 0.62, t
+    by_id = {r["id"]: r for r in ev}
+    twins = [(by_id[r["twin_of"]], r) for r in ev if "twin_of" in r]
+    assert len(twins) == 150 and all(a["question"] == b["question"] and a["answer"] != b["answer"]
+                                    for a, b in twins)
+    with pytest.raises(ValueError, match="family 'words'"):
+        synthetic.make_synthetic(tmp_path, 3, 3, family="words")
+
+
 def test_record_prompt_places_images_once(proc, tmp_path):
     """Training and evaluation build prompts the same way: JSONL images go before the question,
     LLaVA questions keep their own <image> places (never doubled)."""
@@ -350,3 +399,37 @@ def test_remembering_images_decodes_and_tiles_each_image_once(proc, tmp_path, mo
     opened.clear()
     read_all()
     assert len(opened) == 5  # the memory ends with the block
+    decoded = 40 * 32 * 3 + 48 * 32 * 3 - 1
+    opened.clear(), tiled.clear()
+    with data.remembering_images(decoded):  # room for the first image decoded: not the second, no tiles
+        read_all()
+        with data.remembering_images(0):
+            read_all()  # an inner block keeps nothing; the outer one is back after it
+        read_all()
+    # reads per read_all: the first image 3 times, the second 2 times
+    assert opened.count(paths[0]) == 1 + 3 + 0 and opened.count(paths[1]) == 2 + 2 + 2
+    assert tiled.count((40, 32)) == 3 * 3 and tiled.count((48, 32)) == 3 * 2
+    other = data.new_processor(["a b c"] * 5, tile=48, image_seq_len=4, vocab_size=300)
+    with data.remembering_images():  # one image, two processors: each gets its own tiles
+        a, b = proc(["<image>q"], [paths[:1]]), other(["<image>q"], [paths[:1]])
+    assert a["pixel_values"].shape[-1] == 32 and b["pixel_values"].shape[-1] == 48
+
+
+def test_wording_family_redraws_an_empty_grid():
+    """A grid drawn with no shape at all (0.35^9 of draws: a 20,000-record set meets one) is redrawn
+    for a cell question, not a crash."""
+    import numpy as np
+
+    class EmptyFirst:  # the first nine cells come out empty, then the real generator
+        def __init__(self):
+            self.rng, self.calls = np.random.default_rng(0), 0
+
+        def random(self):
+            self.calls += 1
+            return 0.0 if 2 <= self.calls <= 10 else self.rng.random()  # call 1 draws the answer's lean
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+    grid, q = synthetic._wording_sample(EmptyFirst(), "is_cell", skewed=False)
+    r, c = q["cell"]
+    assert grid[r][c] is not None

@@ -353,3 +353,21 @@ def test_reward_flags_alone_take_the_papers_weights():
     assert p.parse_args([]).reward_avar == 0.0 and p.parse_args(["--reward-avar"]).reward_avar == 0.3
     assert p.parse_args(["--reward-region"]).reward_region == 1.0
     assert p.parse_args(["--reward-avar", "0.5"]).reward_avar == 0.5
+
+
+def test_shared_image_features_with_ragged_tiles_and_a_text_only_prompt():
+    """Prompts with 1, 3 and 0 real tiles (padding tiles all zero): the shared features of any rows
+    equal the vision tower run on each row's own images, in row order; rows of the text-only prompt
+    alone give no features."""
+    from model import TextConfig, VisionConfig, VLMConfig
+    torch.manual_seed(0)
+    model = grpo.VLM(VLMConfig(VisionConfig(32, 64, 1, 2, 8, 32), TextConfig(50, 48, 96, 2, 6, 2, 8), 2, 49))
+    pixels = torch.zeros(3, 3, 3, 32, 32)
+    pixels[0, :1], pixels[1] = torch.randn(1, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    seq = {"prompt": torch.tensor([0, 0, 1, 2, 2, 1]), "pixel_values": pixels,
+           "pixel_attention_mask": (pixels != 0).any(2).long()}
+    for rows in (torch.arange(6), torch.tensor([5, 0, 3]), torch.tensor([1, 2])):
+        got = grpo.shared_image_features(model, seq, rows)
+        want = [model.image_features(pixels[p][None]) for p in seq["prompt"][rows].tolist() if p != 2]
+        assert torch.allclose(got, torch.cat(want), atol=1e-6)
+    assert grpo.shared_image_features(model, seq, torch.tensor([3, 4])).shape == (0, 48)

@@ -49,7 +49,8 @@ def test_the_import_graph_has_no_cycle():
             state[m] = "done"
     for m in sorted(graph):
         visit(m, [])
-    assert graph["nanoattcot"] >= {"config", "data", "masses", "checkpoint"}  # the graph was read
+    assert graph["nanoattcot"] >= {"config", "data", "objective", "checkpoint"}  # the graph was read
+    assert graph["objective"] >= {"data", "masses", "related"}
     assert graph["grpo"] >= {"checkpoint", "masses", "config"} and "nanoattcot" not in graph["grpo"]
     # only a benchmark sits above it
     assert not any("nanoattcot" in graph[m] for m in MODULES - {"bench_train"})

@@ -222,11 +222,14 @@ def test_samples_of_a_prompt_share_its_prefill(checkpoints):
     ours = VLM.from_pretrained(path).eval()
     b = prompts(path, TEXTS[:2], IMAGE_LISTS[:2])
     repeated = {k: v.repeat_interleave(3, 0) for k, v in b.items()}
-    images = []
+    images, prefill = [], []
     ours.vision.register_forward_hook(lambda m, args, out: images.append(args[0].shape[0]))
+    ours.layers[0].register_forward_hook(lambda m, args, out: prefill.append(args[0].shape[:2]))
     assert torch.equal(ours.generate(**b, max_new_tokens=8, num_samples=3),
                        ours.generate(**repeated, max_new_tokens=8))
     assert images[0] * 3 == images[1]
+    T = b["input_ids"].shape[1]  # the prompt's first pass: 2 rows, not 6
+    assert [s for s in prefill if s[1] == T] == [torch.Size([2, T]), torch.Size([6, T])]
     for cache in (True, False):
         draw = lambda batch, n: ours.generate(**batch, max_new_tokens=8, temperature=1.0, use_cache=cache,
                                               generator=torch.Generator().manual_seed(0), num_samples=n)

@@ -13,6 +13,7 @@ import data
 import eval as eval_mod
 import kernels
 import nanoattcot
+import objective
 import related
 from model import VLM, CheckpointError
 from nanoattcot import TrainConfig
@@ -70,7 +71,7 @@ def test_avar_terms_match_eager_attention_float64(run):
             want[name].append(sign * torch.stack(per).mean())
     model = result["model"].double()
     try:
-        terms = nanoattcot.loss_terms(model,
+        terms = objective.loss_terms(model,
                                       {k: v.double() if v.is_floating_point() else v
                                        for k, v in batch.items()},
                                       TrainConfig(objective="avar", mass_impl="reference"), layers)
@@ -80,7 +81,7 @@ def test_avar_terms_match_eager_attention_float64(run):
     terms = {k: v.detach() for k, v in terms.items()}
     assert abs(float(terms["img_sum"]) - float(sum(want["img"]))) < 5e-8  # an fp32 sum is 2e-7 off
     assert abs(float(terms["sys_sum"]) - float(sum(want["sys"]))) < 5e-8
-    loss = nanoattcot.total_loss(terms, nanoattcot.step_counts([batch]),
+    loss = objective.total_loss(terms, objective.step_counts([batch]),
                                  TrainConfig(objective="avar", avar_img=0.5, avar_sys=0.25))
     ce = terms["ce_sum"] / (batch["labels"][:, 1:] != -100).sum()
     assert abs(float(loss - ce) - float(0.5 * sum(want["img"]) / 3 + 0.25 * sum(want["sys"]) / 3)) < 5e-8

@@ -16,6 +16,7 @@ import checkpoint
 import data
 import model as model_mod
 import nanoattcot
+import objective
 from nanoattcot import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,11 +72,23 @@ def test_loss_terms_match_materialised_attention(trained):
     m_rv = (A * ((spans == data.V) | (spans == data.R))[:, None, :]).sum(-1)
     in_r, in_a = spans == data.R, spans == data.A
     median = float(m_v[in_r].median())
+    user = (spans == data.P) | (spans == data.V) | (spans == data.R)  # all but the scaffolding (and A)
+    m_user = (A * user[:, None, :]).sum(-1)
+    ans_floor = float(m_user[in_a].median())
+    for ans_group, ans_target, m_ans in (("user+rationale", None, m_user),
+                                         ("user+rationale", ans_floor, m_user),
+                                         ("rationale+image", ans_floor, m_rv)):
+        cfg = TrainConfig(objective="attcot", mass_impl="reference", ans_group=ans_group,
+                          ans_target=ans_target)
+        terms = {k: v.detach() for k, v in objective.loss_terms(model, batch, cfg, layers).items()}
+        want_ans = -torch.log(m_ans[in_a].clamp(max=ans_target or 1) + 1e-6).mean()
+        assert abs(float(terms["ans_sum"] / terms["a_count"]) - want_ans) < 1e-4, (ans_group, ans_target)
+    assert m_user[in_a].mean() > m_rv[in_a].mean() + 0.01  # the two groups differ here
     for floor, impl in ((None, "reference"), (median, "reference"), (None, "sdpa"), (median, "fused"),
                         (None, "auto")):
         # floor: half the steps above it
         cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)
-        terms = {k: v.detach() for k, v in nanoattcot.loss_terms(model, batch, cfg, layers).items()}
+        terms = {k: v.detach() for k, v in objective.loss_terms(model, batch, cfg, layers).items()}
         want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
         assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
         assert abs(float(terms["vas_sum"] / terms["r_count"]) - m_v[in_r].mean()) < 1e-4
@@ -204,14 +217,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained, imp
     model, proc = result["model"], result["proc"]
     batch = data.collate(data.encode_all(proc, result["train_records"][:4]), proc.pad_token_id)
     attcot = TrainConfig(objective="attcot", mass_impl=impl)
-    counts = nanoattcot.step_counts([batch])
+    counts = objective.step_counts([batch])
     runs, kept = [], []
     for on in (False, True):
         model.checkpoint_activations(on).train().zero_grad()
         saved = []  # bytes autograd keeps for the backward outside the recomputed blocks
         keep = lambda x: saved.append(x.numel() * x.element_size()) or x
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
-            loss = nanoattcot.total_loss(nanoattcot.loss_terms(model, batch, attcot, [0, 3]), counts, attcot)
+            loss = objective.total_loss(objective.loss_terms(model, batch, attcot, [0, 3]), counts, attcot)
         loss.backward()
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         kept.append(sum(saved))
@@ -251,13 +264,79 @@ def test_hf_format_output_loads_in_transformers(trained):
     assert (want["pixel_values"] - got["pixel_values"]).abs().max() <= 1e-6
 
 
+def test_commit_batch_cuts_early_and_forces_the_answer():
+    """Each picked row: its prompt, the first u <= n/2 of its n rationale tokens, then its answer span;
+    labels on the answer's tokens after the marker only; a row written in another format is left out."""
+    P, R, A = data.P, data.R, data.A
+    marker = [7, 8]
+    rows = [([1, 2, 3], [10, 11, 12, 13, 14, 15], [7, 8, 20, 21]), ([1, 2], [30, 31, 32, 33], [7, 8, 40, 41]),
+            ([1, 2], [50, 51], [9, 60, 61])]  # the last: no marker
+    examples = [{"input_ids": torch.tensor(p + r + a), "labels": torch.tensor([-100] * len(p) + r + a),
+                 "spans": torch.tensor([P] * len(p) + [R] * len(r) + [A] * len(a))} for p, r, a in rows]
+    batch = data.collate(examples, 0)
+    seen_u = set()
+    for seed in range(20):
+        cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(seed), 0)
+        assert len(cut["input_ids"]) == 2  # the third row has no marker
+        for got, labels, mask, (p, r, a) in zip(cut["input_ids"], cut["labels"], cut["attention_mask"], rows):
+            ids = got[mask.bool()].tolist()
+            u = len(ids) - len(p) - len(a)
+            assert 0 <= u <= len(r) // 2 and ids == p + r[:u] + a
+            assert labels[mask.bool()].tolist() == [-100] * (len(p) + u + 2) + a[2:]
+            seen_u.add((len(r), u))
+    assert {(6, 0), (6, 3), (4, 0), (4, 2)} <= seen_u  # both ends of the range are drawn
+    half = objective.commit_batch(batch, marker, 0.34, torch.Generator().manual_seed(0), 0)
+    assert half is None or len(half["input_ids"]) == 1  # round(0.34 * 3) = 1 row picked
+
+
+def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
+    """commit_sum = sum of max(0, log p(answer | cut) - log p0) from the model's own log-softmax, and
+    one gradient step on the term alone lowers the forced answer's probability at the cuts."""
+    cfg, result = trained
+    model, proc = result["model"], result["proc"]
+    batch = data.collate(data.encode_all(proc, result["train_records"][:8]), proc.pad_token_id)
+    marker = proc.tokenizer.encode(" Answer:").ids
+    cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(0), proc.pad_token_id)
+    assert len(cut["input_ids"]) == 8
+    with torch.no_grad():
+        logits = model(cut["input_ids"], cut["pixel_values"], cut["pixel_attention_mask"],
+                       cut["attention_mask"]).logits.double()
+    logp_all = torch.log_softmax(logits[:, :-1], -1)
+    labels = cut["labels"][:, 1:]
+    picked = logp_all.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    per_row = torch.where(labels != -100, picked, 0).sum(1)
+    floor = float(per_row.exp().median())  # half the copies above it
+    terms = objective.commit_terms(model, cut, floor)
+    want = torch.relu(per_row - torch.log(torch.tensor(floor, dtype=torch.float64))).sum()
+    assert abs(float(terms["commit_sum"].detach()) - float(want)) < 1e-4 and float(want) > 0
+    assert abs(float(terms["commit_p_sum"]) - float(per_row.exp().sum())) < 1e-4
+    copy = model_mod.VLM(model.config)
+    copy.load_state_dict(model.state_dict())
+    terms = objective.commit_terms(copy, cut, 1e-3)
+    terms["commit_sum"].backward()
+    with torch.no_grad():
+        for p in copy.parameters():
+            p -= 1e-3 * p.grad
+    after = objective.commit_terms(copy, cut, 1e-3)["commit_p_sum"]
+    assert float(after) < float(terms["commit_p_sum"]) - 1e-3
+
+
+def test_training_with_the_commit_term_logs_it(tmp_path):
+    """--lambda-commit trains with the cut copies and logs the term and the forced answer's mean
+    probability; the cuts come from the step's seed, so a rerun logs the same numbers."""
+    runs = [nanoattcot.train(config(tmp_path / str(i), objective="attcot", lambda_commit=1.0,
+                                    commit_share=0.5, max_steps=3))["metrics"] for i in range(2)]
+    assert all("commit" in row and 0 < row["commit_p"] <= 1 for row in runs[0])
+    assert [r["commit_p"] for r in runs[0]] == [r["commit_p"] for r in runs[1]]
+
+
 def test_total_loss_by_hand():
     terms = {"ce_sum": torch.tensor(6.0), "vis_sum": torch.tensor(3.0), "ans_sum": torch.tensor(2.0)}
     counts = {"n_label": torch.tensor(4.0), "r_count": torch.tensor(2.0), "a_count": torch.tensor(1.0)}
     attcot = TrainConfig(objective="attcot", lambda_vis=0.1, lambda_ans=0.3)
-    assert float(nanoattcot.total_loss(terms, counts,
+    assert float(objective.total_loss(terms, counts,
                                        attcot)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
-    assert float(nanoattcot.total_loss(terms, counts, TrainConfig(objective="sft"))) == pytest.approx(6 / 4)
+    assert float(objective.total_loss(terms, counts, TrainConfig(objective="sft"))) == pytest.approx(6 / 4)
 
 
 def final_state(out):
@@ -276,7 +355,7 @@ def assert_bitwise_equal(a, b):
         assert all(torch.equal(v, ob["state"][i][k]) for k, v in s.items())
 
 
-REAL_LOSS_TERMS = nanoattcot.loss_terms
+REAL_LOSS_TERMS = objective.loss_terms
 
 
 def count_steps(monkeypatch, fail_at=None, error=None):
@@ -289,7 +368,7 @@ def count_steps(monkeypatch, fail_at=None, error=None):
         if len(calls) == fail_at:
             raise error
         return REAL_LOSS_TERMS(*args)
-    monkeypatch.setattr(nanoattcot, "loss_terms", counted)
+    monkeypatch.setattr(objective, "loss_terms", counted)
     return calls
 
 
@@ -477,7 +556,7 @@ def test_two_process_ddp_with_grad_accum_matches_one_process(tmp_path):
 
 
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
-    real = nanoattcot.loss_terms
+    real = objective.loss_terms
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -486,7 +565,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
         if calls["n"] == 3:
             terms["ce_sum"] = terms["ce_sum"] * float("nan")
         return terms
-    monkeypatch.setattr(nanoattcot, "loss_terms", poisoned)
+    monkeypatch.setattr(objective, "loss_terms", poisoned)
     with pytest.raises(FloatingPointError, match="step 2: loss is nan"):
         nanoattcot.train(config(tmp_path / "a", max_steps=4))
     calls["n"] = 0
@@ -498,8 +577,8 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec,want", [("all", [0, 1, 2, 3]), ("1,-1", [1, 3]), ("2:", [2, 3])])
 def test_the_objective_reads_the_layers_the_flag_names(tmp_path, monkeypatch, spec, want):
-    seen, real = [], nanoattcot.loss_terms
-    monkeypatch.setattr(nanoattcot, "loss_terms", lambda model, batch, cfg, layers: seen.append(layers)
+    seen, real = [], objective.loss_terms
+    monkeypatch.setattr(objective, "loss_terms", lambda model, batch, cfg, layers: seen.append(layers)
                         or real(model, batch, cfg, layers))
     result = nanoattcot.train(config(tmp_path, max_steps=1, layers=spec))
     assert seen == [want] and result["layers"] == want
@@ -515,3 +594,8 @@ def test_metrics_row_means_over_the_global_batch():
     row = nanoattcot.metrics_row(summed, counts, cfg, 1, 6, 0.001)
     assert row == {"step": 7, "ce": 2.0, "lr": 0.001, "vis": 0.6, "ans": 1.5, "vas": 0.4, "below": 0.5,
                    "below_vas": 0.2, "loss": pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5)}
+    commit = TrainConfig(objective="attcot", lambda_vis=0.5, lambda_ans=0.25, lambda_commit=2.0)
+    row = nanoattcot.metrics_row({**summed, "commit_sum": 0.8, "commit_p_sum": 1.2},
+                                 {**counts, "commit_count": torch.tensor(4.0)}, commit, 1, 6, 0.001)
+    assert row["commit"] == pytest.approx(0.2) and row["commit_p"] == pytest.approx(0.3)
+    assert row["loss"] == pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5 + 2.0 * 0.2)
