@@ -285,8 +285,10 @@ def test_commit_batch_cuts_early_and_forces_the_answer():
             assert labels[mask.bool()].tolist() == [-100] * (len(p) + u + 2) + a[2:]
             seen_u.add((len(r), u))
     assert {(6, 0), (6, 3), (4, 0), (4, 2)} <= seen_u  # both ends of the range are drawn
-    half = objective.commit_batch(batch, marker, 0.34, torch.Generator().manual_seed(0), 0)
-    assert half is None or len(half["input_ids"]) == 1  # round(0.34 * 3) = 1 row picked
+    for seed in range(4):  # round(0.34 * 3) = 1 row picked: a copy unless it is the one without a marker
+        picked = int(torch.randperm(3, generator=torch.Generator().manual_seed(seed))[0])
+        one = objective.commit_batch(batch, marker, 0.34, torch.Generator().manual_seed(seed), 0)
+        assert (one is None) if picked == 2 else len(one["input_ids"]) == 1
 
 
 def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
@@ -324,10 +326,16 @@ def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
 def test_training_with_the_commit_term_logs_it(tmp_path):
     """--lambda-commit trains with the cut copies and logs the term and the forced answer's mean
     probability; the cuts come from the step's seed, so a rerun logs the same numbers."""
-    runs = [nanoattcot.train(config(tmp_path / str(i), objective="attcot", lambda_commit=1.0,
-                                    commit_share=0.5, max_steps=3))["metrics"] for i in range(2)]
-    assert all("commit" in row and 0 < row["commit_p"] <= 1 for row in runs[0])
+    # a floor below every early answer's probability: the hinge is active from the first step
+    results = [nanoattcot.train(config(tmp_path / str(i), objective="attcot", lambda_commit=weight,
+                                       commit_floor=1e-12, commit_share=0.5, max_steps=3))
+               for i, weight in enumerate((1.0, 1.0, 0.0))]
+    runs = [r["metrics"] for r in results]
+    assert all(row["commit"] > 0 and 0 < row["commit_p"] <= 1 for row in runs[0])
     assert [r["commit_p"] for r in runs[0]] == [r["commit_p"] for r in runs[1]]
+    assert "commit" not in runs[2][0]
+    # the term trains: without it (the same seed, the same batches) the weights end elsewhere
+    assert not torch.equal(results[0]["model"].lm_head.weight, results[2]["model"].lm_head.weight)
 
 
 def test_total_loss_by_hand():
