@@ -607,3 +607,15 @@ def test_metrics_row_means_over_the_global_batch():
                                  {**counts, "commit_count": torch.tensor(4.0)}, commit, 1, 6, 0.001)
     assert row["commit"] == pytest.approx(0.2) and row["commit_p"] == pytest.approx(0.3)
     assert row["loss"] == pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5 + 2.0 * 0.2)
+
+
+def test_family_flag_trains_on_its_own_set(tmp_path):
+    """--family wording makes its set in its own folder (a grid set in the same --out is never
+    read for it) and trains on its questions."""
+    result = nanoattcot.train(config(tmp_path, family="wording", objective="sft", max_steps=1, n_train=30,
+                                     n_eval=3))
+    assert os.path.exists(os.path.join(tmp_path, "run", "data_wording", "train.jsonl"))
+    assert not os.path.exists(os.path.join(tmp_path, "run", "data"))
+    assert {r["type"] for r in result["train_records"]} == {"is_cell", "which_more", "exists"}
+    with pytest.raises(nanoattcot.ConfigError, match="family"):
+        TrainConfig(family="words")
