@@ -76,9 +76,16 @@ def saved_for_backward(model, fn):
     return out, sum(storages.values())
 
 
-RUNS = {"sft": ("sft", "auto"), "attcot (kernel)": ("attcot", "cuda"), "attcot (fused)": ("attcot", "fused"),
-        "attcot (reference)": ("attcot", "reference"), "attcot (sdpa)": ("attcot", "sdpa"),
-        "attcot + commit": ("attcot", "auto")}  # + the early-commitment term (default-run shape only)
+# name -> objective, mass route, weight of the early-commitment term (its cut copies: default-run shape only)
+RUNS = {"sft": ("sft", "auto", 0.0), "attcot (kernel)": ("attcot", "cuda", 0.0),
+        "attcot (fused)": ("attcot", "fused", 0.0), "attcot (reference)": ("attcot", "reference", 0.0),
+        "attcot (sdpa)": ("attcot", "sdpa", 0.0), "attcot + commit": ("attcot", "auto", 0.1)}
+
+
+def chosen_runs(args, batch, device):
+    """The --runs that can run here: the kernel needs a GPU, the commit term real records' cut copies."""
+    return [n for n in args.runs.split(",") if (n != "attcot (kernel)" or device.type == "cuda")
+            and (not RUNS[n][2] or (batch or {}).get("commit"))]
 
 
 def parser():
@@ -121,9 +128,7 @@ def main():
         return print_table(interleaved(args, cfg, batch, layers), device, B, T, tiles, cfg, layers, args)
     if args.one is None:  # on a GPU each objective in a fresh process, so peaks do not mix
         rows = []
-        for name in args.runs.split(","):
-            if name == "attcot + commit" and not (batch or {}).get("commit"):
-                continue  # cut copies need real records (the default-run shape)
+        for name in chosen_runs(args, batch, device):
             run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
                                  capture_output=True, text=True)
             sys.stdout.write(run.stdout.split("ROW ")[0])
@@ -160,11 +165,11 @@ def mfu(model, batch, dt, device):  # in %, of the model's matmuls (sft's), not 
 def make_step(name, cfg, batch, layers, device, args, model=None):
     """-> (step() for one objective, GiB autograd kept for the backward in the warm-up step, model).
     A fresh model (seed 0) and optimizer unless one is given. The warm-up also builds the extension."""
-    goal, impl = RUNS[name]
+    goal, impl, lambda_commit = RUNS[name]
     torch.manual_seed(0)
     model = model or VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tcfg = nanoattcot.TrainConfig(objective=goal, mass_impl=impl, lambda_commit=0.1 * ("commit" in name))
+    tcfg = nanoattcot.TrainConfig(objective=goal, mass_impl=impl, lambda_commit=lambda_commit)
     counts = objective.step_counts([batch])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
@@ -186,8 +191,7 @@ def interleaved(args, cfg, batch, layers):
     rounds (the order rotated each round), so that a busy neighbour slows all of them alike. Each
     objective's median step, and its median ratio to sft's step of the same round. -> the table's
     rows."""
-    names = [n for n in args.runs.split(",") if n != "attcot (kernel)"  # the kernel needs a GPU
-             and (n != "attcot + commit" or batch.get("commit"))]      # cut copies of real records
+    names = chosen_runs(args, batch, torch.device("cpu"))
     model = VLM(cfg).checkpoint_activations(args.activation_checkpointing)
     built = {n: make_step(n, cfg, batch, layers, torch.device("cpu"), args, model) for n in names}
     for n in names:  # two more warm-up steps each (the allocator, the thread pool)

@@ -336,19 +336,14 @@ def grpo_step(model, start, opt, proc, recs, cfg, step, device, layers):
               for s in range(0, len(texts), cfg.micro_batch)]
     need_old = cfg.inner_steps > 1 or bool(layers["masses"])
     need_ref = cfg.beta > 0 or step % cfg.kl_every == 0
-    old = {"logp": [], "entropy": [], "ref": [], "masses": {l: [] for l in layers["masses"]}}
-    for rows in chunks if need_old or need_ref else ():  # log-probs, entropies and masses, in chunks
-        with amp():  # the same autocast as SFT
-            if need_old:
-                logp, entropy, m = score(model, seq, rows, layers["masses"], temperature=cfg.temperature)
-                old["logp"].append(logp)
-                old["entropy"].append(entropy)
-                for l in layers["masses"]:
-                    old["masses"][l].append(m[l])
-            if need_ref:
-                old["ref"].append(score(start, seq, rows, temperature=cfg.temperature)[0])
-    old = {k: torch.cat(v) if v and isinstance(v, list) else
-           {l: torch.cat(m) for l, m in v.items()} if isinstance(v, dict) else None for k, v in old.items()}
+    with amp():  # the rollouts' log-probs, entropies and masses, in chunks, with the same autocast as SFT
+        scored = [score(model, seq, rows, layers["masses"], temperature=cfg.temperature)
+                  for rows in chunks] if need_old else []
+        ref = [score(start, seq, rows, temperature=cfg.temperature)[0] for rows in chunks] if need_ref else []
+    old = {"logp": torch.cat([s[0] for s in scored]) if need_old else None,
+           "entropy": torch.cat([s[1] for s in scored]) if need_old else None,
+           "masses": {l: torch.cat([s[2][l] for s in scored]) for l in layers["masses"]},
+           "ref": torch.cat(ref) if need_ref else None}
     reward, parts = rewards_of(recs, texts, old, seq, has_region, cfg, layers["avar"], layers["region"], G)
     adv = advantages(reward.view(-1, G), not cfg.no_std_scale).flatten()
     loss_mask = (cmask & (~truncated[:, None] | cfg.keep_truncated)).float()

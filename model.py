@@ -198,8 +198,8 @@ class TextAttention(nn.Module):
             causal = False
         q_, k_ = q, k
         if extra_values is not None:  # q, k padded with zeros to V's width: the same scores, one width
-            extra = extra_values.to(v.dtype).expand(-1, self.n_kv, -1, -1)  # (for the CPU's flash kernel)
-            v = torch.cat([v, extra], -1)
+            bits = extra_values.to(v.dtype).expand(-1, self.n_kv, -1, -1)  # (for the CPU's flash kernel)
+            v = torch.cat([v, bits], -1)
             q_, k_ = F.pad(q, (0, extra_values.shape[-1])), F.pad(k, (0, extra_values.shape[-1]))
         y = F.scaled_dot_product_attention(q_, k_, v, attn_mask=None if causal else mask, is_causal=causal,
                                            scale=self.hd ** -0.5, enable_gqa=self.n_kv != self.n_head)

@@ -406,11 +406,11 @@ def train(cfg: TrainConfig):
     # the ETA counts steps run here
     peak, t0, first_step = peak_flops(device, cfg.peak_tflops), time.time(), step
     seen = {"tokens": 0, "flops": 0.0, "nonfinite": 0}
+    marker_ids = proc.tokenizer.encode(" Answer:").ids  # where the commit term forces the answer
 
     def one_step(step):
         micro = [objective.to_device(b, device)
-                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world,
-                                           proc.tokenizer.encode(" Answer:").ids)]
+                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world, marker_ids)]
         row = train_step(net, ddp, model, opt, micro, cfg, layers, base_lr, step, world, drift, autocast)
         seen["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
         seen["flops"] += sum(model.train_flops(b["input_ids"], b["attention_mask"])

@@ -109,11 +109,10 @@ def commit_batch(batch, marker_ids, share, generator, pad_id):
     start with marker_ids (another answer format) are left out. -> a collated batch, or None."""
     n = round(share * len(batch["input_ids"]))
     picked = torch.randperm(len(batch["input_ids"]), generator=generator)[:n].sort().values
-    examples = []
+    examples, marker = [], torch.tensor(marker_ids)
     for b in picked.tolist():
         spans, ids = batch["spans"][b], batch["input_ids"][b]
         r, a = (spans == data.R).nonzero()[:, 0], (spans == data.A).nonzero()[:, 0]
-        marker = torch.tensor(marker_ids)
         if not len(r) or len(a) <= len(marker) or not torch.equal(ids[a[:len(marker)]], marker):
             continue
         u = int(torch.randint(0, len(r) // 2 + 1, (1,), generator=generator))

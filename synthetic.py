@@ -134,8 +134,7 @@ def _twin(rng, grid, q):
         if q["type"] in ("cell", "is_cell"):
             r, c = q["cell"]
         g[r][c] = _random_item(rng) if q["type"] not in ("count", "exists") or rng.random() < 0.7 else None
-        if q["type"] == "which_more" and len({sum(1 for row in g for it in row if it and it[1] == k)
-                                              for k in q["kinds"]}) == 1:
+        if q["type"] == "which_more" and _ties(g, q["kinds"]):
             continue  # the twin must not tie either
         if solve(g, q)[0] != answer:
             return g
@@ -175,6 +174,10 @@ def _wording_solve(grid, q):
     return ("yes" if there != q["negated"] else "no"), said, looked_at
 
 
+def _ties(grid, kinds):  # as many shapes of each kind: a "which" question would have no answer
+    return len({sum(1 for row in grid for it in row if it and it[1] == k) for k in kinds}) == 1
+
+
 def _wording_text(q):
     if q["type"] == "is_cell":
         r, c = q["cell"]
@@ -202,8 +205,8 @@ def _wording_sample(rng, qtype, skewed):
         elif qtype == "which_more":
             q = {"type": "which_more", "kinds": tuple(KINDS[i] for i in rng.permutation(3)[:2]),
                  "more": bool(rng.integers(2))}
-            if len({sum(1 for row in grid for it in row if it and it[1] == k) for k in q["kinds"]}) == 1:
-                continue  # a tie: "which" would have no answer
+            if _ties(grid, q["kinds"]):
+                continue
         else:
             q = {"type": "exists", "colour": list(COLOURS)[rng.integers(4)], "kind": KINDS[rng.integers(3)],
                  "negated": negated}

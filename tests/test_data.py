@@ -227,6 +227,7 @@ def test_wording_family(tmp_path):
             said = f"Row {m[1]}, column {m[2]} holds a {cells[i][2]} {cells[i][0]} {cells[i][1]}."
         elif m := re.fullmatch(r"Which are there (more|fewer) of, (\w+)s or (\w+)s\?", q):
             a, b = len(where(m[2])), len(where(m[3]))
+            assert a != b, r["id"]  # no tie, twins included: "which" has one answer
             want = m[2] if (a > b) == (m[1] == "more") else m[3]
             looked_at = sorted(where(m[2]) + where(m[3]))
             said = f"I count {plural(a, m[2])} and {plural(b, m[3])}."
