@@ -459,6 +459,17 @@ def split_reply(reply, marker="Answer:"):
     return reply.lower().rfind("the answer is")
 
 
+# the two ways a question is asked: for the answer alone, or for a chain of thought in words (models
+# trained from the base learnt both; the from-scratch models were only ever asked the bare question)
+DIRECT, COT = "\nGive the answer alone, without reasoning.", "\nThink step by step."
+
+
+def asked(question, mode):
+    """The question as the prompt puts it: mode "direct" (the answer alone), "cot" (reason step by
+    step) or "bare" (as written)."""
+    return question + {"direct": DIRECT, "cot": COT, "bare": ""}[mode]
+
+
 def chat_prompt(proc, question, n_images=0, history=()):
     """The one prompt builder (training, eval, GRPO, generate.py): the chat template on the question,
     after history (earlier messages [{role, text}]: a system message, earlier turns), up to

@@ -74,9 +74,6 @@ def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, re
     return texts
 
 
-DIRECT = "\nGive the answer alone, without reasoning."  # appended to the question for direct prompting
-
-
 GREY = (128, 128, 128)
 
 
@@ -218,7 +215,7 @@ def attention_steps(model, proc, rec, layers):
 
 @data.remembering_images()  # the phases below read each record's image several times: decode and tile it once
 def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=128, max_new_tokens=160,
-             commitment=True, heatmaps=3, explore=12, log=None):
+             commitment=True, heatmaps=3, explore=12, cot="bare", log=None):
     """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with
     its bootstrap 95% interval and the answers that could not be read (counted wrong), reply_tokens
     (mean reply length in each mode), text_prior_accuracy, prior_agreement, counterfactual_consistency
@@ -229,15 +226,18 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     answer, accuracy), heatmaps (attention_steps on the model's own replies, or the gold ones where
     it wrote nothing, to the first few records with one image), explore (explorer.explore: each reply
     token's attention over the image per layer, for the first `explore` one-image records: what
-    report.html shows), accuracy_by_type, n, and seconds and items/s per phase. log(line): progress."""
+    report.html shows), accuracy_by_type, n, and seconds and items/s per phase. cot: how the CoT prompt
+    asks (data.asked: "bare", the question as written, or "cot", with the step-by-step instruction);
+    every measure but direct accuracy reads that prompt. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
+    direct_records = [{**r, "question": data.asked(r["question"], "direct")} for r in eval_records]
+    eval_records = [{**r, "question": data.asked(r["question"], cot)} for r in eval_records]
     eval_records = with_candidates(eval_records, train_records)  # answers are read among their type's
     phase_log = lambda phase: (lambda line: log(f"  {phase}: {line}")) if log else None
     t0, seconds = time.time(), {}
     texts = generate_answers(model, proc, eval_records, batch_size, max_new_tokens, log=phase_log("cot"))
     seconds["cot"], t0 = time.time() - t0, time.time()
-    direct_records = [{**r, "question": r["question"] + DIRECT} for r in eval_records]
     direct = generate_answers(model, proc, direct_records, batch_size, max_new_tokens,
                               log=phase_log("direct"))
     seconds["direct"] = time.time() - t0
@@ -337,6 +337,9 @@ def table_rows(summaries):
     rows.append(("occlusion: items / left out",
                  [f"{r['occlusion']['n']} / {sum(r['occlusion']['left_out'].values())}"
                                                  if r.get("occlusion") else "-" for r in runs]))
+    if any(r.get("caption") for r in runs):  # base.caption_check: does the model see?
+        rows.append(("captions: cells / kind / colour right", ["{cells_right:.2f} / {kind_right:.2f} / "
+                     "{colour_right:.2f}".format(**r["caption"]) if r.get("caption") else "-" for r in runs]))
     commits = [r.get("early_commitment") if (r.get("early_commitment") or {}).get("n") else None
                for r in runs]
     rows.append(("forced answer: items scored", [str(c["n"]) if c else "-" for c in commits]))
@@ -476,6 +479,9 @@ def parser():
     p.add_argument("--batch-size", type=int, default=64,
                    help="records per generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply (default: %(default)s)")
+    p.add_argument("--prompt", default="bare", choices=("bare", "cot"), help="how the CoT prompt asks: bare "
+                   "(the question as written) or cot (+ 'Think step by step.', for models of the base) "
+                   "(default: %(default)s)")
     p.add_argument("--explore", type=int, default=12, help="eval items (with one image) whose every reply "
                    "token's attention report.html shows (default: %(default)s)")
     p.add_argument("--layers", default="all", help=f"the layers of the attention masses: "
@@ -522,7 +528,7 @@ def main(argv=None):
                 t0 = time.time()
                 model.boost_image_attention(f, boost_layers)
                 results[row] = evaluate(model, proc, records, train_records, layers, args.batch_size,
-                                        args.max_new_tokens, explore=args.explore, log=log)
+                                        args.max_new_tokens, explore=args.explore, cot=args.prompt, log=log)
                 results[row]["wall_seconds"] = round(time.time() - t0, 1)
     print(table(results))
     meta = {"models": ", ".join(f"{n} = {f}" for n, f in zip(model_names(args.model), args.model)),

@@ -76,6 +76,9 @@ class GRPOConfig:
     eps: float = arg(1e-6, "added to the rewards' denominators and logs")
     micro_batch: int = arg(16, "completions per forward in scoring and in the update")
     eval_limit: int = arg(0, "evaluate on at most this many records (0: all)")
+    prompt: str = arg("bare", "how eval's CoT prompt asks: bare (the question as written) or cot (+ 'Think "
+                      "step by step.', for models of the base: their training prompts already say it)",
+                      choices=("bare", "cot"))
     save_every: int = arg(50, "write a checkpoint every this many steps (0: at the end only)")
     log_every: int = arg(1, "print a line every this many steps")
     seed: int = arg(0, "seed of the synthetic set, the samples and the prompt order")
@@ -89,6 +92,7 @@ def check(cfg):
         ("init", bool(cfg.init) and os.path.isdir(cfg.init),
          "an existing checkpoint folder (the model GRPO starts from)"),
         ("loss_agg", cfg.loss_agg in ("token", "seq"), "token or seq"),
+        ("prompt", cfg.prompt in ("bare", "cot"), "bare or cot"),
         ("eval_data", bool(cfg.eval_data or not cfg.data), "given with --data"),
         ("region_top", 0 < cfg.region_top <= 1, "in (0, 1]"),
         ("temperature", cfg.temperature > 0,
@@ -445,7 +449,8 @@ def run(cfg):
     results = {}
     for name in ("start", "grpo"):
         results[name] = eval_mod.evaluate(result[name if name == "start" else "model"], result["proc"],
-                                          result["eval_records"], result["train_records"], layers, log=print)
+                                          result["eval_records"], result["train_records"], layers,
+                                          cot=cfg.prompt, log=print)
     print("\n" + eval_mod.table(results))
     meta = {"start": cfg.init, "steps": cfg.max_steps, "seed": cfg.seed, "n": len(result["eval_records"]),
             "rewards": f"accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, region "

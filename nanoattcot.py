@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import base
 import config
 import data
 import draw
@@ -91,7 +92,11 @@ class TrainConfig:
     visual_attn_scale: str = arg("", "test-time intervention in the final eval: comma-separated factors f "
                                  "on the image keys' attention (a table row per f); empty: none")
     visual_attn_layers: str = arg("all", f"the intervention's layers: {LAYERS}")
-    text_only: bool = arg(False, "the synthetic set in words, without the image (DRIFT's reasoning prior)")
+    text_only: bool = arg(False, "train on the synthetic set in words, without the image: from the base, a "
+                          "text-only cold start (measured on images); from scratch, DRIFT's reasoning prior")
+    prompt: str = arg(None, "how eval's CoT prompt asks: bare (the question as written; what the "
+                      "from-scratch models were taught) or cot (+ 'Think step by step.'); None: cot from the "
+                      "base, else bare", choices=("bare", "cot"))
     layers: str = arg("all", f"the layers whose attention masses the objective reads: {LAYERS}")
     mass_impl: str = arg("auto", "how masses are computed: auto (on a GPU the kernel once it passes its "
                          "self-check, SDPA if it fails; on the CPU fused), cuda, fused (the group bits as "
@@ -102,7 +107,7 @@ class TrainConfig:
                           "records per micro-batch (16 keeps the CPU demo within 8 minutes; the README's "
                           "experiment uses 32)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
-    max_steps: int = arg(1200, "optimizer steps")
+    max_steps: int = arg(None, "optimizer steps; None: 400 fine-tuning the base, else 1200")
     lr: float = arg(None, "the language model's learning rate; None: 3e-3 from scratch, 1e-5 with --init")
     lr_vision: float = arg(None, "the vision tower's; None: 3e-3 from scratch, 1e-5 with --init")
     lr_connector: float = arg(None, "the connector's; None: 3e-3 from scratch, 1e-4 with --init")
@@ -121,7 +126,8 @@ class TrainConfig:
     family: str = arg("grid", "the synthetic set's family: grid (counts, comparisons, a cell's colour; the "
                       "rationale walks the grid) or wording (negations and which-questions; the rationale "
                       "says what is seen, never the answer)", choices=tuple(synthetic.FAMILIES))
-    n_train: int = arg(20000, "synthetic training records (fewer images and the small model memorises them)")
+    n_train: int = arg(20000, "synthetic training records from scratch (fewer images and the small model "
+                       "memorises them; from the base: --cot-records)")
     n_eval: int = arg(150, "synthetic eval ITEMS: each comes with its counterfactual twin, so the eval has "
                       "twice as many records")
     eval_limit: int = arg(0, "evaluate on at most this many records, twins counted (0: all)")
@@ -134,6 +140,8 @@ class TrainConfig:
 
     def __post_init__(self):
         finetune = bool(self.init)
+        self.max_steps = 1200 if self.max_steps is None else self.max_steps
+        self.prompt = self.prompt or "bare"
         self.lr = (FINETUNE_LR if finetune else SCRATCH_LR) if self.lr is None else self.lr
         self.lr_vision = (FINETUNE_LR if finetune
                           else SCRATCH_LR) if self.lr_vision is None else self.lr_vision
@@ -161,6 +169,7 @@ class TrainConfig:
             ("ans_group", self.ans_group in ANS_GROUPS, f"one of {', '.join(ANS_GROUPS)}"),
             *[(k, 0 < getattr(self, k) <= 1, "in (0, 1]") for k in ("commit_floor", "commit_share")],
             ("family", self.family in synthetic.FAMILIES, f"one of {', '.join(synthetic.FAMILIES)}"),
+            ("prompt", self.prompt in ("bare", "cot"), "bare or cot"),
             ("lambda_commit", not self.lambda_commit or int(os.environ.get("WORLD_SIZE", 1)) == 1,
              "0 under torchrun (its second forward per micro-batch is untested with DDP)"),
             ("eps", self.eps > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
@@ -456,15 +465,16 @@ def read_eval_records(path, cfg, log=print):
 
 
 def run_eval(model, proc, cfg, records, train_records, layers):
-    result = eval_mod.evaluate(model, proc, records, train_records, layers=layers, log=print)
+    result = eval_mod.evaluate(model, proc, records, train_records, layers=layers, cot=cfg.prompt, log=print)
     model.train()
     return result
 
 
-def run(cfg, compare=()):
+def run(cfg, compare=(), before=None):
     """Train, evaluate, print the table, write summary.json and the report. compare: objectives to
-    run one after the other on the same data, side by side. With --visual-attn-scale each model is
-    also evaluated under the test-time intervention (a row per factor)."""
+    run one after the other on the same data, side by side, each in OUT/objective (so with before:
+    rows measured earlier, the base's, shown first). With --visual-attn-scale each model is also
+    evaluated under the test-time intervention (a row per factor)."""
     objectives = list(compare) or [cfg.objective]
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
@@ -477,10 +487,10 @@ def run(cfg, compare=()):
         synthetic.make_synthetic(synthetic_dir(cfg), cfg.n_train, cfg.n_eval, cfg.seed, family=cfg.family)
         train_path, eval_path = synthetic.paths(synthetic_dir(cfg), cfg.text_only)
         cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
-    summaries = {}
+    summaries, nest = {}, bool(compare or before)
     for objective in objectives:
         c = TrainConfig(**{**asdict(cfg), "objective": objective,
-                           "out": os.path.join(cfg.out, objective) if compare else cfg.out})
+                           "out": os.path.join(cfg.out, objective) if nest else cfg.out})
         t0 = time.time()
         result = train(c)
         if int(os.environ.get("RANK", 0)) != 0:
@@ -505,11 +515,12 @@ def run(cfg, compare=()):
             summaries[f"{objective} img x{f:g}"] = {**ev, "objective": objective}
             result["model"].boost_image_attention(1.0)
     if summaries:
+        summaries = {**(before or {}), **summaries}
         print("\n" + eval_mod.table(summaries))
-        curves = [(f"Training curves ({o})", os.path.join(o, "curves.png") if compare else "curves.png")
+        curves = [(f"Training curves ({o})", os.path.join(o, "curves.png") if nest else "curves.png")
                   for o in objectives]
         meta = {"objectives": ", ".join(summaries), "data": cfg.data or "the synthetic set",
-                "seed": cfg.seed,
+                "start": cfg.init or "random weights", "CoT prompt": cfg.prompt, "seed": cfg.seed,
                 "steps": cfg.max_steps, "n": next(iter(summaries.values()))["n"]}
         if cfg.visual_attn_scale:
             meta["intervention"] = (f"image keys' attention times f in layers {cfg.visual_attn_layers} "
@@ -526,6 +537,7 @@ def parser():
                           "to end on CPU (data, tokenizer, small model, training, evaluation, summary.json, "
                           "report). 'train' before the flags is allowed (torchrun nanoattcot.py train ...).")
     config.add_flags(p, TrainConfig)
+    config.add_flags(p, base.StageConfig)
     p.add_argument("--compare", nargs="?", const="sft,attcot", default="",
                    help="objectives to train one after the other on the same data, side by side in one "
                         "table, comma-separated (the flag alone: sft,attcot; default: off)")
@@ -534,10 +546,14 @@ def parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = vars(parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv))
+    stage = argv[0] if argv[:1] in (["train"], ["base"]) else ""
+    args = vars(parser().parse_args(argv[1:] if stage else argv))
     compare = [o for o in args.pop("compare").split(",") if o]
     with config.one_line_errors():
-        return run(TrainConfig(**args), compare)
+        st = base.StageConfig(**{f: args.pop(f) for f in base.StageConfig.__dataclass_fields__})
+        if args["data"] or args["init"] or st.from_scratch or stage == "train":
+            return run(TrainConfig(**args), compare)
+        return base.pipeline(args, st, compare, run, TrainConfig, base_only=stage == "base")
 
 
 if __name__ == "__main__":

@@ -234,6 +234,29 @@ def in_words(grid):
 FAMILIES = {"grid": ("count", "compare", "cell"), "wording": WORDING_TYPES}
 
 
+def sample(rng, family, qtype, skewed):
+    """A grid and question of the family (grid or wording) and type, skewed: the training split's lean."""
+    return (_sample if family == "grid" else _wording_sample)(rng, qtype, skewed)
+
+
+def image_record(out_dir, name, grid, q, image_size=96, **extra):
+    """The record of question q on grid, its image rendered to out_dir/images/NAME.png, with the boxes
+    (pixels) of the cells its answer depends on."""
+    _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
+    answer, rationale, cells = solve(grid, q)
+    cell = image_size / GRID
+    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell),
+                      round((rc[0] + 1) * cell)]
+    return {"id": name, "image": f"images/{name}.png", "question": question_text(q), "rationale": rationale,
+            "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
+
+
+def text_record(rec, grid):
+    """The same record with the grid in words before its question, and no image."""
+    return {**{k: v for k, v in rec.items() if k not in ("image", "boxes")},
+            "question": f"The grid: {in_words(grid)} {rec['question']}"}
+
+
 def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96, family="grid"):
     """Writes train.jsonl (answers skewed per question type: a text prior to exploit) and eval.jsonl
     (balanced, each item with a counterfactual twin: same question, edited image, other answer),
@@ -246,39 +269,23 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96, fam
         raise ValueError(f"synthetic family {family!r}: one of {', '.join(FAMILIES)}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    cell = image_size / GRID
-    box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell),
-                      round((rc[0] + 1) * cell)]
-
-    def record(name, grid, q, **extra):
-        _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
-        answer, rationale, cells = solve(grid, q)
-        return {"id": name, "image": f"images/{name}.png", "question": question_text(q),
-                "rationale": rationale,
-                "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
-
-    def text_twin(rec, grid):
-        rec = {k: v for k, v in rec.items() if k not in ("image", "boxes")}
-        return json.dumps({**rec, "question": f"The grid: {in_words(grid)} {rec['question']}"}) + "\n"
-
     for split, n in (("train", n_train), ("eval", n_eval)):
         with open(os.path.join(out_dir, f"{split}.jsonl"),
                   "w") as f, open(os.path.join(out_dir, f"{split}_text.jsonl"), "w") as t:
             i = 0
             while i < n:
-                qtype = FAMILIES[family][i % 3]
-                sample = _sample if family == "grid" else _wording_sample
-                grid, q = sample(rng, qtype, skewed=split == "train")
+                grid, q = sample(rng, family, FAMILIES[family][i % 3], skewed=split == "train")
                 if split == "eval":
                     twin = _twin(rng, grid, q)
                     if twin is None:
                         continue
-                    rec = record(f"{split}{i:05d}b", twin, q, twin_of=f"{split}{i:05d}")
+                    rec = image_record(out_dir, f"{split}{i:05d}b", twin, q, image_size,
+                                       twin_of=f"{split}{i:05d}")
                     f.write(json.dumps(rec) + "\n")
-                    t.write(text_twin(rec, twin))
-                rec = record(f"{split}{i:05d}", grid, q)
+                    t.write(json.dumps(text_record(rec, twin)) + "\n")
+                rec = image_record(out_dir, f"{split}{i:05d}", grid, q, image_size)
                 f.write(json.dumps(rec) + "\n")
-                t.write(text_twin(rec, grid))
+                t.write(json.dumps(text_record(rec, grid)) + "\n")
                 i += 1
     return paths(out_dir)
 

@@ -162,8 +162,10 @@ def test_bad_grpo_flags_are_one_line_before_any_work(tmp_path, flags, message, m
 
 def test_compare_under_torchrun_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert user_error(["--compare", "--out", str(tmp_path), *TRAIN]) == \
+    assert user_error(["--compare", "--from-scratch", "--out", str(tmp_path), *TRAIN]) == \
         "error: --compare runs on one process: under torchrun, train each objective with --objective"
+    assert user_error(["--out", str(tmp_path), *TRAIN]).startswith(
+        "error: the base and its fine-tunes run on one process: under torchrun, train one stage with 'train'")
 
 
 def test_unknown_objective_is_refused(capsys):

@@ -168,6 +168,18 @@ def read_grid(path, grid=3):
     return cells
 
 
+def grid_answer(cells, q):
+    """A grid-family question's answer on cells (read_grid's), from the question's words alone -> the
+    answer and the cells (indices) it rests on."""
+    where = lambda *kinds: [i for i, c in enumerate(cells) if c is not None and c[1] in kinds]
+    if m := re.match(r"How many (\w+)s are", q):
+        return str(len(where(m[1]))), where(m[1])
+    if m := re.match(r"Are there more (\w+)s than (\w+)s", q):
+        return "yes" if len(where(m[1])) > len(where(m[2])) else "no", where(m[1], m[2])
+    row, col = map(int, re.findall(r"row (\d), column (\d)", q)[0])
+    return cells[(row - 1) * 3 + col - 1][0], [(row - 1) * 3 + col - 1]
+
+
 def test_synthetic_set(tmp_path):
     """Every answer and every rationale agrees with what the rendered image shows; the training
     answers carry a prior; each evaluation item has a twin with the same question and another answer."""
@@ -178,17 +190,8 @@ def test_synthetic_set(tmp_path):
         cells = read_grid(tmp_path / r["image"])
         said = re.findall(r"(nothing|a (\w+) (\w+) (\w+))", r["rationale"].split(" So ")[0])
 
-        q = r["question"]
-        where = lambda *kinds: [i for i, c in enumerate(cells) if c is not None and c[1] in kinds]
-        if m := re.match(r"How many (\w+)s are", q):
-            want, looked_at = str(len(where(m[1]))), where(m[1])
-        elif m := re.match(r"Are there more (\w+)s than (\w+)s", q):
-            want, looked_at = "yes" if len(where(m[1])) > len(where(m[2])) else "no", where(m[1], m[2])
-        else:
-            row, col = map(int, re.findall(r"\d", q))
-            looked_at = [(row - 1) * 3 + col - 1]
-            want = cells[looked_at[0]][0]
-        assert r["answer"] == want, (r["id"], q)
+        want, looked_at = grid_answer(cells, r["question"])
+        assert r["answer"] == want, (r["id"], r["question"])
         said = [None if s[0] == "nothing" else (s[2], s[3], s[1]) for s in said]
         assert said == cells[:len(said)]
         assert len(said) == (9 if r["type"] != "cell" else looked_at[0] + 1), r["id"]

@@ -4,10 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 import answers
 import boxes as boxes_mod
 import commitment
+import data
 import eval as eval_mod
 
 CHOICES = ["A. red", "B. green", "C. blue"]
@@ -460,7 +462,7 @@ def test_direct_prompting_on_a_stub_that_needs_its_rationale(monkeypatch):
     def generate(model, proc, recs, *a, **kw):
         asked.extend(r["question"] for r in recs)
         prior = {"count": "1", "compare": "yes"}
-        return [prior[r["type"]] if r["question"].endswith(eval_mod.DIRECT)
+        return [prior[r["type"]] if r["question"].endswith(data.DIRECT)
                 else f"Looked. Answer: {r['answer']}" for r in recs]
     monkeypatch.setattr(eval_mod, "generate_answers", generate)
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
@@ -468,7 +470,34 @@ def test_direct_prompting_on_a_stub_that_needs_its_rationale(monkeypatch):
     assert ev["accuracy_direct"] == pytest.approx(2 / 5)  # "yes" for b, "1" for cb
     assert ev["unparseable_direct"] == 0
     assert ev["accuracy_direct_ci95"][0] < 0.4 < ev["accuracy_direct_ci95"][1]
-    assert asked == ["How many?"] * 5 + ["How many?" + eval_mod.DIRECT] * 5
+    assert asked == ["How many?"] * 5 + ["How many?" + data.DIRECT] * 5
+    asked.clear()  # the base's models: the CoT prompt asks for the steps, the direct one the same as before
+    ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False,
+                           cot="cot")
+    assert asked == ["How many?\nThink step by step."] * 5 + ["How many?\nGive the answer alone, without "
+                                                            "reasoning."] * 5
+    assert ev["accuracy_cot"] == 1.0 and ev["examples"][0]["question"] == "How many?\nThink step by step."
+
+
+def test_every_measure_reads_the_cot_prompt(monkeypatch, tmp_path):
+    """With cot="cot" every measure but direct accuracy reads the step-by-step prompt: the CoT
+    replies, occlusion's two passes, the masses on the gold and own rationales, early commitment."""
+    Image.new("RGB", (96, 96), (255, 255, 255)).save(tmp_path / "a.png")
+    recs = [{**r, "images": [str(tmp_path / "a.png")], "boxes": [[0, 0, 32, 32]]} for r in records()]
+    asked, seen = [], []
+
+    def generate(model, proc, rs, *a, **kw):
+        asked.extend(r["question"] for r in rs)
+        return [f"Looked. Answer: {r['answer']}" for r in rs]
+    monkeypatch.setattr(eval_mod, "generate_answers", generate)
+    monkeypatch.setattr(eval_mod, "early_commitment", lambda m, p, rs, *a, **kw: seen.append(rs))
+    monkeypatch.setattr(eval_mod, "attention_profile",
+                        lambda m, p, rs, layers: seen.append(rs) or {"image_mass_by_layer": [0.5]})
+    ev = eval_mod.evaluate(None, None, recs, [{"type": "count", "answer": "1"}], layers=[0], heatmaps=0,
+                           explore=0, cot="cot")
+    cot, direct = "How many?" + data.COT, "How many?" + data.DIRECT
+    assert ev["occlusion"]["n"] == 5 and asked.count(direct) == 5 and asked.count(cot) == 5 + 2 * 5
+    assert len(seen) == 3 and all(r["question"] == cot for rs in seen for r in rs)
 
 
 def hand_result(scale, image):

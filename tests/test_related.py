@@ -284,8 +284,8 @@ def test_success_rates_count_sampled_answers(monkeypatch):
 def test_compare_list_avar_and_intervention_rows(tmp_path, capsys):
     """--compare sft,avar with --visual-attn-scale: one report, a row per objective and per factor."""
     out = tmp_path / "cmp"
-    nanoattcot.main(["--compare", "sft,avar", "--out", str(out), "--n-train", "48", "--n-eval", "4",
-                     "--max-steps", "2",
+    nanoattcot.main(["--compare", "sft,avar", "--from-scratch", "--out", str(out), "--n-train", "48",
+                     "--n-eval", "4", "--max-steps", "2",
                      "--batch-size", "8", "--save-every", "0", "--device", "cpu", "--visual-attn-scale", "4",
                      "--visual-attn-layers", "2:"])
     report = json.load(open(out / "report.json"))
