@@ -464,9 +464,7 @@ def split_reply(reply, marker="Answer:"):
 DIRECT, COT = "\nGive the answer alone, without reasoning.", "\nThink step by step."
 
 
-def asked(question, mode):
-    """The question as the prompt puts it: mode "direct" (the answer alone), "cot" (reason step by
-    step) or "bare" (as written)."""
+def asked(question, mode):  # the question as the prompt puts it; mode: "direct", "cot" or "bare"
     return question + {"direct": DIRECT, "cot": COT, "bare": ""}[mode]
 
 
