@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import data
 import eval as eval_mod
 import synthetic
 from config import ConfigError, arg
-from model import VLM, pick_device
+from model import VLM, atomic_write, pick_device
 from records import read_records
 
 # the base's training mix: image + question -> the answer alone (most of what real MLLMs are tuned on);
@@ -76,26 +76,26 @@ def make_base_mix(out_dir, n, seed=0, family="grid", image_size=96):
     counts = [round(n * s) for s in BASE_SHARES.values()]
     counts[0] += n - sum(counts)
     kinds = rng.permutation(np.repeat(list(BASE_SHARES), counts))
-    path = os.path.join(out_dir, f"base_{n}_s{seed}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        for i, kind in enumerate(kinds):
-            grid, q = synthetic.sample(rng, family, synthetic.FAMILIES[family][i % 3], skewed=True)
-            name = f"base{i:05d}"
-            if kind == "text_cot":  # no image is rendered
-                answer, rationale, _ = synthetic.solve(grid, q)
-                rec = {"id": name, "question": synthetic.question_text(q), "rationale": rationale,
-                       "answer": answer, "type": q["type"]}
-                rec = synthetic.text_record(rec, grid)
-                rec["question"] = data.asked(rec["question"], "cot")
+    lines = []
+    for i, kind in enumerate(kinds):
+        grid, q = synthetic.sample(rng, family, synthetic.FAMILIES[family][i % 3], skewed=True)
+        name = f"base{i:05d}"
+        if kind == "text_cot":  # no image is rendered
+            answer, rationale, _ = synthetic.solve(grid, q)
+            rec = {"id": name, "question": synthetic.question_text(q), "rationale": rationale,
+                   "answer": answer, "type": q["type"]}
+            rec = synthetic.text_record(rec, grid)
+            rec["question"] = data.asked(rec["question"], "cot")
+        else:
+            rec = synthetic.image_record(out_dir, name, grid, q, image_size)
+            if kind == "answer":
+                rec.update(question=data.asked(rec["question"], "direct"), rationale="")
             else:
-                rec = synthetic.image_record(out_dir, name, grid, q, image_size)
-                if kind == "answer":
-                    rec.update(question=data.asked(rec["question"], "direct"), rationale="")
-                else:
-                    rec = {"id": name, "image": rec["image"], "question": CAPTION, "rationale": "",
-                           "answer": synthetic.in_words(grid), "type": "caption"}
-            f.write(json.dumps({**rec, "kind": str(kind)}) + "\n")
-    os.replace(path + ".tmp", path)
+                rec = {"id": name, "image": rec["image"], "question": CAPTION, "rationale": "",
+                       "answer": synthetic.in_words(grid), "type": "caption"}
+        lines.append(json.dumps({**rec, "kind": str(kind)}) + "\n")
+    path = os.path.join(out_dir, f"base_{n}_s{seed}.jsonl")
+    write_text(path, "".join(lines))
     return path
 
 
@@ -108,33 +108,28 @@ def make_finetune_set(out_dir, n, n_eval, seed=0, family="grid"):
     folder made with other settings is an error, never remade under the runs that trained on it."""
     made = {"n": n, "n_eval": n_eval, "seed": seed, "family": family}
     marker = os.path.join(out_dir, "made.json")
-    if os.path.exists(marker) and read_json(marker) != made:
-        raise ConfigError(f"{out_dir} holds a fine-tuning set made with {read_json(marker)}, not {made} "
+    if os.path.exists(marker) and data.read_json(marker) != made:
+        raise ConfigError(f"{out_dir} holds a fine-tuning set made with {data.read_json(marker)}, not {made} "
                           "(--cot-records, --n-eval, --base-seed, --family): use another --out, or delete it")
     synthetic.make_once(out_dir, n, n_eval, seed, family=family)
-    write_json(marker, made)
+    write_text(marker, json.dumps(made))
     out = []
     for src, dst in ((synthetic.paths(out_dir)[0], "cot_train.jsonl"),
                      (synthetic.paths(out_dir, text_only=True)[0], "text_cot_train.jsonl")):
         out.append(os.path.join(out_dir, dst))
         if not os.path.exists(out[-1]):
-            with open(src) as f, open(out[-1] + ".tmp", "w") as g:
-                for line in f:
-                    rec = json.loads(line)
-                    g.write(json.dumps({**rec, "question": data.asked(rec["question"], "cot")}) + "\n")
-            os.replace(out[-1] + ".tmp", out[-1])
+            with open(src) as f:
+                recs = [json.loads(line) for line in f]
+            write_text(out[-1], "".join(json.dumps({**r, "question": data.asked(r["question"], "cot")}) + "\n"
+                                        for r in recs))
     return out[0], out[1], synthetic.paths(out_dir)[1]
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path, value):  # whole or not at all
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+def write_text(path, text):  # whole or not at all (model.atomic_write)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def file_key(path, limit):  # what a base's row was measured on: the eval file's bytes and --eval-limit
@@ -203,15 +198,15 @@ def finetune_config(args, st, make_config, base_model):
 
 def ensure_base(args, st, train_and_report, make_config, log=print):
     """The base model's folder, trained (and reported) unless run_dir/model holds a finished base with
-    the same identity; another base there is an error, never overwritten. -> (model folder, its eval
-    results, seconds spent)."""
+    the same identity; another base there is an error, never overwritten. The eval set is there
+    already (the pipeline made it checking the flags). -> (model folder, its eval results, seconds
+    spent)."""
     cfg = base_config(args, st, make_config)
-    mix_dir, cot_dir, _ = folders(args, st)
+    mix_dir = folders(args, st)[0]
     summary_path, eval_json = os.path.join(cfg.out, "summary.json"), os.path.join(cfg.out, "eval.json")
-    make_finetune_set(cot_dir, st.cot_records, args["n_eval"], st.base_seed, args["family"])  # the eval set
     key, t0 = file_key(cfg.eval_data, cfg.eval_limit), time.time()
     if os.path.exists(summary_path):
-        done = read_json(summary_path)
+        done = data.read_json(summary_path)
         differ = [k for k in BASE_IDENTITY if done["config"][k] != getattr(cfg, k)]
         if differ:
             raise ConfigError(f"{cfg.out} holds a base trained with other settings ("
@@ -219,7 +214,7 @@ def ensure_base(args, st, train_and_report, make_config, log=print):
                                           for k in differ)
                               + "): use another --out or --base, or delete that folder to train this one")
         if os.path.exists(eval_json):
-            ev = read_json(eval_json)
+            ev = data.read_json(eval_json)
             if ev.get("eval_key") != key:
                 raise ConfigError(f"{eval_json}: the base's row was measured on another eval set than "
                                   f"{cfg.eval_data} (or another --eval-limit): use another --out, or "
@@ -237,7 +232,8 @@ def ensure_base(args, st, train_and_report, make_config, log=print):
     log("base: its captions name {cells_right:.2f} of the cells right ({kind_right:.2f} the shape kind, "
         "{colour_right:.2f} the colour), n = {n} images".format(**ev["caption"]))
     ev["eval_key"] = key
-    write_json(eval_json, {k: v for k, v in ev.items() if k != "config"})  # the base's row in later reports
+    # the base's row in later reports
+    write_text(eval_json, json.dumps({k: v for k, v in ev.items() if k != "config"}))
     meta = {"model": "the base", "steps": cfg.max_steps, "seed": cfg.seed}
     eval_mod.write_report({"base": ev}, cfg.out, meta, [("Training curves", "curves.png")])  # + captions
     return folder, ev, time.time() - t0
@@ -253,11 +249,12 @@ def pipeline(args, st, compare, train_and_report, make_config, base_only=False, 
         raise ConfigError("--eval-data: given alone, the base and its fine-tunes are measured on their own "
                           "eval set; with --data (or --from-scratch) it is used")
     os.makedirs(args["out"], exist_ok=True)
-    finetune_config(args, st, make_config, args["out"])  # every flag checked now, not after the base trains
+    # every flag checked now, not after the base trains (OUT stands in for the base's model folder)
+    cfg = finetune_config(args, st, make_config, args["out"])
     base_model, base_eval, seconds = ensure_base(args, st, train_and_report, make_config, log)
     if base_only:
         return {"base": base_eval}
-    cfg = finetune_config(args, st, make_config, base_model)
+    cfg = replace(cfg, init=base_model)
     t0 = time.time()
     summaries = train_and_report(cfg, list(compare) or [cfg.objective], before={"base": base_eval})
     log(f"stages: base {seconds:.0f} s (0: reused), fine-tunes and report {time.time() - t0:.0f} s")

@@ -471,11 +471,11 @@ class VLM(nn.Module):
         names = key_map(self.config)
         sd = {names[k]: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
               if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
-        _atomic_write(os.path.join(path, "model.safetensors"),
+        atomic_write(os.path.join(path, "model.safetensors"),
                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
         cfg = {**self.config.to_hf(), **(extra_config or {}),
                "dtype": str(self.lm_head.weight.dtype).split(".")[1]}
-        _atomic_write(os.path.join(path, "config.json"),
+        atomic_write(os.path.join(path, "config.json"),
                       lambda tmp: pathlib.Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
@@ -572,7 +572,7 @@ def _load_safetensors(path):
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """write(tmp_path) then rename over path, so a killed process never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
