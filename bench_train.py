@@ -57,7 +57,8 @@ def default_run_batch(B):
         batch = data.collate(data.encode_all(proc, recs[:B]), proc.pad_token_id)
     # the early-commitment term's cut copies of a quarter of the records, as training draws them
     batch["commit"] = objective.commit_batch(batch, proc.tokenizer.encode(" Answer:").ids, 0.25,
-                                             torch.Generator().manual_seed(0), proc.pad_token_id)
+                                             torch.Generator().manual_seed(0), proc.pad_token_id,
+                                             objective.answer_tokens(proc.tokenizer, recs))
     return synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
 
 

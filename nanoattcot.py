@@ -73,7 +73,8 @@ class TrainConfig:
                             "(none: all)", type=config.float_or_none)
     lambda_commit: float = arg(0.0, "weight of the early-commitment term: the answer forced after an early "
                                "cut of the rationale, its probability pushed down to --commit-floor")
-    commit_floor: float = arg(0.25, "the early-commitment term's p0: no push below it")
+    commit_floor: float = arg(0.5, "the early-commitment term's p0, a probability among the training "
+                              "answers: no push below it")
     commit_share: float = arg(0.25, "the share of each batch's records that get an early-cut copy")
     vis_target: float = arg(0.5, "L_vis's floor t: only rationale steps with image mass below t are pushed "
                             "(none: all)", type=config.float_or_none)
@@ -296,10 +297,11 @@ def lr_at(step, cfg):  # linear warmup, cosine to 10%
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1, marker_ids=()):
+def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1, commit_ids=((), None)):
     """The micro-batches of one optimizer step for this rank, in a fixed order per epoch
     (data.record_at), so a resumed run sees exactly the batches an uninterrupted one would; with the
-    early-commitment term each carries its early-cut copies ("commit"), drawn from the step's seed."""
+    early-commitment term each carries its early-cut copies ("commit"), drawn from the step's seed;
+    commit_ids: the answer marker's tokens and the answers' first tokens (objective.answer_tokens)."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     out = []
     for micro in range(cfg.grad_accum):
@@ -308,7 +310,8 @@ def batches_for_step(examples, pad_id, step, cfg, rank=0, world=1, marker_ids=()
         out.append(data.collate([examples[i] for i in idx], pad_id))
         if cfg.lambda_commit:
             cuts = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first)
-            out[-1]["commit"] = objective.commit_batch(out[-1], marker_ids, cfg.commit_share, cuts, pad_id)
+            marker_ids, answer_set = commit_ids
+            out[-1]["commit"] = objective.commit_batch(out[-1], marker_ids, cfg.commit_share, cuts, pad_id, answer_set)
     return out
 
 
@@ -415,11 +418,12 @@ def train(cfg: TrainConfig):
     # the ETA counts steps run here
     peak, t0, first_step = peak_flops(device, cfg.peak_tflops), time.time(), step
     seen = {"tokens": 0, "flops": 0.0, "nonfinite": 0}
-    marker_ids = proc.tokenizer.encode(" Answer:").ids  # where the commit term forces the answer
+    # where the commit term forces the answer, and what it normalises the answer among
+    commit_ids = proc.tokenizer.encode(" Answer:").ids, objective.answer_tokens(proc.tokenizer, train_records)
 
     def one_step(step):
         micro = [objective.to_device(b, device)
-                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world, marker_ids)]
+                 for b in batches_for_step(examples, proc.pad_token_id, step, cfg, rank, world, commit_ids)]
         row = train_step(net, ddp, model, opt, micro, cfg, layers, base_lr, step, world, drift, autocast)
         seen["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
         seen["flops"] += sum(model.train_flops(b["input_ids"], b["attention_mask"])

@@ -11,17 +11,21 @@ This project's formulation (the Att-CoT paper's exact loss is not public; docs/m
   m_i(G): attention mass of query row i on key group G, mean over the chosen layers and all heads
   L = CE(reply) + lambda_vis * mean_{i in R} -log(min(m_i(V), t) + eps)
                 + lambda_ans * mean_{i in A} -log(min(m_i(G_ans), t_ans) + eps)
-                + lambda_commit * mean_{cut copies} max(0, log p(answer | early cut) - log p0)
+                + lambda_commit * mean_{cut copies} max(0, log q(answer | early cut) - log p0)
   G_ans (--ans-group): rationale+image, or user+rationale (everything the user gave and the
   rationale: all but the chat scaffolding). The floor t (--vis-target, 0.5) stops pushing a step that
   already looks at the image enough: without it the rationale put 95% of its attention on the image
   and lost the question. The early-commitment term (the paper's first failure pattern): a copy of
-  the record cut early in its rationale, then its answer forced; the answer's probability there is
-  pushed down to p0 (--commit-floor), no further.
+  the record cut early in its rationale, then its answer forced; q is the answer's probability among
+  the training answers there (the eval's early-commitment measure reads the same normalised
+  probability), pushed down to p0 (--commit-floor), no further. Normalised, not absolute: a model
+  cut mid-step does not expect "Answer:" at all (absolute p < 1e-3 at every cut), yet still ranks
+  its final answer first among the candidates, which is the commitment the term is against.
 """
 import torch
 import torch.nn.functional as F
 
+import answers
 import data
 import masses
 import related
@@ -102,18 +106,32 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def commit_batch(batch, marker_ids, share, generator, pad_id):
+def answer_tokens(tokenizer, train_records):
+    """What the commit term normalises an answer's probability among: the first token of every
+    closed-set training answer (answers.candidate_sets) as written after the marker (" 3", " yes"),
+    and for each the answers it competes with, those of every type whose set holds it (" yes": yes and
+    no; " 3": the counts). Per type, not all K: at a cut the model gives most of its mass to other
+    types' answers as often as not. -> {"ids": (K,) long, "rivals": (K, K) bool, row k: k's rivals}."""
+    sets = [{tokenizer.encode(" " + a).ids[0] for a in s} for s in answers.candidate_sets(train_records).values()]
+    ids = sorted(set().union(*sets))
+    rivals = torch.tensor([[any(i in s and j in s for s in sets) for j in ids] for i in ids])
+    return {"ids": torch.tensor(ids), "rivals": rivals}
+
+
+def commit_batch(batch, marker_ids, share, generator, pad_id, answer_set):
     """The early-cut copies of a share of batch's rows: the prompt, the first u of the rationale's n
     tokens (u uniform in 0..n/2), then the row's answer span as written (the marker, the answer, the
     end of the turn); labels on the tokens after the marker only. Rows whose answer span does not
-    start with marker_ids (another answer format) are left out. -> a collated batch, or None."""
+    start with marker_ids (another answer format), or whose answer is none of answer_set's
+    (answer_tokens) are left out. -> a collated batch, answer_set under "answers"; or None."""
     n = round(share * len(batch["input_ids"]))
     picked = torch.randperm(len(batch["input_ids"]), generator=generator)[:n].sort().values
     examples, marker = [], torch.tensor(marker_ids)
     for b in picked.tolist():
         spans, ids = batch["spans"][b], batch["input_ids"][b]
         r, a = (spans == data.R).nonzero()[:, 0], (spans == data.A).nonzero()[:, 0]
-        if not len(r) or len(a) <= len(marker) or not torch.equal(ids[a[:len(marker)]], marker):
+        if not len(r) or len(a) <= len(marker) or not torch.equal(ids[a[:len(marker)]], marker) \
+                or ids[a[len(marker)]] not in answer_set["ids"]:
             continue
         u = int(torch.randint(0, len(r) // 2 + 1, (1,), generator=generator))
         keep = torch.cat([torch.arange(int(r[0]) + u), a])
@@ -124,16 +142,22 @@ def commit_batch(batch, marker_ids, share, generator, pad_id):
             ex.update(pixel_values=batch["pixel_values"][b],
                       pixel_attention_mask=batch["pixel_attention_mask"][b])
         examples.append(ex)
-    return data.collate(examples, pad_id) if examples else None
+    return {**data.collate(examples, pad_id), "answers": answer_set} if examples else None
 
 
 def commit_terms(model, cut, floor):
-    """-> commit_sum = sum over the cut copies of max(0, log p(answer | cut) - log floor), p the
-    probability of the answer's tokens (all of them, teacher forced); commit_p_sum = sum of p."""
+    """-> commit_sum = sum over the cut copies of max(0, log q - log floor), q the probability of the
+    answer's first token among its rivals (cut["answers"]) at the position after the marker: a
+    softmax over those logits only; commit_p_sum = sum of q."""
     out = model(cut["input_ids"], cut.get("pixel_values"), cut.get("pixel_attention_mask"),
                 cut["attention_mask"])
     labels = cut["labels"][:, 1:]
-    logp = -F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
-                            reduction="none").sum(1)  # (n,) log p of each copy's answer
-    return {"commit_sum": torch.relu(logp - torch.log(torch.tensor(floor))).sum(),
-            "commit_p_sum": logp.detach().exp().sum()}
+    first = (labels != -100).int().argmax(1)  # (n,) the position that predicts the answer's first token
+    rows = torch.arange(len(labels), device=labels.device)
+    logits = out.logits[rows, first].float()  # (n, V)
+    gold = labels[rows, first]  # (n,)
+    k = (cut["answers"]["ids"][None] == gold[:, None]).int().argmax(1)  # (n,) the gold's index in ids
+    logq = logits[:, cut["answers"]["ids"]].masked_fill(~cut["answers"]["rivals"][k], -torch.inf)
+    logq = logq.log_softmax(-1)[rows, k]  # (n,)
+    return {"commit_sum": torch.relu(logq - torch.log(torch.tensor(floor))).sum(),
+            "commit_p_sum": logq.detach().exp().sum()}

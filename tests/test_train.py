@@ -3,6 +3,7 @@ assembly by hand, resume (after Ctrl-C, a crash, or a SIGKILL inside a checkpoin
 bit where an uninterrupted run does, gradient accumulation and 2-process DDP match one batch, the
 output loads in transformers."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import answers
 import checkpoint
 import data
 import model as model_mod
@@ -264,20 +266,45 @@ def test_hf_format_output_loads_in_transformers(trained):
     assert (want["pixel_values"] - got["pixel_values"]).abs().max() <= 1e-6
 
 
+def test_answer_tokens_pair_each_answer_with_its_types_answers():
+    """Every closed-set answer's first token, and as its rivals the answers of the types that can give
+    it: yes/no among themselves, the counts among themselves; an open-ended type adds nothing; a
+    two-token answer ("dark red") by its first token."""
+    class Words:  # one token per word, numbered as first seen
+        def __init__(self):
+            self.vocab = {}
+
+        def encode(self, text):
+            return SimpleNamespace(ids=[self.vocab.setdefault(w, len(self.vocab)) for w in text.split()])
+    words = Words()
+    recs = [{"type": "cmp", "answer": "yes"}, {"type": "cmp", "answer": "no"},
+            {"type": "other", "answer": "no"}, {"type": "other", "answer": "dark red"},
+            {"type": "count", "answer": "2"}, {"type": "count", "answer": "3"},
+            *[{"type": "open", "answer": f"w{i}"} for i in range(answers.CLOSED_SET + 1)]]
+    got = objective.answer_tokens(words, recs)
+    names = {words.vocab[w]: w for w in ("yes", "no", "dark", "2", "3")}
+    assert sorted(names[int(i)] for i in got["ids"]) == ["2", "3", "dark", "no", "yes"]
+    rivals = {names[int(i)]: {names[int(j)] for j, r in zip(got["ids"], row) if r}
+              for i, row in zip(got["ids"], got["rivals"])}
+    assert rivals == {"yes": {"yes", "no"}, "no": {"yes", "no", "dark"}, "dark": {"no", "dark"},
+                      "2": {"2", "3"}, "3": {"2", "3"}}
+
+
 def test_commit_batch_cuts_early_and_forces_the_answer():
     """Each picked row: its prompt, the first u <= n/2 of its n rationale tokens, then its answer span;
-    labels on the answer's tokens after the marker only; a row written in another format is left out."""
+    labels on the answer's tokens after the marker only; a row written in another format, or whose
+    answer is not a known one, is left out."""
     P, R, A = data.P, data.R, data.A
-    marker = [7, 8]
+    marker, answer_set = [7, 8], {"ids": torch.tensor([20, 40]), "rivals": torch.ones(2, 2, dtype=torch.bool)}
     rows = [([1, 2, 3], [10, 11, 12, 13, 14, 15], [7, 8, 20, 21]), ([1, 2], [30, 31, 32, 33], [7, 8, 40, 41]),
-            ([1, 2], [50, 51], [9, 60, 61])]  # the last: no marker
+            ([1, 2], [50, 51], [9, 60, 61]), ([1, 2], [50, 51], [7, 8, 61])]  # no marker; an unknown answer
     examples = [{"input_ids": torch.tensor(p + r + a), "labels": torch.tensor([-100] * len(p) + r + a),
                  "spans": torch.tensor([P] * len(p) + [R] * len(r) + [A] * len(a))} for p, r, a in rows]
     batch = data.collate(examples, 0)
     seen_u = set()
     for seed in range(20):
-        cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(seed), 0)
-        assert len(cut["input_ids"]) == 2  # the third row has no marker
+        cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(seed), 0, answer_set)
+        assert len(cut["input_ids"]) == 2 and cut["answers"] is answer_set
         for got, labels, mask, (p, r, a) in zip(cut["input_ids"], cut["labels"], cut["attention_mask"], rows):
             ids = got[mask.bool()].tolist()
             u = len(ids) - len(p) - len(a)
@@ -285,40 +312,47 @@ def test_commit_batch_cuts_early_and_forces_the_answer():
             assert labels[mask.bool()].tolist() == [-100] * (len(p) + u + 2) + a[2:]
             seen_u.add((len(r), u))
     assert {(6, 0), (6, 3), (4, 0), (4, 2)} <= seen_u  # both ends of the range are drawn
-    for seed in range(4):  # round(0.34 * 3) = 1 row picked: a copy unless it is the one without a marker
-        picked = int(torch.randperm(3, generator=torch.Generator().manual_seed(seed))[0])
-        one = objective.commit_batch(batch, marker, 0.34, torch.Generator().manual_seed(seed), 0)
-        assert (one is None) if picked == 2 else len(one["input_ids"]) == 1
+    for seed in range(4):  # round(0.25 * 4) = 1 row picked: a copy unless it is one of the last two
+        picked = int(torch.randperm(4, generator=torch.Generator().manual_seed(seed))[0])
+        one = objective.commit_batch(batch, marker, 0.25, torch.Generator().manual_seed(seed), 0, answer_set)
+        assert (one is None) if picked >= 2 else len(one["input_ids"]) == 1
 
 
 def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
-    """commit_sum = sum of max(0, log p(answer | cut) - log p0) from the model's own log-softmax, and
-    one gradient step on the term alone lowers the forced answer's probability at the cuts."""
+    """commit_sum = sum of max(0, log q - log p0), q the answer's first-token probability renormalised
+    over its rivals, by hand from the model's logits; one gradient step on the term alone lowers q."""
     cfg, result = trained
     model, proc = result["model"], result["proc"]
     batch = data.collate(data.encode_all(proc, result["train_records"][:8]), proc.pad_token_id)
     marker = proc.tokenizer.encode(" Answer:").ids
-    cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(0), proc.pad_token_id)
+    answer_set = objective.answer_tokens(proc.tokenizer, result["train_records"])
+    cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(0), proc.pad_token_id,
+                                 answer_set)
     assert len(cut["input_ids"]) == 8
     with torch.no_grad():
         logits = model(cut["input_ids"], cut["pixel_values"], cut["pixel_attention_mask"],
                        cut["attention_mask"]).logits.double()
-    logp_all = torch.log_softmax(logits[:, :-1], -1)
-    labels = cut["labels"][:, 1:]
-    picked = logp_all.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    per_row = torch.where(labels != -100, picked, 0).sum(1)
-    floor = float(per_row.exp().median())  # half the copies above it
+    sets = answers.candidate_sets(result["train_records"])
+    want_q = []
+    for i, labels in enumerate(cut["labels"]):
+        t = int((labels != -100).nonzero()[0, 0])  # the answer's first token, predicted at t - 1
+        gold = proc.tokenizer.decode([int(labels[t])]).strip()
+        rivals = {proc.tokenizer.encode(" " + a).ids[0] for s in sets.values() if gold in s for a in s}
+        z = torch.stack([logits[i, t - 1, j] for j in sorted(rivals)]).exp().sum()
+        want_q.append(float(logits[i, t - 1, labels[t]].exp() / z))
+    want_q = torch.tensor(want_q, dtype=torch.float64)
+    floor = float(want_q.median())  # half the copies above it
     terms = objective.commit_terms(model, cut, floor)
-    want = torch.relu(per_row - torch.log(torch.tensor(floor, dtype=torch.float64))).sum()
+    want = torch.relu(want_q.log() - math.log(floor)).sum()
     assert abs(float(terms["commit_sum"].detach()) - float(want)) < 1e-4 and float(want) > 0
-    assert abs(float(terms["commit_p_sum"]) - float(per_row.exp().sum())) < 1e-4
+    assert abs(float(terms["commit_p_sum"]) - float(want_q.sum())) < 1e-4
     copy = model_mod.VLM(model.config)
     copy.load_state_dict(model.state_dict())
     terms = objective.commit_terms(copy, cut, 1e-3)
     terms["commit_sum"].backward()
     with torch.no_grad():
         for p in copy.parameters():
-            p -= 1e-3 * p.grad
+            p -= 1e-2 * p.grad
     after = objective.commit_terms(copy, cut, 1e-3)["commit_p_sum"]
     assert float(after) < float(terms["commit_p_sum"]) - 1e-3
 
@@ -445,6 +479,7 @@ def test_crash_resumes_from_the_periodic_checkpoint(tmp_path, monkeypatch, strai
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
+import answers
 import checkpoint
 import nanoattcot
 point, ckpt, real, writes = sys.argv[2], sys.argv[3], os.replace, [0]
@@ -503,6 +538,7 @@ def test_tampered_trainer_state_is_refused(tmp_path):
 GRAD_DUMP = """
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
+import answers
 import checkpoint
 import nanoattcot
 dump, real = sys.argv[2], torch.nn.utils.clip_grad_norm_
