@@ -73,8 +73,8 @@ class TrainConfig:
                             "(none: all)", type=config.float_or_none)
     lambda_commit: float = arg(0.0, "weight of the early-commitment term: the answer forced after an early "
                                "cut of the rationale, its probability pushed down to --commit-floor")
-    commit_floor: float = arg(0.5, "the early-commitment term's p0, a probability among the training "
-                              "answers: no push below it")
+    commit_floor: float = arg(0.5, "the early-commitment term's p0, the answer's probability among its "
+                              "rivals: no push below it")
     commit_share: float = arg(0.25, "the share of each batch's records that get an early-cut copy")
     vis_target: float = arg(0.5, "L_vis's floor t: only rationale steps with image mass below t are pushed "
                             "(none: all)", type=config.float_or_none)

@@ -14,13 +14,13 @@ This project's formulation (the Att-CoT paper's exact loss is not public; docs/m
                 + lambda_commit * mean_{cut copies} max(0, log q(answer | early cut) - log p0)
   G_ans (--ans-group): rationale+image, or user+rationale (everything the user gave and the
   rationale: all but the chat scaffolding). The floor t (--vis-target, 0.5) stops pushing a step that
-  already looks at the image enough: without it the rationale put 95% of its attention on the image
-  and lost the question. The early-commitment term (the paper's first failure pattern): a copy of
-  the record cut early in its rationale, then its answer forced; q is the answer's probability among
-  the training answers there (the eval's early-commitment measure reads the same normalised
-  probability), pushed down to p0 (--commit-floor), no further. Normalised, not absolute: a model
-  cut mid-step does not expect "Answer:" at all (absolute p < 1e-3 at every cut), yet still ranks
-  its final answer first among the candidates, which is the commitment the term is against.
+  already looks at the image enough: without it the rationale puts nearly 0.9 of its attention on
+  the image and loses the question. The early-commitment term (the paper's first failure pattern): a copy of
+  the record cut early in its rationale, then its answer forced; q is the probability of the
+  answer's first token among its rivals there (answer_tokens), pushed down to p0 (--commit-floor),
+  no further. Normalised, as the eval's early-commitment measure is: a model cut mid-step does not
+  expect "Answer:" at all (absolute probabilities of 1e-5 to 1e-10), yet still ranks an answer
+  first among the candidates, which is the commitment the term is against.
 """
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,8 @@ def commit_terms(model, cut, floor):
     rows = torch.arange(len(labels), device=labels.device)
     logits = out.logits[rows, first].float()  # (n, V)
     gold = labels[rows, first]  # (n,)
-    k = (cut["answers"]["ids"][None] == gold[:, None]).int().argmax(1)  # (n,) the gold's index in ids
+    k = torch.searchsorted(cut["answers"]["ids"], gold)  # (n,) the gold's index in the sorted ids
+    assert torch.equal(cut["answers"]["ids"][k], gold), "a cut copy's answer is not in its answer set"
     logq = logits[:, cut["answers"]["ids"]].masked_fill(~cut["answers"]["rivals"][k], -torch.inf)
     logq = logq.log_softmax(-1)[rows, k]  # (n,)
     return {"commit_sum": torch.relu(logq - torch.log(torch.tensor(floor))).sum(),

@@ -297,7 +297,8 @@ def test_commit_batch_cuts_early_and_forces_the_answer():
     P, R, A = data.P, data.R, data.A
     marker, answer_set = [7, 8], {"ids": torch.tensor([20, 40]), "rivals": torch.ones(2, 2, dtype=torch.bool)}
     rows = [([1, 2, 3], [10, 11, 12, 13, 14, 15], [7, 8, 20, 21]), ([1, 2], [30, 31, 32, 33], [7, 8, 40, 41]),
-            ([1, 2], [50, 51], [9, 60, 61]), ([1, 2], [50, 51], [7, 8, 61])]  # no marker; an unknown answer
+            ([1, 2], [50, 51], [9, 60, 61]), ([1, 2], [50, 51], [7, 8, 61]),
+            ([1, 2], [], [7, 8, 20, 21])]  # no marker; an unknown answer; no rationale
     examples = [{"input_ids": torch.tensor(p + r + a), "labels": torch.tensor([-100] * len(p) + r + a),
                  "spans": torch.tensor([P] * len(p) + [R] * len(r) + [A] * len(a))} for p, r, a in rows]
     batch = data.collate(examples, 0)
@@ -312,9 +313,9 @@ def test_commit_batch_cuts_early_and_forces_the_answer():
             assert labels[mask.bool()].tolist() == [-100] * (len(p) + u + 2) + a[2:]
             seen_u.add((len(r), u))
     assert {(6, 0), (6, 3), (4, 0), (4, 2)} <= seen_u  # both ends of the range are drawn
-    for seed in range(4):  # round(0.25 * 4) = 1 row picked: a copy unless it is one of the last two
-        picked = int(torch.randperm(4, generator=torch.Generator().manual_seed(seed))[0])
-        one = objective.commit_batch(batch, marker, 0.25, torch.Generator().manual_seed(seed), 0, answer_set)
+    for seed in range(6):  # round(0.2 * 5) = 1 row picked: a copy unless it is one of the last three
+        picked = int(torch.randperm(5, generator=torch.Generator().manual_seed(seed))[0])
+        one = objective.commit_batch(batch, marker, 0.2, torch.Generator().manual_seed(seed), 0, answer_set)
         assert (one is None) if picked >= 2 else len(one["input_ids"]) == 1
 
 
@@ -355,6 +356,50 @@ def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
             p -= 1e-2 * p.grad
     after = objective.commit_terms(copy, cut, 1e-3)["commit_p_sum"]
     assert float(after) < float(terms["commit_p_sum"]) - 1e-3
+
+
+def test_commit_term_gradient_on_a_stub_is_that_of_log_q():
+    """With the logits a leaf tensor: d commit_sum / d logits is 1[j = gold] - q_j on the gold's rivals
+    at the position just before the answer's first token, 0 on every other column and position; a
+    copy whose q is under the floor gets none."""
+    torch.manual_seed(0)
+    V, T = 12, 6
+    leaf = torch.randn(2, T, V, dtype=torch.float64, requires_grad=True)
+
+    class Stub(torch.nn.Module):
+        def forward(self, *args):
+            return SimpleNamespace(logits=leaf)
+    answer_set = {"ids": torch.tensor([3, 5, 7, 9]),  # 3 and 5 rivals (yes/no), 7 and 9 (two counts)
+                  "rivals": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]).bool()}
+    labels = torch.tensor([[-100, -100, -100, 5, 1, -100], [-100, -100, 9, 1, -100, -100]])
+    cut = {"input_ids": torch.zeros(2, T, dtype=torch.long), "attention_mask": torch.ones(2, T),
+           "labels": labels, "answers": answer_set}
+    with torch.no_grad():
+        q = [leaf[0, 2, [3, 5]].softmax(0)[1], leaf[1, 1, [7, 9]].softmax(0)[1]]
+    floor = float(min(q)) * 0.5 + float(max(q)) * 0.5  # one copy above the floor, one under
+    terms = objective.commit_terms(Stub(), cut, floor)
+    terms["commit_sum"].backward()
+    want = torch.zeros_like(leaf)
+    for b, (t, cols, gold) in enumerate(((2, [3, 5], 5), (1, [7, 9], 9))):
+        if q[b] > floor:
+            p = leaf[b, t, cols].detach().softmax(0)
+            want[b, t, cols] = torch.tensor([float(c == gold) for c in cols], dtype=torch.float64) - p
+    assert torch.allclose(leaf.grad, want, atol=1e-12) and want.abs().sum() > 0
+    assert float(terms["commit_p_sum"]) == pytest.approx(float(q[0] + q[1]))
+
+
+def test_commit_copies_in_every_micro_batch_and_counted_over_all():
+    """With --grad-accum 2 each micro-batch carries its own cut copies, and the step's commit_count
+    is their number over both."""
+    P, R, A = data.P, data.R, data.A
+    ids = [1, 2, 10, 11, 7, 8, 20, 21]
+    ex = {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] * 2 + ids[2:]),
+          "spans": torch.tensor([P, P, R, R, A, A, A, A])}
+    cfg = TrainConfig(batch_size=4, grad_accum=2, lambda_commit=1.0, commit_share=0.5)
+    answer_set = {"ids": torch.tensor([20]), "rivals": torch.ones(1, 1, dtype=torch.bool)}
+    micro = nanoattcot.batches_for_step([ex] * 8, 0, 0, cfg, commit_ids=([7, 8], answer_set))
+    assert len(micro) == 2 and all(len(b["commit"]["input_ids"]) == 2 for b in micro)
+    assert float(objective.step_counts(micro)["commit_count"]) == 4.0
 
 
 def test_training_with_the_commit_term_logs_it(tmp_path):
