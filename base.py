@@ -108,8 +108,9 @@ def make_finetune_set(out_dir, n, n_eval, seed=0, family="grid"):
     folder made with other settings is an error, never remade under the runs that trained on it."""
     made = {"n": n, "n_eval": n_eval, "seed": seed, "family": family}
     marker = os.path.join(out_dir, "made.json")
-    if os.path.exists(marker) and data.read_json(marker) != made:
-        raise ConfigError(f"{out_dir} holds a fine-tuning set made with {data.read_json(marker)}, not {made} "
+    found = data.read_json(marker) if os.path.exists(marker) else made
+    if found != made:
+        raise ConfigError(f"{out_dir} holds a fine-tuning set made with {found}, not {made} "
                           "(--cot-records, --n-eval, --base-seed, --family): use another --out, or delete it")
     synthetic.make_once(out_dir, n, n_eval, seed, family=family)
     write_text(marker, json.dumps(made))

@@ -418,8 +418,9 @@ def train(cfg: TrainConfig):
     # the ETA counts steps run here
     peak, t0, first_step = peak_flops(device, cfg.peak_tflops), time.time(), step
     seen = {"tokens": 0, "flops": 0.0, "nonfinite": 0}
-    # where the commit term forces the answer, and what it normalises the answer among
-    commit_ids = proc.tokenizer.encode(" Answer:").ids, objective.answer_tokens(proc.tokenizer, train_records)
+    # where the commit term forces the answer, and what it normalises the answer among (only if it is on)
+    commit_ids = ((proc.tokenizer.encode(" Answer:").ids, objective.answer_tokens(proc.tokenizer, train_records))
+                  if cfg.lambda_commit else ((), None))
 
     def one_step(step):
         micro = [objective.to_device(b, device)
