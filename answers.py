@@ -3,7 +3,7 @@ Reading an answer out of a reply, and scoring it: what every measure of eval.py,
 reward and the difficulty filter agree on.
 
 - the answer part: inside <answer>...</answer>, else after the last "Answer:", else after the last
-  "the answer is", else the whole reply (a direct answer)
+  "the answer is", else the whole reply if it is a short direct answer (no ':', at most 12 words)
 - multiple choice: one option letter, or the one option whose text the answer names
 - numbers: the single number in the answer; counts (integer gold) exact, other numbers within 5%
 - otherwise the one candidate answer it names (its type's training answers: with_candidates);
@@ -13,15 +13,24 @@ import collections
 import re
 
 
+# a reply with no answer marker is read whole as a direct answer ("3", "Yes, a red one.") only if it is
+# this short and holds no ':': a longer one, or a labelled step ("Row 1: nothing, a small red"), is a
+# rationale that stopped before its answer, and its one number or colour is no answer
+DIRECT_WORDS = 12
+
+
 def extract_answer(text, marker="Answer:"):
     """The answer part of a reply: inside <answer>...</answer>, else after the last marker, else
-    after the last "the answer is", else the whole reply (a direct answer)."""
+    after the last "the answer is", else the whole reply if it reads as a direct answer (DIRECT_WORDS),
+    else "" (no answer)."""
     if "<answer>" in text:
         text = text.split("<answer>")[-1].split("</answer>")[0]
     elif marker in text:
         text = text.split(marker)[-1]
     elif said := re.findall(r"answer is:?(.*)", text, flags=re.IGNORECASE | re.DOTALL):
         text = said[-1]
+    elif ":" in text or len(text.split()) > DIRECT_WORDS:
+        return ""
     return text.strip().strip(".").strip()
 
 

@@ -14,7 +14,6 @@ it with each method, and every model is measured on the same eval set, asked bot
     python nanoattcot.py --text-only --objective sft   # a text-only cold start (AVAR's comparison)
     python nanoattcot.py --from-scratch   # the earlier experiment: each objective from random weights
 """
-import hashlib
 import json
 import os
 import re
@@ -69,10 +68,12 @@ BASE_IDENTITY = ("seed", "family", "batch_size", "max_steps", "n_train")
 
 def make_base_mix(out_dir, n, seed=0, family="grid", image_size=96):
     """Writes out_dir/base_N_sSEED.jsonl (so a stale mix of other settings is never read): n records,
-    BASE_SHARES of each kind (exactly, rounded), in a seeded order, with their images under
-    out_dir/images/ -> its path. Questions follow the family's training split (skewed answers)."""
+    BASE_SHARES of each kind (exactly, rounded), in a seeded order, with their images in a folder of
+    their own, out_dir/images_N_sSEED/ (another mix never draws over them) -> its path. Questions
+    follow the family's training split (skewed answers)."""
     rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    images = f"images_{n}_s{seed}"
+    os.makedirs(os.path.join(out_dir, images), exist_ok=True)
     counts = [round(n * s) for s in BASE_SHARES.values()]
     counts[0] += n - sum(counts)
     kinds = rng.permutation(np.repeat(list(BASE_SHARES), counts))
@@ -87,7 +88,7 @@ def make_base_mix(out_dir, n, seed=0, family="grid", image_size=96):
             rec = synthetic.text_record(rec, grid)
             rec["question"] = data.asked(rec["question"], "cot")
         else:
-            rec = synthetic.image_record(out_dir, name, grid, q, image_size)
+            rec = synthetic.image_record(out_dir, name, grid, q, image_size, images)
             if kind == "answer":
                 rec.update(question=data.asked(rec["question"], "direct"), rationale="")
             else:
@@ -106,19 +107,13 @@ def make_finetune_set(out_dir, n, n_eval, seed=0, family="grid"):
     text-only cold start). -> (cot_train, text_cot_train, eval) paths. The eval questions stay bare:
     eval asks them both ways. seed: the base's (every fine-tune of one base sees the same data). A
     folder made with other settings is an error, never remade under the runs that trained on it."""
-    made = {"n": n, "n_eval": n_eval, "seed": seed, "family": family}
-    marker = os.path.join(out_dir, "made.json")
-    found = data.read_json(marker) if os.path.exists(marker) else made
-    if found != made:
-        raise ConfigError(f"{out_dir} holds a fine-tuning set made with {found}, not {made} "
-                          "(--cot-records, --n-eval, --base-seed, --family): use another --out, or delete it")
-    synthetic.make_once(out_dir, n, n_eval, seed, family=family)
-    write_text(marker, json.dumps(made))
+    made_now = synthetic.make_once(out_dir, n, n_eval, seed, family=family,
+                                   flags="--cot-records, --n-eval, --base-seed")
     out = []
     for src, dst in ((synthetic.paths(out_dir)[0], "cot_train.jsonl"),
                      (synthetic.paths(out_dir, text_only=True)[0], "text_cot_train.jsonl")):
         out.append(os.path.join(out_dir, dst))
-        if not os.path.exists(out[-1]):
+        if made_now or not os.path.exists(out[-1]):
             with open(src) as f:
                 recs = [json.loads(line) for line in f]
             write_text(out[-1], "".join(json.dumps({**r, "question": data.asked(r["question"], "cot")}) + "\n"
@@ -131,11 +126,6 @@ def write_text(path, text):  # whole or not at all (model.atomic_write)
         with open(tmp, "w") as f:
             f.write(text)
     atomic_write(path, write)
-
-
-def file_key(path, limit):  # what a base's row was measured on: the eval file's bytes and --eval-limit
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read() + str(limit).encode()).hexdigest()[:16]
 
 
 def cells_in_words(text):
@@ -199,13 +189,15 @@ def finetune_config(args, st, make_config, base_model):
 
 def ensure_base(args, st, train_and_report, make_config, log=print):
     """The base model's folder, trained (and reported) unless run_dir/model holds a finished base with
-    the same identity; another base there is an error, never overwritten. The eval set is there
-    already (the pipeline made it checking the flags). -> (model folder, its eval results, seconds
-    spent)."""
+    the same identity; another base there is an error, never overwritten. Its row is measured again
+    when it was measured on other eval records than this run's (evaluate's eval_key), and finished
+    (the caption check) when a run was killed before that. The eval set is there already (the
+    pipeline made it checking the flags). -> (model folder, its eval results, seconds spent)."""
     cfg = base_config(args, st, make_config)
     mix_dir = folders(args, st)[0]
     summary_path, eval_json = os.path.join(cfg.out, "summary.json"), os.path.join(cfg.out, "eval.json")
-    key, t0 = file_key(cfg.eval_data, cfg.eval_limit), time.time()
+    folder, t0 = os.path.join(cfg.out, "model"), time.time()
+    eval_records = read_records(cfg.eval_data, data.Skips(cfg.strict))[:cfg.eval_limit or None]
     if os.path.exists(summary_path):
         done = data.read_json(summary_path)
         differ = [k for k in BASE_IDENTITY if done["config"][k] != getattr(cfg, k)]
@@ -214,30 +206,36 @@ def ensure_base(args, st, train_and_report, make_config, log=print):
                               + ", ".join(f"{k} {done['config'][k]} there, {getattr(cfg, k)} now"
                                           for k in differ)
                               + "): use another --out or --base, or delete that folder to train this one")
-        if os.path.exists(eval_json):
-            ev = data.read_json(eval_json)
-            if ev.get("eval_key") != key:
-                raise ConfigError(f"{eval_json}: the base's row was measured on another eval set than "
-                                  f"{cfg.eval_data} (or another --eval-limit): use another --out, or "
-                                  "delete that file to measure the base again")
-            log(f"base: reusing {cfg.out}/model (trained {cfg.max_steps} steps, seed {cfg.seed})")
-            return os.path.join(cfg.out, "model"), ev, 0.0
-        ev = {k: v for k, v in done.items() if k != "config"}  # killed after its eval: finish it
+        ev = data.read_json(eval_json) if os.path.exists(eval_json) else \
+            {k: v for k, v in done.items() if k != "config"}  # killed after its eval: finish it
+        if ev.get("eval_key") != eval_mod.records_key(eval_records):
+            log(f"base: measuring {folder} again (its row was measured on other eval records than "
+                f"{cfg.eval_data}, --eval-limit {cfg.eval_limit})")
+            ev = measure(cfg, folder, eval_records)
+        elif "caption" in ev:
+            log(f"base: reusing {folder} (trained {cfg.max_steps} steps, seed {cfg.seed})")
+            return folder, ev, 0.0
     else:
         if not os.path.exists(cfg.data):
             make_base_mix(mix_dir, cfg.n_train, cfg.seed, cfg.family)
         ev = next(iter(train_and_report(cfg).values()))
-    folder = os.path.join(cfg.out, "model")
     model = VLM.from_pretrained(folder, dtype=torch.float32).to(pick_device(cfg.device))
     ev["caption"] = caption_check(model, data.Processor.from_pretrained(folder), cfg.eval_data)
     log("base: its captions name {cells_right:.2f} of the cells right ({kind_right:.2f} the shape kind, "
         "{colour_right:.2f} the colour), n = {n} images".format(**ev["caption"]))
-    ev["eval_key"] = key
     # the base's row in later reports
     write_text(eval_json, json.dumps({k: v for k, v in ev.items() if k != "config"}))
     meta = {"model": "the base", "steps": cfg.max_steps, "seed": cfg.seed}
     eval_mod.write_report({"base": ev}, cfg.out, meta, [("Training curves", "curves.png")])  # + captions
     return folder, ev, time.time() - t0
+
+
+def measure(cfg, folder, eval_records):
+    """The base's row, measured anew on eval_records (its text prior and candidates from its own mix)."""
+    model = VLM.from_pretrained(folder, dtype=torch.float32).to(pick_device(cfg.device))
+    layers = config.layer_set(cfg.layers, len(model.layers), "--layers")
+    return eval_mod.evaluate(model, data.Processor.from_pretrained(folder), eval_records,
+                             read_records(cfg.data, data.Skips()), layers, cot=cfg.prompt)
 
 
 def pipeline(args, st, compare, train_and_report, make_config, base_only=False, log=print):

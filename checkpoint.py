@@ -53,10 +53,25 @@ def load_trainer_state(path):
         raise CheckpointError(f"{file}: refused to load ({reason})") from None
 
 
-def restore(ckpt, opt, metrics_path, rewrite=True):
+# settings that may change between a run and its --resume: where and how it runs, not what it computes
+RESUMABLE = {"resume", "out", "device", "log_every", "save_every", "eval_every", "eval_limit", "compile",
+             "activation_checkpointing", "strict", "skip_nonfinite", "peak_tflops", "mass_impl"}
+
+
+def restore(ckpt, opt, metrics_path, rewrite=True, cfg=None):
     """A checkpoint's optimizer and RNG state -> (step, the metrics rows up to it); rows logged after
-    the checkpoint are dropped from metrics_path (they are redone)."""
+    the checkpoint are dropped from metrics_path (they are redone). cfg: this run's config, which
+    must be the checkpoint's but for RESUMABLE (a run continued under other settings would be
+    neither run): else a CheckpointError naming each setting that differs."""
     state = load_trainer_state(ckpt)
+    if cfg is not None:
+        now = asdict(cfg)
+        differ = [k for k in now if k not in RESUMABLE and state["config"].get(k, now[k]) != now[k]]
+        if differ:
+            raise CheckpointError(f"--resume: {ckpt} was saved by a run with other settings ("
+                                  + ", ".join(f"--{k.replace('_', '-')} {state['config'][k]!r} there, "
+                                              f"{now[k]!r} now" for k in differ)
+                                  + "): resume with its settings, or start afresh in another --out")
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["random"])

@@ -16,6 +16,7 @@ Measuring what the papers claim, and drawing it.
 """
 import argparse
 import collections
+import hashlib
 import json
 import math
 import os
@@ -36,6 +37,14 @@ from answers import is_right, matches, read_answer, with_candidates
 from boxes import control_boxes
 from commitment import CUTS, early_commitment
 from records import read_records
+
+
+def records_key(records):
+    """What a row was measured on: a hash of the eval records (their every field but where in which
+    file they were read), so that a row is never shown as another set's."""
+    text = json.dumps([{k: v for k, v in r.items() if k != "source"} for r in records], sort_keys=True,
+                      default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def bootstrap_ci(values, n=1000, seed=0):
@@ -218,7 +227,8 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
              commitment=True, heatmaps=3, explore=12, cot="bare", log=None):
     """-> dict with accuracy_cot and accuracy_direct (the question asks for the answer alone), each with
     its bootstrap 95% interval and the answers that could not be read (counted wrong), reply_tokens
-    (mean reply length in each mode), text_prior_accuracy, prior_agreement, counterfactual_consistency
+    (mean reply length in each mode), text_prior_accuracy, prior_agreement (of the wrong answers that
+    can be read, the share that are the prior's; prior_agreement_n of them), counterfactual_consistency
     (pairs whose both halves are in eval_records), where_it_looks (attention_profile on the gold and
     on the model's own rationales, for `layers`; vas_rationale is its mean image mass on the gold
     ones), occlusion (records with evidence boxes: answers changed by greying the evidence, and by
@@ -231,6 +241,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     every measure but direct accuracy reads that prompt. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
+    measured_on = records_key(eval_records)
     direct_records = [{**r, "question": data.asked(r["question"], "direct")} for r in eval_records]
     eval_records = [{**r, "question": data.asked(r["question"], cot)} for r in eval_records]
     eval_records = with_candidates(eval_records, train_records)  # answers are read among their type's
@@ -248,8 +259,10 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     right_direct = [matches(g, r) for g, r in zip(got_direct, eval_records)]
     prior = text_prior(train_records)
     prior_right = [str(r["answer"]) == prior.get(r.get("type"), "") for r in eval_records]
-    # reliance on the text prior: of the wrong answers, the share that are the prior's answer for that type
-    wrong = [(r, t) for i, (r, t) in enumerate(zip(eval_records, texts)) if not right[key(i, r)]]
+    # reliance on the text prior: of the wrong answers that can be read, the share that are the prior's
+    # answer for that type (a reply with no answer is counted as unparseable, not here)
+    wrong = [(r, t) for i, (r, t) in enumerate(zip(eval_records, texts))
+             if got[i] is not None and not right[key(i, r)]]
     says_prior = [r.get("type") in prior and is_right({**r, "answer": prior[r.get("type")]}, t)
                   for r, t in wrong]
     # both halves present
@@ -278,6 +291,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
         return sum(len(proc.tokenizer.encode(t).ids) for t in replies) / len(replies) if proc else None
     result = {
         "n": len(eval_records),
+        "eval_key": measured_on,
         "accuracy_cot": sum(right.values()) / len(eval_records),
         "accuracy_cot_ci95": bootstrap_ci(right.values()),
         "unparseable": sum(g is None for g in got),
@@ -287,6 +301,7 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
         "reply_tokens": {"cot": n_tokens(texts), "direct": n_tokens(direct)},
         "text_prior_accuracy": sum(prior_right) / len(eval_records) if prior else None,
         "prior_agreement": sum(says_prior) / len(wrong) if wrong and prior else None,
+        "prior_agreement_n": len(wrong),  # the wrong, readable answers it rests on
         "counterfactual_consistency": sum(consistent) / len(pairs) if pairs else None,
         "counterfactual_consistency_ci95": bootstrap_ci(consistent),
         "vas_rationale": sum(looks["gold"]["image_mass_by_layer"]) / len(layers) if looks else None,

@@ -414,7 +414,7 @@ def train(cfg: GRPOConfig):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, metrics, metrics_path = 0, [], os.path.join(cfg.out, "metrics.jsonl")
     if resuming:
-        step, metrics = restore(ckpt, opt, metrics_path)
+        step, metrics = restore(ckpt, opt, metrics_path, cfg=cfg)
         log(f"resumed from {ckpt} at step {step}")
     log(f"grpo: {len(records)} prompts from {train_path}, {cfg.prompts_per_step} x {cfg.num_generations} "
         f"completions a step, rewards: accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, "

@@ -8,11 +8,17 @@ Attention mass over masked key groups, without materialising the attention matri
     key_groups (B, Tk) uint8   bit g set = key j is in group g (up to 8 groups)
     mass       (B, Hq, Nq, num_groups) float32 = sum over visible keys of group g of softmax_j(scale q.k_j)
 
-Differentiable in q and k. On CUDA it runs kernels.cu (built on first use with
-torch.utils.cpp_extension); elsewhere, or when the build fails, the chunked PyTorch reference
-below, which follows the same math (forward with the row log-sum-exp, backward recomputing p).
-impl="sdpa" is the stock route a user could take instead: the mass is attention with V = the
-one-hot group bits, so one scaled_dot_product_attention call gives it (bench_kernels.py times both).
+Differentiable in q and k. The routes (impl):
+  "cuda"       kernels.cu (built on first use with torch.utils.cpp_extension), on a GPU of sm_80+,
+               head dim 64 or 128, fp32/bf16/fp16;
+  "reference"  the chunked PyTorch version below, the same math (forward with the row log-sum-exp,
+               backward recomputing p), always in fp32 (autocast does not reach it);
+  "sdpa"       the stock route a user could take instead: the mass is attention with V = the one-hot
+               group bits, so one scaled_dot_product_attention call gives it (bench_kernels.py times
+               the three);
+  "auto"       the kernel where it can run and has passed its self-check; otherwise SDPA on a GPU
+               (any reason: no build, another head dim or dtype, a failed check) and the reference on
+               the CPU. (masses.mass_fn adds a fourth, "fused", which its "auto" means on the CPU.)
 
     python kernels.py --build    build the extension (no GPU needed; CI does this)
     python kernels.py --check    the CUDA op against the reference on random inputs (GPU)
@@ -70,20 +76,20 @@ def _use_cuda(q):
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         _warn_once("dtype",
-                   f"attention_mass: {q.dtype} has no CUDA kernel (fp32, bf16, fp16); using the PyTorch "
-                   "reference")
+                   f"attention_mass: {q.dtype} has no CUDA kernel (fp32, bf16, fp16); using the SDPA "
+                   "route")
         return False
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         _warn_once("dim", f"attention_mass: head dim {q.shape[-1]} has no CUDA kernel "
-                          f"(built for {CUDA_HEAD_DIMS}); using the PyTorch reference")
+                          f"(built for {CUDA_HEAD_DIMS}); using the SDPA route")
         return False
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         _warn_once("arch",
-                   "attention_mass: the CUDA kernel needs sm_80 or newer; using the PyTorch reference")
+                   "attention_mass: the CUDA kernel needs sm_80 or newer; using the SDPA route")
         return False
     if load_extension() is None:
         _warn_once("build",
-                   f"attention_mass: CUDA extension unavailable ({_ext_error}); using the PyTorch reference")
+                   f"attention_mass: CUDA extension unavailable ({_ext_error}); using the SDPA route")
         return False
     return True
 
@@ -176,7 +182,8 @@ def _mass_fwd(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_groups:
         mass, lse = load_extension().forward(q.contiguous(), k.contiguous(), q_pos.int().contiguous(),
                                              key_groups.contiguous(), num_groups, scale)
         return mass, lse
-    return reference_forward(q, k, q_pos, key_groups, num_groups, scale)
+    with torch.autocast(q.device.type, enabled=False):  # the body would run its matmuls in bf16
+        return reference_forward(q, k, q_pos, key_groups, num_groups, scale)
 
 
 @_mass_fwd.register_fake
@@ -195,12 +202,14 @@ def _mass_bwd(dmass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_pos: torc
                                            q_pos.int().contiguous(),
                                            key_groups.contiguous(), mass, lse, scale)
         return dq, dk
-    return reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale)
+    with torch.autocast(q.device.type, enabled=False):
+        return reference_backward(dmass, q, k, q_pos, key_groups, mass, lse, scale)
 
 
 @_mass_bwd.register_fake
 def _(dmass, q, k, q_pos, key_groups, mass, lse, scale, use_cuda):
-    return torch.empty_like(q), torch.empty_like(k)
+    # contiguous, as both backends return them (k is a transposed view in the model: not empty_like)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -262,9 +271,9 @@ def self_check(device, dtype, head_dim):
 
 
 def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto"):
-    """See the module docstring. impl: "auto" (the CUDA kernel when it can run and has passed its
-    self_check, else the reference on CPU and the SDPA route on a GPU), "cuda" (the kernel; raises
-    if it fails its self-check), "reference" or "sdpa" (one stock attention call with V = the group
+    """See the module docstring. impl: "auto" (the CUDA kernel where it can run and has passed its
+    self_check; else SDPA on a GPU, the reference on the CPU), "cuda" (the kernel; raises if it
+    fails its self-check), "reference" or "sdpa" (one stock attention call with V = the group
     bits)."""
     if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]
             or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]):
@@ -284,13 +293,14 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "sdpa":
         return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
-    use_cuda = {"auto": _use_cuda(q), "cuda": True, "reference": False}[impl]
+    use_cuda = _use_cuda(q) if impl == "auto" else impl == "cuda"
     failed = use_cuda and self_check(q.device, q.dtype, q.shape[-1])
     if failed and impl == "cuda":
         raise RuntimeError(f"attention_mass: the CUDA kernel failed its self-check: {failed}")
     if failed:
         _warn_once("self-check", f"attention_mass: the CUDA kernel failed its self-check ({failed}); "
                                  "using the SDPA route (impl='sdpa') from now on")
+    if failed or (impl == "auto" and q.is_cuda and not use_cuda):
         return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
     mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
     return mass

@@ -170,6 +170,11 @@ def apply_rope(x, cos, sin):  # x (B, H, T, d); half-split rotation, not interle
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
+def fused_width(head_dim, num_groups):
+    """The fused route's attention width: the head dim and the group bits, rounded up to a multiple of 8."""
+    return -(-(head_dim + num_groups) // 8) * 8
+
+
 class TextAttention(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
@@ -197,13 +202,17 @@ class TextAttention(nn.Module):
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             causal = False
         q_, k_ = q, k
-        if extra_values is not None:  # q, k padded with zeros to V's width: the same scores, one width
-            bits = extra_values.to(v.dtype).expand(-1, self.n_kv, -1, -1)  # (for the CPU's flash kernel)
-            v = torch.cat([v, bits], -1)
-            q_, k_ = F.pad(q, (0, extra_values.shape[-1])), F.pad(k, (0, extra_values.shape[-1]))
+        if extra_values is not None:  # V = [v, bits, zeros], q and k zero-padded to its width: the
+            # same scores, one width (flash and memory-efficient kernels want q, k, v alike), a multiple
+            # of 8 (the memory-efficient kernel's rule in 16 bits; else SDPA falls to its T x T math)
+            G = extra_values.shape[-1]
+            width = fused_width(self.hd, G)
+            bits = extra_values.to(v.dtype).expand(-1, self.n_kv, -1, -1)
+            v = F.pad(torch.cat([v, bits], -1), (0, width - self.hd - G))
+            q_, k_ = F.pad(q, (0, width - self.hd)), F.pad(k, (0, width - self.hd))
         y = F.scaled_dot_product_attention(q_, k_, v, attn_mask=None if causal else mask, is_causal=causal,
                                            scale=self.hd ** -0.5, enable_gqa=self.n_kv != self.n_head)
-        extra = None if extra_values is None else y[..., self.hd:]
+        extra = None if extra_values is None else y[..., self.hd:self.hd + extra_values.shape[-1]]
         return self.o_proj(y[..., :self.hd].transpose(1, 2).reshape(B, T, -1)), q, k, extra
 
 
@@ -316,6 +325,9 @@ class VLM(nn.Module):
         on mass_layers; a mass_fn with a .values (B, 1, Tk, G) tensor (masses.mass_fn's fused route)
         has them appended to V there and gets the attention's output over them too: mass_fn(layer, q,
         k, out), out (B, Hq, T, G)."""
+        if mass_layers and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("attention masses need right padding: the kernel, reference and SDPA routes "
+                             "see keys by position, so a padding key before a real token would count")
         mask = self.attention_bias(attention_mask, x.shape[1], shortcut=not self.image_boost)
         f, boost_layers = self.image_boost or (1.0, ())
         if boost_layers:  # in those layers a float mask: log f on the image keys' scores

@@ -100,8 +100,9 @@ class TrainConfig:
                       "base, else bare", choices=("bare", "cot"))
     layers: str = arg("all", f"the layers whose attention masses the objective reads: {LAYERS}")
     mass_impl: str = arg("auto", "how masses are computed: auto (on a GPU the kernel once it passes its "
-                         "self-check, SDPA if it fails; on the CPU fused), cuda, fused (the group bits as "
-                         "extra value columns of the model's own attention), reference or sdpa",
+                         "self-check, SDPA where it cannot run or fails; on the CPU fused), cuda, fused "
+                         "(the group bits as extra value columns of the model's own attention), reference "
+                         "or sdpa",
                          choices=MASS_IMPLS)
     measure_vas: bool = arg(False, "compute the masses (and log VAS) with sft too")
     batch_size: int = arg(16,
@@ -405,7 +406,7 @@ def train(cfg: TrainConfig):
     step, metrics = 0, []
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if resume_from:
-        step, metrics = restore(ckpt, opt, metrics_path, rewrite=rank == 0)
+        step, metrics = restore(ckpt, opt, metrics_path, rewrite=rank == 0, cfg=cfg)
         log(f"resumed from {ckpt} at step {step}")
     ddp = net = model
     if world > 1:
@@ -489,7 +490,7 @@ def run(cfg, compare=(), before=None):
         raise ConfigError("--compare runs on one process: under torchrun, train each objective with "
                           "--objective")
     if compare and not cfg.data and int(os.environ.get("RANK", 0)) == 0:  # one synthetic set for both
-        synthetic.make_synthetic(synthetic_dir(cfg), cfg.n_train, cfg.n_eval, cfg.seed, family=cfg.family)
+        synthetic.make_once(synthetic_dir(cfg), cfg.n_train, cfg.n_eval, cfg.seed, family=cfg.family)
         train_path, eval_path = synthetic.paths(synthetic_dir(cfg), cfg.text_only)
         cfg = TrainConfig(**{**asdict(cfg), "data": train_path, "eval_data": eval_path})
     summaries, nest = {}, bool(compare or before)

@@ -111,8 +111,13 @@ def answer_tokens(tokenizer, train_records):
     closed-set training answer (answers.candidate_sets) as written after the marker (" 3", " yes"),
     and for each the answers it competes with, those of every type whose set holds it (" yes": yes and
     no; " 3": the counts). Per type, not all K: at a cut the model gives most of its mass to other
-    types' answers as often as not. -> {"ids": (K,) long, "rivals": (K, K) bool, row k: k's rivals}."""
-    sets = [{tokenizer.encode(" " + a).ids[0] for a in s} for s in answers.candidate_sets(train_records).values()]
+    types' answers as often as not. Each answer as the records write it ("Yes", not the candidate
+    sets' folded "yes"): that is the token a record's answer span starts with.
+    -> {"ids": (K,) long, "rivals": (K, K) bool, row k: k's rivals}."""
+    closed = answers.candidate_sets(train_records)
+    written = {t: {str(r["answer"]).strip() for r in train_records
+                   if r.get("type") == t and not r.get("choices")} for t in closed}
+    sets = [{tokenizer.encode(" " + a).ids[0] for a in s} for s in written.values()]
     ids = sorted(set().union(*sets))
     rivals = torch.tensor([[any(i in s and j in s for s in sets) for j in ids] for i in ids])
     return {"ids": torch.tensor(ids), "rivals": rivals}

@@ -16,7 +16,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model import TextConfig, VisionConfig, VLMConfig
+from config import ConfigError
+from model import TextConfig, VisionConfig, VLMConfig, atomic_write
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 KINDS, GRID = ("circle", "square", "triangle"), 3
@@ -239,15 +240,15 @@ def sample(rng, family, qtype, skewed):
     return (_sample if family == "grid" else _wording_sample)(rng, qtype, skewed)
 
 
-def image_record(out_dir, name, grid, q, image_size=96, **extra):
-    """The record of question q on grid, its image rendered to out_dir/images/NAME.png, with the boxes
+def image_record(out_dir, name, grid, q, image_size=96, images="images", **extra):
+    """The record of question q on grid, its image rendered to out_dir/IMAGES/NAME.png, with the boxes
     (pixels) of the cells its answer depends on."""
-    _render(grid, image_size).save(os.path.join(out_dir, "images", f"{name}.png"))
+    _render(grid, image_size).save(os.path.join(out_dir, images, f"{name}.png"))
     answer, rationale, cells = solve(grid, q)
     cell = image_size / GRID
     box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell),
                       round((rc[0] + 1) * cell)]
-    return {"id": name, "image": f"images/{name}.png", "question": question_text(q), "rationale": rationale,
+    return {"id": name, "image": f"{images}/{name}.png", "question": question_text(q), "rationale": rationale,
             "answer": answer, "type": q["type"], "boxes": [box(rc) for rc in cells], **extra}
 
 
@@ -290,10 +291,27 @@ def make_synthetic(out_dir, n_train=2000, n_eval=300, seed=0, image_size=96, fam
     return paths(out_dir)
 
 
-def make_once(out_dir, n_train=2000, n_eval=300, seed=0, family="grid"):
-    """make_synthetic, unless out_dir already holds the set (its last file, eval_text.jsonl, is there)."""
-    if not os.path.exists(paths(out_dir, text_only=True)[1]):
-        make_synthetic(out_dir, n_train, n_eval, seed, family=family)
+def make_once(out_dir, n_train=2000, n_eval=300, seed=0, family="grid", flags="--n-train, --n-eval, --seed"):
+    """make_synthetic, unless out_dir holds the set made with these settings: made.json names them,
+    written (whole or not at all) after the set's last file. A set made with other settings is an
+    error naming both (flags: the command line's names for them), never used nor overwritten; a
+    folder without the marker (a set cut short by Ctrl-C) is made again. -> True if made now."""
+    made = {"n_train": n_train, "n_eval": n_eval, "seed": seed, "family": family}
+    marker = os.path.join(out_dir, "made.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            found = json.load(f)
+        if found != made:
+            raise ConfigError(f"{out_dir} holds a synthetic set made with {found}, not {made} ({flags}, "
+                              "--family): use another --out, or delete that folder")
+        return False
+    make_synthetic(out_dir, n_train, n_eval, seed, family=family)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(made, f)
+    atomic_write(marker, write)
+    return True
 
 
 def paths(out_dir, text_only=False):

@@ -80,6 +80,16 @@ def test_base_mix(tmp_path):
     assert {r["type"] for r in wording} == {*synthetic.WORDING_TYPES, "caption"}
 
 
+def test_two_mixes_in_one_folder_keep_their_own_images(tmp_path):
+    """A second mix in the base's data folder (another seed or size, allowed while the first base is
+    unfinished) draws its images elsewhere: every caption of the first still says what its image shows."""
+    first = base.make_base_mix(str(tmp_path), 40, seed=3, image_size=192)
+    base.make_base_mix(str(tmp_path), 40, seed=4, image_size=192)
+    base.make_base_mix(str(tmp_path), 41, seed=3, image_size=192)
+    captions = [r for r in map(json.loads, open(first)) if r["kind"] == "caption"]
+    assert captions and all(cells_in_words(r["answer"]) == read_grid(tmp_path / r["image"]) for r in captions)
+
+
 def test_finetune_set_and_its_config(tmp_path):
     """The fine-tuning set is the synthetic train split asked to think step by step, with images, and
     its text version the same in words; a fine-tune's config takes the base's rate and steps where
@@ -93,7 +103,7 @@ def test_finetune_set_and_its_config(tmp_path):
         assert got == [{**r, "question": r["question"] + data.COT} for r in src]
     assert all("image" in r for r in map(json.loads, open(cot))) and not any("image" in r for r in map(
         json.loads, open(text)))
-    with pytest.raises(nanoattcot.ConfigError, match="holds a fine-tuning set made with"):
+    with pytest.raises(nanoattcot.ConfigError, match="holds a synthetic set made with"):
         base.make_finetune_set(str(tmp_path / "d"), 13, 3)
 
     def config(*flags):
@@ -164,9 +174,8 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
     assert list(json.load(open(out / "report.json"))["results"]) == ["base", "sft", "attcot"]
     refused = [(["--base-steps", "4"], r"a base trained with other settings \(max_steps 3 there, 4 now"),
-               (["--base-seed", "1"], "holds a fine-tuning set made with"),
-               (["--base-records", "61"], "n_train 60 there, 61 now"),
-               (["--eval-limit", "2"], "the base's row was measured on another eval set")]
+               (["--base-seed", "1"], "holds a synthetic set made with"),
+               (["--base-records", "61"], "n_train 60 there, 61 now")]
     for flags, why in refused:
         with pytest.raises(SystemExit, match=why):
             nanoattcot.main(["--out", str(out), "--base-steps", "3", *TINY, *flags])
@@ -175,9 +184,22 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     assert not os.path.exists(tmp_path / "fresh" / "base" / "summary.json")
     assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
     os.remove(out / "base" / "eval.json")  # killed after the base's eval, before its caption check
+    capsys.readouterr()
     nanoattcot.main(["--out", str(out), "--base-steps", "3", "--max-steps", "0", *TINY])
     assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
     assert "caption" in json.load(open(out / "base" / "eval.json"))
+    assert "measuring" not in capsys.readouterr().out  # finished, its row as measured
+    # other eval records (--eval-limit): the base measured again on them, not retrained, never its old
+    # row under the new key, also when eval.json is gone and summary.json holds the old row
+    for limit, remove in (("2", True), ("0", False)):
+        if remove:
+            os.remove(out / "base" / "eval.json")
+        nanoattcot.main(["--out", str(out), "--base-steps", "3", "--max-steps", "0", "--eval-limit", limit,
+                         *TINY])
+        row = json.load(open(out / "base" / "eval.json"))
+        assert "base: measuring" in capsys.readouterr().out and row["n"] == (int(limit) or 6)
+        assert row["eval_key"] == json.load(open(out / "attcot" / "summary.json"))["eval_key"]
+        assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
 
     real, calls = nanoattcot.train_step, []
 

@@ -259,6 +259,37 @@ def test_wording_family(tmp_path):
         synthetic.make_synthetic(tmp_path, 3, 3, family="words")
 
 
+def test_synthetic_set_is_made_once_for_its_settings(tmp_path, monkeypatch):
+    """make_once: a set cut short (Ctrl-C in its eval split) is made again whole, not trusted; a whole
+    one is reused untouched; one made with other settings (n, n_eval, seed, family) is refused by
+    name, left as it is."""
+    real, calls = synthetic.image_record, []
+
+    def dies_in_the_eval_split(out_dir, name, *a, **kw):
+        calls.append(name)
+        if name == "eval00001":
+            raise KeyboardInterrupt
+        return real(out_dir, name, *a, **kw)
+    monkeypatch.setattr(synthetic, "image_record", dies_in_the_eval_split)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.make_once(str(tmp_path), 6, 4, seed=1)
+    monkeypatch.setattr(synthetic, "image_record", real)
+    assert len(open(tmp_path / "eval.jsonl").readlines()) < 8  # the truncated split, no marker
+    assert synthetic.make_once(str(tmp_path), 6, 4, seed=1)
+    whole = {f: open(tmp_path / f).read() for f in ("train.jsonl", "eval.jsonl", "eval_text.jsonl")}
+    assert len(whole["eval.jsonl"].splitlines()) == 8 and len(whole["train.jsonl"].splitlines()) == 6
+    fresh = tmp_path / "fresh"
+    synthetic.make_synthetic(str(fresh), 6, 4, seed=1)
+    assert whole["eval.jsonl"] == open(fresh / "eval.jsonl").read()  # the same set an unbroken run makes
+    assert not synthetic.make_once(str(tmp_path), 6, 4, seed=1)
+    for flags in (dict(n_train=7), dict(n_eval=5), dict(seed=2), dict(family="wording")):
+        settings = {**dict(n_train=6, n_eval=4, seed=1, family="grid"), **flags}
+        with pytest.raises(ValueError, match=r"holds a synthetic set made with \{'n_train': 6, 'n_eval': 4, "
+                           r"'seed': 1, 'family': 'grid'\}, not"):
+            synthetic.make_once(str(tmp_path), **settings)
+    assert whole == {f: open(tmp_path / f).read() for f in whole}
+
+
 def test_record_prompt_places_images_once(proc, tmp_path):
     """Training and evaluation build prompts the same way: JSONL images go before the question,
     LLaVA questions keep their own <image> places (never doubled)."""

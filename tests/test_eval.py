@@ -22,6 +22,9 @@ CHOICES = ["A. red", "B. green", "C. blue"]
     ("I looked, and the answer is: green.", "green"),
     ("So the answer is 7", "7"),
     ("B", "B"),                                                          # a direct answer
+    ("Yes, a red one.", "Yes, a red one"),
+    ("Row 1: nothing, a small red", ""),                  # a rationale cut off: its one number is no count
+    ("I see a circle and a red square and a small blue triangle in the top row", ""),  # 16 words
     ("", ""),
 ])
 def test_extract_answer(reply, answer):
@@ -102,7 +105,11 @@ def test_evaluate_reads_answers_among_the_training_answers_of_their_type(monkeyp
                            commitment=False)
     assert ev["unparseable"] == 2 and ev["unparseable_direct"] == 2
     ev = eval_mod.evaluate(None, None, recs, [], commitment=False)
-    assert ev["unparseable"] == 0  # no candidates: the text itself is the (wrong) answer
+    assert ev["unparseable"] == 2  # no candidates: still a rationale cut off (a labelled step)
+    monkeypatch.setattr(eval_mod, "generate_answers",
+                        lambda m, p, recs, *a, **kw: ["nothing there"] * len(recs))
+    ev = eval_mod.evaluate(None, None, recs, [], commitment=False)
+    assert ev["unparseable"] == 0  # no candidates: a short reply is itself the (wrong) answer
 
 
 def test_candidate_sets_fold_case_and_keep_the_gold():
@@ -165,13 +172,25 @@ def test_measures_on_a_stub_that_always_answers_the_prior(monkeypatch):
     assert ev["accuracy_by_type"] == {"count": pytest.approx(1 / 3), "compare": 0.5}
 
 
+def test_prior_agreement_is_over_the_wrong_answers_that_can_be_read(monkeypatch):
+    """Two wrong answers, both the prior's, and eight replies with no answer: agreement 1.0 over the 2,
+    not 0.2 over the 10; the eight are unparseable."""
+    recs = [{"id": str(i), "question": "How many?", "answer": "3", "type": "count", "images": [],
+             "source": f"f:{i}"} for i in range(10)]
+    monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, rs, *a, **kw:
+                        ["So 1. Answer: 1"] * 2 + ["Row 1: nothing, a small red"] * 8)
+    ev = eval_mod.evaluate(None, None, recs, [{"type": "count", "answer": "1"}], commitment=False)
+    assert ev["prior_agreement"] == 1.0 and ev["prior_agreement_n"] == 2 and ev["unparseable"] == 8
+
+
 def test_measures_on_a_stub_that_reads_the_answer(monkeypatch):
     monkeypatch.setattr(eval_mod, "generate_answers",
                         lambda m, p, recs, *a,
                         **kw: [f"Answer: {r['answer']}" if r["id"] != "bb" else "" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
     assert ev["accuracy_cot"] == pytest.approx(4 / 5) and ev["unparseable"] == 1
-    assert ev["counterfactual_consistency"] == 0.5 and ev["prior_agreement"] == 0.0
+    assert ev["counterfactual_consistency"] == 0.5 and ev["unparseable"] == 1
+    assert ev["prior_agreement"] is None and ev["prior_agreement_n"] == 0  # no readable wrong answer
 
 
 @pytest.fixture(scope="module")

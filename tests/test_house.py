@@ -124,11 +124,17 @@ def test_mass_hook_takes_the_rows_and_applies_the_boost():
     assert torch.allclose(boosted, kernels_boosted(plain, 3.0))
 
 
-def test_fused_masses_are_the_models_attention(tmp_path):
+def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
     """The fused route (group bits as extra value columns of the model's own attention) gives the
     reference's masses and gradients through a real forward: GQA, right padding, the boost on in one
-    layer (the fused masses carry it themselves, the reference gets kernels.boosted)."""
+    layer (the fused masses carry it themselves, the reference gets kernels.boosted). Its attention
+    runs at a width that is a multiple of 8 (head dim 8 + 2 bits -> 16), which SDPA's
+    memory-efficient kernel needs in 16 bits."""
     from model import VLM, TextConfig, VisionConfig, VLMConfig
+    widths, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: ("enable_gqa" in kw and widths.append(  # decoder calls
+                            (q.shape[-1], k.shape[-1], v.shape[-1]))) or sdpa(q, k, v, **kw))
     torch.manual_seed(0)
     cfg = VLMConfig(VisionConfig(32, 64, 1, 2, 8, 32), TextConfig(50, 48, 96, 3, 6, 2, 8), 2, 49)
     model = VLM(cfg).double()
@@ -157,6 +163,7 @@ def test_fused_masses_are_the_models_attention(tmp_path):
         assert m_ref[..., 0].max() > 0.1 and g_ref.abs().max() > 1e-3  # not zeros agreeing
     assert not torch.allclose(got[3.0, "fused"][0][1], got[1.0, "fused"][0][1])  # the boost is in layer 1
     assert masses.mass_fn(rows, q_pos, groups, 2).values is not None  # auto on the CPU is fused
+    assert set(widths) == {(8, 8, 8), (16, 16, 16)}  # plain (the reference's runs), fused
 
 
 def kernels_boosted(m, f):  # by hand: the image's probabilities times f, renormalised

@@ -88,6 +88,33 @@ def test_gradcheck_and_opcheck():
                            lse.detach(), 0.35, False))
 
 
+def test_fakes_give_the_real_outputs_strides():
+    """torch.compile plans with the fakes: dK must be contiguous as both backends return it, also when
+    k is a transposed view, as the model's k is (B, T, Hkv, d) -> (B, Hkv, T, d)."""
+    q, k, q_pos, groups = random_inputs(1, 4, 2, 9, 11, 8, 3, dtype=torch.float64)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    mass, lse = torch.ops.nanoattcot.mass_fwd(q, k, q_pos, groups, 3, 0.35, False)
+    torch.library.opcheck(torch.ops.nanoattcot.mass_fwd.default, (q, k, q_pos, groups, 3, 0.35, False))
+    torch.library.opcheck(torch.ops.nanoattcot.mass_bwd.default,
+                          (torch.randn_like(mass), q, k, q_pos, groups, mass, lse, 0.35, False))
+
+
+def test_reference_computes_in_fp32_under_autocast():
+    """bf16 autocast (as training on a GPU runs) must not reach the reference's body: the masses and
+    gradients are those of fp32 arithmetic on the same inputs, not bf16 matmuls (error ~1e-2)."""
+    q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2)
+    upstream = torch.randn(2, 6, 33, 2)
+    outs = []
+    for on in (False, True):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            m = kernels.attention_mass(qq, kk, q_pos, groups, 2, impl="reference")
+            (m * upstream).sum().backward()
+        outs.append((m, qq.grad, kk.grad))
+    for plain, cast in zip(*outs):
+        assert cast.dtype == torch.float32 and torch.allclose(plain, cast, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sdpa_route_matches_brute_force(shape):
     """impl="sdpa" (attention with V = the group bits): masses and gradients, rows that see nothing."""
@@ -233,11 +260,11 @@ def test_cuda_matches_reference(shape, dtype, tol):
 
 
 @cuda
-def test_cuda_float64_falls_back_to_the_reference():
+def test_cuda_float64_falls_back_to_sdpa():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 30, 40, 64, 2, dtype=torch.float64, device="cuda", seed=6)
-    with pytest.warns(UserWarning, match="float64 has no CUDA kernel"):
+    with pytest.warns(UserWarning, match="float64 has no CUDA kernel; using the SDPA route"):
         got = kernels.attention_mass(q, k, q_pos, groups, 2)
-    assert torch.equal(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
+    assert torch.equal(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="sdpa"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -290,6 +290,23 @@ def test_attention_masses_match_materialised_attention(checkpoints):
         assert (got - want).abs()[mask.bool()[:, None].expand_as(got)].max() < 1e-5
 
 
+def test_attention_masses_refuse_left_padding(checkpoints):
+    """Every route but the fused one sees keys by position, so a padding key before a real token would
+    dilute the masses: asked for masses, a left-padded batch is an error (a plain forward is not)."""
+    import kernels
+    path, _ = checkpoints["idefics3_gqa_untied_s2"]
+    model = VLM.from_pretrained(path).eval()
+    b = batch(path, texts=TEXTS[:2], images=IMAGE_LISTS[:2], padding_side="left")
+    assert not b["attention_mask"].all()
+    q_pos = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])
+    groups = (b["input_ids"] == model.config.image_token_id).to(torch.uint8)
+    hook = lambda i, q, k: kernels.attention_mass(q, k, q_pos, groups, 1, impl="reference")
+    with torch.no_grad():
+        model(**b)
+        with pytest.raises(ValueError, match="attention masses need right padding"):
+            model(**b, mass_layers=[0], mass_fn=hook)
+
+
 @pytest.mark.parametrize("name", ["idefics3_gqa_untied_s2", "smolvlm_tied_s3"])
 def test_train_flops_match_counted_flops(checkpoints, name):
     """The MFU numerator against torch's FlopCounterMode counting every matmul and convolution of

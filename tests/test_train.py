@@ -239,6 +239,33 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained, imp
     assert grads_on["vision.layers.0.fc1.weight"].abs().sum() > 0
 
 
+def test_compiled_training_step_through_the_mass_op_on_a_gqa_model():
+    """torch.compile traces the mass op with its fakes, forward and backward: on a model with several
+    key/value heads (k a transposed view) the compiled Att-CoT step gives the eager loss and gradients.
+    aot_eager runs the same fake tracing as inductor without its code generation (and its cache,
+    which is not keyed on the fakes)."""
+    from model import VLM, TextConfig, VisionConfig, VLMConfig
+    torch.manual_seed(0)
+    model = VLM(VLMConfig(VisionConfig(32, 64, 1, 2, 8, 32), TextConfig(50, 48, 96, 2, 6, 3, 8), 2, 49))
+    P, V, R, A = data.P, data.V, data.R, data.A
+    spans = torch.tensor([[P] + [V] * 4 + [P, P] + [R] * 5 + [A, A],
+                          [P] + [V] * 4 + [P] + [R] * 3 + [A] + [0] * 4])
+    ids = torch.randint(0, 49, spans.shape).masked_fill(spans == V, 49)
+    batch = {"input_ids": ids, "attention_mask": (spans > 0).long(), "spans": spans,
+             "labels": torch.where(spans >= R, ids, -100), "pixel_values": torch.randn(2, 1, 3, 32, 32),
+             "pixel_attention_mask": torch.ones(2, 1, 32, 32, dtype=torch.long)}
+    cfg, counts = TrainConfig(objective="attcot", mass_impl="reference"), objective.step_counts([batch])
+    runs = []
+    for net in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        loss = objective.total_loss(objective.loss_terms(net, batch, cfg, [0, 1]), counts, cfg)
+        loss.backward()
+        runs.append((loss.detach(), model.layers[0].self_attn.k_proj.weight.grad.clone()))
+    (eager, g_eager), (compiled, g_compiled) = runs
+    assert torch.allclose(eager, compiled) and torch.allclose(g_eager, g_compiled, atol=1e-7)
+    assert g_eager.abs().max() > 0
+
+
 def test_hf_format_output_loads_in_transformers(trained):
     from transformers import AutoModelForImageTextToText
     from model import VLM
@@ -288,6 +315,9 @@ def test_answer_tokens_pair_each_answer_with_its_types_answers():
               for i, row in zip(got["ids"], got["rivals"])}
     assert rivals == {"yes": {"yes", "no"}, "no": {"yes", "no", "dark"}, "dark": {"no", "dark"},
                       "2": {"2", "3"}, "3": {"2", "3"}}
+    # answers as written: a capitalised answer is its own token, the one its answer span starts with
+    got = objective.answer_tokens(words, [{"type": "yn", "answer": a} for a in ("Yes", "No", "yes")])
+    assert sorted(int(i) for i in got["ids"]) == sorted(words.vocab[w] for w in ("Yes", "No", "yes"))
 
 
 def test_commit_batch_cuts_early_and_forces_the_answer():
@@ -564,6 +594,24 @@ def test_sigkill_during_a_checkpoint_save(tmp_path, monkeypatch, capsys, straigh
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     nanoattcot.train(config(tmp_path, max_steps=1, resume=True))
     assert "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+def test_resume_under_other_settings_is_refused(tmp_path, monkeypatch):
+    """--resume with a setting that changes what the run computes (the rate, the steps, the objective)
+    names each difference and stops before a step; one that changes where or how it runs (the log
+    interval, the device) continues."""
+    count_steps(monkeypatch, fail_at=3, error=KeyboardInterrupt)
+    with pytest.raises(SystemExit):
+        nanoattcot.train(config(tmp_path, max_steps=4, save_every=2))
+    steps = count_steps(monkeypatch)
+    with pytest.raises(checkpoint.CheckpointError, match=r"other settings \(--max-steps 4 there, 5 now, "
+                       r"--lr 0.003 there, 0.001 now\)"):
+        nanoattcot.train(config(tmp_path, max_steps=5, save_every=2, lr=1e-3, resume=True))
+    with pytest.raises(checkpoint.CheckpointError, match=r"--objective 'attcot' there, 'sft' now"):
+        nanoattcot.train(config(tmp_path, max_steps=4, save_every=2, objective="sft", resume=True))
+    assert steps == []
+    nanoattcot.train(config(tmp_path, max_steps=4, save_every=2, resume=True, log_every=1))
+    assert len(steps) == 2
 
 
 def test_tampered_trainer_state_is_refused(tmp_path):
