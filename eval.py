@@ -236,9 +236,10 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
     answer, accuracy), heatmaps (attention_steps on the model's own replies, or the gold ones where
     it wrote nothing, to the first few records with one image), explore (explorer.explore: each reply
     token's attention over the image per layer, for the first `explore` one-image records: what
-    report.html shows), accuracy_by_type, n, and seconds and items/s per phase. cot: how the CoT prompt
-    asks (data.asked: "bare", the question as written, or "cot", with the step-by-step instruction);
-    every measure but direct accuracy reads that prompt. log(line): progress."""
+    report.html shows), accuracy_by_type and accuracy_by_type_direct (each prompt's accuracy per
+    question type), n, and seconds and items/s per phase. cot: how the CoT prompt asks (data.asked:
+    "bare", the question as written, or "cot", with the step-by-step instruction); every measure but
+    direct accuracy reads that prompt. log(line): progress."""
     if not eval_records:
         raise data.DataError("evaluate: no evaluation records")
     measured_on = records_key(eval_records)
@@ -320,10 +321,12 @@ def evaluate(model, proc, eval_records, train_records, layers=None, batch_size=1
              "masses": (len(eval_records) + len(own)) * bool(layers)}
     result["items_per_second"] = {k: round(n / seconds[k], 1) for k, n in items.items()
                                   if n and seconds[k] > 0}
-    by_type = collections.defaultdict(list)
+    by_type, by_type_direct = collections.defaultdict(list), collections.defaultdict(list)
     for i, r in enumerate(eval_records):
         by_type[r.get("type")].append(right[key(i, r)])
+        by_type_direct[r.get("type")].append(right_direct[i])
     result["accuracy_by_type"] = {t: sum(v) / len(v) for t, v in by_type.items()}
+    result["accuracy_by_type_direct"] = {t: sum(v) / len(v) for t, v in by_type_direct.items()}
     return result
 
 
@@ -337,6 +340,11 @@ def table_rows(summaries):
                 "accuracy_direct_ci95", "unparseable_direct", "text_prior_accuracy", "prior_agreement",
                 "counterfactual_consistency", "vas_rationale", "wall_seconds"):
         rows.append((key, [fmt(r.get(key)) for r in runs]))
+    types = sorted({t for r in runs for t in r.get("accuracy_by_type", {})}, key=str)
+    for t in types:  # each prompt's accuracy per question type
+        rows.append((f"{t}: accuracy cot / direct", [
+            pair(r["accuracy_by_type"][t], r["accuracy_by_type_direct"][t])
+            if t in r.get("accuracy_by_type_direct", {}) else "-" for r in runs]))
     rows.append(("reply tokens: cot / direct", [pair(r["reply_tokens"]["cot"], r["reply_tokens"]["direct"])
                                                 if r.get("reply_tokens", {}).get("cot") else "-"
                                                 for r in runs]))
@@ -445,6 +453,42 @@ def figures(results, out):
     return made
 
 
+def headline(results):
+    """The report's first lines, what to look at and what this run shows: the base (the row named
+    "base"), if there, as its captions and both prompts measure it; then every other model's accuracy
+    with chain of thought and for the answer alone; then where their rationales look and what greying
+    the evidence does."""
+    name = lambda n: {"sft": "CoT-SFT", "attcot": "Att-CoT", "avar": "AVAR's objective"}.get(n, n)
+    tuned = {n: r for n, r in results.items() if n != "base"}
+    lines, b = [], results.get("base")
+    if b:
+        caption = ("its captions name {cells_right:.2f} of the cells right ({kind_right:.2f} the kind, "
+                   "{colour_right:.2f} the colour); ".format(**b["caption"]) if b.get("caption") else "")
+        lines.append(f"**The base**: {caption}asked for "
+                     f"the answer alone it is right {b['accuracy_direct']:.2f} of the time (never looking, "
+                     f"the text prior: {b['text_prior_accuracy'] or 0:.2f}); asked to think step by step, "
+                     f"{b['accuracy_cot']:.2f}, {b['unparseable']} of its {b['n']} replies giving no answer.")
+    if tuned:
+        per_type = lambda r: "".join(f", {t} {a:.2f}"
+                                     for t, a in sorted((r.get("accuracy_by_type") or {}).items(), key=str))
+        lines.append("**Fine-tuned on image chain of thought**, asked to think step by step (and for the "
+                     "answer alone; then per question type): " + "; ".join(
+                         f"{name(n)} {r['accuracy_cot']:.2f} ({r['accuracy_direct']:.2f}){per_type(r)}"
+                         for n, r in tuned.items()) + ".")
+        looks = [(n, r) for n, r in tuned.items() if r.get("where_it_looks") and r.get("occlusion")]
+        if looks:
+            along = lambda r: r["where_it_looks"]["own"]["image_mass_along_rationale"]
+            lines.append("**Where the rationale looks** (its image mass, first -> last tenth of the model's "
+                         "own rationale; answers changed by greying the evidence, by greying as much "
+                         "elsewhere): " + "; ".join(
+                             f"{name(n)} {along(r)[0]:.2f} -> {along(r)[-1]:.2f}, "
+                             f"{r['occlusion']['evidence_changed']:.2f} / "
+                             f"{r['occlusion']['control_changed']:.2f}" for n, r in looks)
+                         + ". The attention pictures below show the same items, step by step, for each "
+                           "model.")
+    return lines
+
+
 def write_report(results, out, meta=None, extra=()):
     """report.json (every number), report.md (the table and the pictures, readable on GitHub),
     report.html (the same with the attention explorer: explorer.py) and the PNGs under out. extra:
@@ -455,7 +499,8 @@ def write_report(results, out, meta=None, extra=()):
         json.dump({"meta": meta or {}, "results": results}, f)
     explorer.write_html(os.path.join(out, "report.html"), results, table_rows(results),
                         [(heading, os.path.join(out, file)) for heading, file in made], meta)
-    lines = ["# Evaluation report", ""] + [f"- {k}: {v}" for k, v in (meta or {}).items()]
+    lines = ["# Evaluation report", ""] + [f"{line}\n" for line in headline(results)]
+    lines += [f"- {k}: {v}" for k, v in (meta or {}).items()]
     lines += ["", "Where each reply token looks, token by token and layer by layer: open report.html "
               "(one file, no network) in a browser."]
     lines += ["", markdown_table(results), ""]

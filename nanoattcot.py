@@ -49,6 +49,7 @@ from records import read_records
 
 
 OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "fused", "reference", "sdpa")
+PIPELINE_OBJECTIVES = ("sft", "attcot")  # the default run fine-tunes the base with both, unless --objective
 ANS_GROUPS = objective.ANS_GROUPS  # (a name the config's own `objective` field would shadow)
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
@@ -117,7 +118,8 @@ class TrainConfig:
     warmup: int = arg(None, "linear warmup steps; None: 30 from scratch, 3% of --max-steps with --init")
     grad_clip: float = arg(1.0, "the gradient's norm is clipped to this")
     max_len: int = arg(2048, "longest record in tokens; a longer one is skipped (the answer is never cut)")
-    freeze_vision: bool = arg(False, "do not train the vision tower")
+    freeze_vision: bool = arg(None, "do not train the vision tower (fine-tuning the base: frozen, as in its "
+                              "own stages; else trained)")
     activation_checkpointing: bool = arg(False, "recompute each block in the backward: less memory, about "
                                          "1/3 more compute")
     compile: bool = arg(False, "torch.compile the model")
@@ -142,6 +144,7 @@ class TrainConfig:
 
     def __post_init__(self):
         finetune = bool(self.init)
+        self.freeze_vision = bool(self.freeze_vision)
         self.max_steps = 1200 if self.max_steps is None else self.max_steps
         self.prompt = self.prompt or "bare"
         self.lr = (FINETUNE_LR if finetune else SCRATCH_LR) if self.lr is None else self.lr
@@ -559,7 +562,9 @@ def main(argv=None):
         st = base.StageConfig(**{f: args.pop(f) for f in base.StageConfig.__dataclass_fields__})
         if args["data"] or args["init"] or st.from_scratch or stage == "train":
             return run(TrainConfig(**args), compare)
-        return base.pipeline(args, st, compare, run, TrainConfig, base_only=stage == "base")
+        chosen = any(a.split("=")[0] == "--objective" for a in argv)  # else both, side by side
+        return base.pipeline(args, st, compare or ([] if chosen else list(PIPELINE_OBJECTIVES)), train, run,
+                             TrainConfig, base_only=stage == "base")
 
 
 if __name__ == "__main__":

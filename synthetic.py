@@ -23,7 +23,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 KINDS, GRID = ("circle", "square", "triangle"), 3
 
 
-def _render(grid, size):
+def render(grid, size):
     """grid: GRID x GRID of None or (colour, kind, large) -> RGB image; cell boxes are size / GRID."""
     im = Image.new("RGB", (size, size), (235, 235, 235))
     draw, cell = ImageDraw.Draw(im), size / GRID
@@ -45,7 +45,7 @@ def _render(grid, size):
     return im
 
 
-def _describe(item):
+def describe(item):
     return "nothing" if item is None else f"a {'large' if item[2] else 'small'} {item[0]} {item[1]}"
 
 
@@ -68,7 +68,7 @@ def _solve(grid, q):
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     # up to the asked cell
     walked = cells[:cells.index(tuple(q["cell"])) + 1] if q["type"] == "cell" else cells
-    walk = " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) + tag(r, c) for rr, c in walked
+    walk = " ".join(f"Row {r + 1}: " + ", ".join(describe(grid[r][c]) + tag(r, c) for rr, c in walked
                                                  if rr == r) + "."
                     for r in sorted({r for r, _ in walked}))
     if q["type"] == "count":
@@ -91,13 +91,13 @@ def _question_text(q):
     return f"What colour is the shape in row {q['cell'][0] + 1}, column {q['cell'][1] + 1}?"
 
 
-def _random_item(rng, colours=tuple(COLOURS), kinds=KINDS):
+def random_item(rng, colours=tuple(COLOURS), kinds=KINDS):  # (colour, kind, large)
     return (colours[rng.integers(len(colours))], kinds[rng.integers(len(kinds))], bool(rng.integers(2)))
 
 
 def _sample(rng, qtype, skewed):
     """A grid and question whose answer follows a skewed (training text prior) or uniform distribution."""
-    grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)] for _ in range(GRID)]
+    grid = [[None if rng.random() < 0.35 else random_item(rng) for _ in range(GRID)] for _ in range(GRID)]
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     order = [cells[i] for i in rng.permutation(len(cells))]
     if qtype == "count":
@@ -106,9 +106,9 @@ def _sample(rng, qtype, skewed):
         others = tuple(k for k in KINDS if k != kind)
         for i, (r, c) in enumerate(order):  # exactly n shapes of that kind
             if i < n:
-                grid[r][c] = _random_item(rng, kinds=(kind,))
+                grid[r][c] = random_item(rng, kinds=(kind,))
             elif grid[r][c] and grid[r][c][1] == kind:
-                grid[r][c] = _random_item(rng, kinds=others)
+                grid[r][c] = random_item(rng, kinds=others)
         q = {"type": "count", "kinds": (kind,)}
     elif qtype == "compare":
         k1, k2 = (KINDS[i] for i in rng.permutation(3)[:2])
@@ -116,12 +116,12 @@ def _sample(rng, qtype, skewed):
         n1, n2 = sorted(rng.choice(4, 2, replace=False))[::-1] if yes else sorted(rng.choice(4, 2))
         for i, (r, c) in enumerate(order):
             kind = k1 if i < n1 else k2 if i < n1 + n2 else KINDS[3 - KINDS.index(k1) - KINDS.index(k2)]
-            grid[r][c] = _random_item(rng, kinds=(kind,)) if i < n1 + n2 or grid[r][c] else None
+            grid[r][c] = random_item(rng, kinds=(kind,)) if i < n1 + n2 or grid[r][c] else None
         q = {"type": "compare", "kinds": (k1, k2)}
     else:
         r, c = order[0]
         colour = "red" if skewed and rng.random() < 0.6 else list(COLOURS)[rng.integers(4)]
-        grid[r][c] = _random_item(rng, (colour,))
+        grid[r][c] = random_item(rng, (colour,))
         q = {"type": "cell", "cell": (r, c)}
     return grid, q
 
@@ -134,7 +134,7 @@ def _twin(rng, grid, q):
         r, c = int(rng.integers(GRID)), int(rng.integers(GRID))
         if q["type"] in ("cell", "is_cell"):
             r, c = q["cell"]
-        g[r][c] = _random_item(rng) if q["type"] not in ("count", "exists") or rng.random() < 0.7 else None
+        g[r][c] = random_item(rng) if q["type"] not in ("count", "exists") or rng.random() < 0.7 else None
         if q["type"] == "which_more" and _ties(g, q["kinds"]):
             continue  # the twin must not tie either
         if solve(g, q)[0] != answer:
@@ -156,7 +156,7 @@ def _wording_solve(grid, q):
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     if q["type"] == "is_cell":
         (r, c), item = q["cell"], grid[q["cell"][0]][q["cell"][1]]
-        said = f"Row {r + 1}, column {c + 1} holds {_describe(item)}."
+        said = f"Row {r + 1}, column {c + 1} holds {describe(item)}."
         return ("yes" if (item[1] == q["kind"]) != q["negated"] else "no"), said, [(r, c)]
     if q["type"] == "which_more":
         k1, k2 = q["kinds"]
@@ -194,7 +194,7 @@ def _wording_sample(rng, qtype, skewed):
     prior a model can take without looking or reading; in eval half and half."""
     lean = rng.random() < (0.7 if skewed else 0.5)
     for _ in range(1000):
-        grid = [[None if rng.random() < 0.35 else _random_item(rng) for _ in range(GRID)]
+        grid = [[None if rng.random() < 0.35 else random_item(rng) for _ in range(GRID)]
                 for _ in range(GRID)]
         negated = bool(rng.integers(2))
         if qtype == "is_cell":
@@ -228,7 +228,7 @@ def question_text(q):
 
 def in_words(grid):
     """The grid as text, for the text-only version of the set (DRIFT's reasoning prior never sees pixels)."""
-    return " ".join(f"Row {r + 1}: " + ", ".join(_describe(grid[r][c]) for c in range(GRID)) + "."
+    return " ".join(f"Row {r + 1}: " + ", ".join(describe(grid[r][c]) for c in range(GRID)) + "."
                     for r in range(GRID))
 
 
@@ -243,7 +243,7 @@ def sample(rng, family, qtype, skewed):
 def image_record(out_dir, name, grid, q, image_size=96, images="images", **extra):
     """The record of question q on grid, its image rendered to out_dir/IMAGES/NAME.png, with the boxes
     (pixels) of the cells its answer depends on."""
-    _render(grid, image_size).save(os.path.join(out_dir, images, f"{name}.png"))
+    render(grid, image_size).save(os.path.join(out_dir, images, f"{name}.png"))
     answer, rationale, cells = solve(grid, q)
     cell = image_size / GRID
     box = lambda rc: [round(rc[1] * cell), round(rc[0] * cell), round((rc[1] + 1) * cell),

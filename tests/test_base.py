@@ -12,6 +12,7 @@ import base
 import data
 import nanoattcot
 import synthetic
+from model import VLM
 from test_data import grid_answer, read_grid
 
 
@@ -133,7 +134,8 @@ def test_prompt_builders():
 
 
 TINY = ["--base-records", "60", "--cot-records", "24", "--n-eval", "3", "--batch-size", "4",
-        "--device", "cpu", "--log-every", "100"]
+        "--vision-steps", "4", "--align-steps", "2", "--text-steps", "2", "--device", "cpu",
+        "--log-every", "100"]
 
 
 def weights(folder):
@@ -141,21 +143,32 @@ def weights(folder):
 
 
 def test_stage_chain(tmp_path, capsys, monkeypatch):
-    """The default run in small: the base trained and reported in OUT/base; the fine-tune starts from
-    its weights and tokenizer (0 steps: the same weights), the report has the base's row first and
-    each method's CoT prompt asks for the steps; a second run reuses the base; another base's
-    settings are refused, the finished base untouched; --resume picks up each stage where it stopped."""
+    """The default run in small: the base made stage by stage in OUT/base (the vision tower, the
+    assembled VLM, the alignment stage, the mix) and reported; CoT-SFT and Att-CoT each start from its
+    weights and tokenizer (0 steps: the same weights), the report has the base's row first, then both,
+    and each method's CoT prompt asks for the steps; a second run reuses every stage; another base's
+    settings (any stage's) are refused, the finished base untouched; --resume picks up each stage
+    where it stopped."""
     out = tmp_path / "out"
     nanoattcot.main(["--out", str(out), "--base-steps", "3", "--max-steps", "0", *TINY])
-    assert {"attcot", "base", "data_cot", "report.md", "report.html"} <= set(os.listdir(out))
+    assert {"sft", "attcot", "base", "data_cot", "report.md", "report.html"} <= set(os.listdir(out))
+    assert {"vision", "init", "align", "text", "model", "stages.json"} <= set(os.listdir(out / "base"))
     for name in ("model.safetensors", "tokenizer.json"):
         assert os.path.exists(out / "base" / "model" / name) and os.path.exists(out / "base" / "report.md")
     start, tuned = weights(out / "base" / "model"), weights(out / "attcot" / "model")
     assert start.keys() == tuned.keys() and all(torch.equal(start[k], tuned[k]) for k in start)
+    tower = safetensors.torch.load_file(out / "base" / "vision" / "tower.safetensors")
+    vision = VLM.from_pretrained(str(out / "base" / "model")).vision.state_dict()  # the stage's, frozen since
+    assert tower.keys() == vision.keys() and all(torch.equal(tower[k], vision[k]) for k in tower)
+    connector = "model.connector.modality_projection.proj.weight"  # trained by the alignment stage
+    assert not torch.equal(weights(out / "base" / "align" / "model")[connector],
+                           weights(out / "base" / "init" / "model")[connector])
     assert (out / "base" / "model" / "tokenizer.json").read_text() == \
         (out / "attcot" / "model" / "tokenizer.json").read_text()
     report = json.load(open(out / "report.json"))
-    assert list(report["results"]) == ["base", "attcot"] and report["meta"]["CoT prompt"] == "cot"
+    assert list(report["results"]) == ["base", "sft", "attcot"] and report["meta"]["CoT prompt"] == "cot"
+    head = (out / "report.md").read_text().split("\n- ")[0]  # the lines before the settings
+    assert "**The base**" in head and "CoT-SFT" in head and "Att-CoT" in head
     assert 0 <= report["results"]["base"]["caption"]["cells_right"] <= 1  # the caption check, in the table
     assert "captions: cells / kind / colour right" in (out / "report.md").read_text()
     assert report["results"]["attcot"]["examples"][0]["question"].endswith(data.COT)
@@ -167,15 +180,22 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     assert examples("base") == examples("attcot")  # the same eval items, asked the same way
     capsys.readouterr()
 
-    mtime = os.path.getmtime(out / "base" / "model" / "model.safetensors")
-    nanoattcot.main(["--out", str(out), "--base-steps", "3", "--max-steps", "1", "--compare", "--seed", "1",
-                     *TINY])  # another fine-tuning seed, the same base
+    stages = ("model/model.safetensors", "vision/tower.safetensors", "align/model/model.safetensors",
+              "init/model/model.safetensors")
+    made = {f: os.path.getmtime(out / "base" / f) for f in stages}
+    mtime = made["model/model.safetensors"]
+    # another fine-tuning seed, more objectives, the same base
+    nanoattcot.main(["--out", str(out), "--base-steps", "3", "--max-steps", "1", "--compare",
+                     "sft,attcot,avar", "--seed", "1", *TINY])
     assert "base: reusing" in capsys.readouterr().out
-    assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
-    assert list(json.load(open(out / "report.json"))["results"]) == ["base", "sft", "attcot"]
+    assert {f: os.path.getmtime(out / "base" / f) for f in made} == made
+    assert list(json.load(open(out / "report.json"))["results"]) == ["base", "sft", "attcot", "avar"]
     refused = [(["--base-steps", "4"], r"a base trained with other settings \(max_steps 3 there, 4 now"),
                (["--base-seed", "1"], "holds a synthetic set made with"),
-               (["--base-records", "61"], "n_train 60 there, 61 now")]
+               (["--base-records", "61"], "n_train 60 there, 61 now"),
+               (["--vision-steps", "5"], "vision_steps 4 there, 5 now"),
+               (["--align-steps", "3"], "align_steps 2 there, 3 now"),
+               (["--text-steps", "3"], "text_steps 2 there, 3 now")]
     for flags, why in refused:
         with pytest.raises(SystemExit, match=why):
             nanoattcot.main(["--out", str(out), "--base-steps", "3", *TINY, *flags])
@@ -211,9 +231,10 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(nanoattcot, "train_step", dies_at_step_3)
     stages = [("base", ["base", "--out", str(tmp_path / "b")]), ("sft", ["--out", str(tmp_path / "b"),
                                                                         "--objective", "sft"])]
-    for name, flags in stages:
+    for name, flags in stages:  # (no alignment nor text stage: the Ctrl-C lands in the mix's step 3)
         calls.clear()
-        args = [*flags, "--base-steps", "4", "--max-steps", "4", "--save-every", "2", *TINY]
+        args = [*flags, "--base-steps", "4", "--max-steps", "4", "--save-every", "2", *TINY,
+                "--align-steps", "0", "--text-steps", "0"]
         with pytest.raises(SystemExit, match="130"):  # interrupted: the checkpoint saved, exit 130
             nanoattcot.main(args)
         capsys.readouterr()
