@@ -289,8 +289,9 @@ def ensure_base(args, st, train, train_and_report, make_config, log=print):
     then the whole mix, trained and reported; the seconds each took are logged. run_dir/stages.json
     names the base: another one there is an error, never overwritten. The base's row is measured again
     when it was measured on other eval records than this run's (evaluate's eval_key), and finished
-    (the caption check) when a run was killed before that. The eval set is there already (the pipeline made it checking the flags).
-    train(cfg), train_and_report(cfg): nanoattcot's. -> (model folder, its eval results, seconds spent)."""
+    (the caption check) when a run was killed before that. The eval set is there already (the
+    pipeline made it checking the flags). train(cfg), train_and_report(cfg): nanoattcot's.
+    -> (model folder, its eval results, seconds spent)."""
     mix_dir, cot_dir, run_dir = folders(args, st)
     check_identity(run_dir, identity(args, st))
     mix = os.path.join(mix_dir, f"base_{st.base_records}_s{st.base_seed}.jsonl")

@@ -1,7 +1,7 @@
 """
 Benchmark of attention_mass: this kernel against the ways one can get the same numbers.
 
-  (a) ours        kernels.attention_mass (CUDA extension; the PyTorch reference on CPU)
+  (a) ours        mass_kernel.attention_mass (CUDA extension; the PyTorch reference on CPU)
   (b) eager       materialised softmax, then a masked sum (what output_attentions=True gives)
   (c) flex        FlexAttention with return_lse, once over all keys and once per group:
                   m = exp(lse_group - lse_all), compiled
@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
+import mass_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 
@@ -93,7 +93,7 @@ def make_flex_bits(q_pos, groups, G, B, Nq, Tk, D, Hkv, dtype):
     flex = torch.compile(flex_attention)
     block_mask = create_block_mask(lambda b, h, qi, kj: kj <= q_pos[b, qi], B, None, Nq, Tk,
                                    device=q_pos.device)
-    v = kernels.bits_as_values(groups, G, D, Hkv, dtype).contiguous()
+    v = mass_kernel.bits_as_values(groups, G, D, Hkv, dtype).contiguous()
     return lambda q, k: flex(q, k, v, block_mask=block_mask, enable_gqa=True)[..., :G].float()
 
 
@@ -119,7 +119,7 @@ def main():
     torch._dynamo.config.recompile_limit = 1000
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cuda":
-        assert kernels.load_extension() is not None, kernels._ext_error
+        assert mass_kernel.load_extension() is not None, mass_kernel._ext_error
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     heads = [(9, 3), (15, 5)]
     if args.quick:
@@ -145,17 +145,17 @@ def main():
                              if "flex_bits" in methods_wanted else None)
                 causal = causal_lower_right(Nq, T)
                 methods = {
-                    "ours": lambda: kernels.attention_mass(q, k, q_pos, groups, G),
+                    "ours": lambda: mass_kernel.attention_mass(q, k, q_pos, groups, G),
                     "eager": lambda: eager_mass(q, k, q_pos, groups, G),
                     "flex": lambda: flex(q, k, v),
-                    "sdpa_bits": lambda: kernels.attention_mass(q, k, q_pos, groups, G, impl="sdpa"),
+                    "sdpa_bits": lambda: mass_kernel.attention_mass(q, k, q_pos, groups, G, impl="sdpa"),
                     "flex_bits": lambda: flex_bits(q, k),
                     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
                                                                    enable_gqa=True),
                 }
                 row = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "rows": rows}
-                want = kernels.attention_mass(q.detach().float(), k.detach().float(), q_pos, groups, G,
-                                              impl="reference")
+                want = mass_kernel.attention_mass(q.detach().float(), k.detach().float(), q_pos, groups, G,
+                                                  impl="reference")
                 for name, fwd in methods.items():
                     if name not in methods_wanted:
                         continue

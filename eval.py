@@ -144,7 +144,7 @@ def text_prior(train_records):
     return {t: c.most_common(1)[0][0] for t, c in by_type.items()}
 
 
-# disjoint: the intervention's renormalisation (kernels.boosted) needs it
+# disjoint: the intervention's renormalisation (mass_kernel.boosted) needs it
 PROFILE_GROUPS = ("image", "rationale")
 
 
@@ -153,7 +153,7 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
     """Where the reply looks, teacher-forced on records (gold replies, or the model's own): per layer,
     the image mass of the rationale tokens (mean over heads and tokens); along the rationale, that
     mass (mean over the layers) in `bins` bins of relative position; and for the answer tokens, the
-    mass on the rationale and on the image. Masses from kernels.attention_mass, no (T, T) matrix."""
+    mass on the rationale and on the image. Masses from mass_kernel.attention_mass, no (T, T) matrix."""
     model.eval()
     device = next(model.parameters()).device
     examples = data.encode_all(proc, records, skips=data.Skips())  # too long to teacher-force: left out

@@ -8,7 +8,7 @@ Per step: G completions per prompt sampled with the KV cache; rewards (accuracy,
 image / system mass counted only when right, SAYO's region-over-image attention on the
 high-entropy tokens); advantages A = (r - group mean) / (group std + 1e-4); the clipped policy
 loss per completion token, plus beta * k3 KL to the frozen starting model. The masses come from one
-teacher-forced forward with kernels.attention_mass (key groups: image, system, the record's
+teacher-forced forward with mass_kernel.attention_mass (key groups: image, system, the record's
 evidence region), never an attention matrix. docs/methods.md has the formulas.
 """
 import contextlib

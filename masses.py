@@ -1,5 +1,5 @@
 """
-The wiring between data.py's spans and kernels.attention_mass: which query rows, which key groups,
+The wiring between data.py's spans and mass_kernel.attention_mass: which query rows, which key groups,
 and the hook the model calls with each chosen layer's q and k. Every attention statistic in the
 project (Att-CoT, AVAR, eval's profiles, GRPO's rewards) is built here, so a group's name means
 the same tokens everywhere.
@@ -12,7 +12,7 @@ the same tokens everywhere.
 import torch
 
 import data
-import kernels
+import mass_kernel
 
 # a key group's name -> the spans whose tokens it holds
 GROUPS = {
@@ -25,7 +25,7 @@ GROUPS = {
 
 
 def key_groups(spans, names, extra=()):
-    """spans (B, T) -> (B, T) uint8 key groups for kernels.attention_mass: bit j set on the tokens of
+    """spans (B, T) -> (B, T) uint8 key groups for mass_kernel.attention_mass: bit j set on the tokens of
     GROUPS[names[j]], then one more bit per (B, T) bool mask in extra (a group no span tags, such as
     SAYO's evidence region)."""
     out = torch.zeros(spans.shape, dtype=torch.uint8, device=spans.device)
@@ -54,18 +54,18 @@ def take_rows(q, rows):
 def mass_fn(rows, q_pos, groups, num_groups, impl="auto", boost=None):
     """The model's mass hook: (layer, q (B, Hq, T, d), k (B, Hkv, T, d)) -> the attention masses of
     the query rows `rows` (positions q_pos, as query_rows gives them) over the key groups,
-    (B, Hq, Nq, num_groups). impl: one of kernels.attention_mass's, or "fused", which "auto" means
+    (B, Hq, Nq, num_groups). impl: one of mass_kernel.attention_mass's, or "fused", which "auto" means
     on the CPU (where bench_train.py measured it fastest): the group bits ride along as extra value
     columns in the model's own attention call (hook.values), whose output over them is every row's
     masses, so they cost almost nothing and are those of the attention the model ran (its padding
     mask and any boost included). boost(layer) -> f: the masses as the test-time intervention
     (model.boost_image_attention) makes them, its factor f on group 0, which must then be the image
-    (kernels.boosted)."""
+    (mass_kernel.boosted)."""
     def hook(layer, q, k, out=None):
         if out is not None:  # fused: (B, Hq, T, G) masses of every row, the boost already in them
-            return take_rows(out, rows).to(kernels.acc_dtype(out)) * (q_pos >= 0)[:, None, :, None]
-        m = kernels.attention_mass(take_rows(q, rows), k, q_pos, groups, num_groups=num_groups, impl=impl)
-        return m if boost is None else kernels.boosted(m, boost(layer))
+            return take_rows(out, rows).to(mass_kernel.acc_dtype(out)) * (q_pos >= 0)[:, None, :, None]
+        m = mass_kernel.attention_mass(take_rows(q, rows), k, q_pos, groups, num_groups=num_groups, impl=impl)
+        return m if boost is None else mass_kernel.boosted(m, boost(layer))
     fused = impl == "fused" or (impl == "auto" and groups.device.type == "cpu")
-    hook.values = kernels.group_bits(groups, num_groups, torch.float32) if fused else None
+    hook.values = mass_kernel.group_bits(groups, num_groups, torch.float32) if fused else None
     return hook

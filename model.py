@@ -7,7 +7,7 @@ The SmolVLM / Idefics3 vision-language model in plain PyTorch, and its checkpoin
 
 Loads the open SmolVLM weights (HF safetensors, explicit key mapping) with logits that match
 HF transformers, saves checkpoints transformers loads back, generates with a KV cache, and can
-return per-layer attention masses over key groups (through kernels.attention_mass) from the same
+return per-layer attention masses over key groups (through mass_kernel.attention_mass) from the same
 forward pass that computes the logits.
 """
 import json

@@ -4,7 +4,7 @@ The related methods on the SFT side, next to Att-CoT (docs/methods.md has their 
 - AVAR's attention objective (arXiv 2603.03825): L = L_LM + a_img L_img + a_sys L_sys with, per
   layer and head, L_img = -log(mean over (query, image key) pairs of the attention + 1e-6) and
   L_sys = +log(mean over (query, system key) pairs + 1e-6), averaged over heads and layers; the
-  queries are the user's turn. From kernels.attention_mass (pair mean = mass mean / key count),
+  queries are the user's turn. From mass_kernel.attention_mass (pair mean = mass mean / key count),
   not from the T x T matrix the released code materialises in every layer.
 - DRIFT's gradient bias (arXiv 2510.15050): Delta = prior - starting weights, once, for the language
   model's attention and MLP projections; each gradient is pulled along Delta before clipping.

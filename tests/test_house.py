@@ -61,6 +61,21 @@ PARSERS = {"nanoattcot.py": nanoattcot.parser, "grpo.py": grpo.parser, "eval.py"
            "bench_kernels.py": bench_kernels.parser, "bench_generate.py": bench_generate.parser}
 
 
+def test_no_module_of_ours_shadows_a_package_transformers_imports():
+    """Run from the repository, a module here named as a package transformers imports hides that package
+    (transformers 5.25 imports Hugging Face's `kernels`, which a kernels.py here shadowed): the names
+    are read from transformers' own source, every `import x` and `from x import` in it."""
+    import re
+    import transformers
+    imported = set()
+    for folder, _, files in os.walk(os.path.dirname(transformers.__file__)):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(folder, f), encoding="utf-8").read()
+                imported |= set(re.findall(r"^[ \t]*(?:from|import)[ \t]+([A-Za-z_]\w*)", text, re.M))
+    assert "torch" in imported and not MODULES & imported, MODULES & imported
+
+
 @pytest.mark.parametrize("command", sorted(PARSERS))
 def test_every_flag_explains_itself_with_its_default(command):
     actions = [a for a in PARSERS[command]()._actions
@@ -108,7 +123,7 @@ def test_key_groups_by_name():
 
 
 def test_mass_hook_takes_the_rows_and_applies_the_boost():
-    """The hook's masses are the kernel's on the chosen rows, and with a boost kernels.boosted of them."""
+    """The hook's masses are the kernel's on the chosen rows, and with a boost mass_kernel.boosted of them."""
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
     spans = torch.tensor([[data.P, data.V, data.V, data.R, data.R, data.A]])
@@ -127,7 +142,7 @@ def test_mass_hook_takes_the_rows_and_applies_the_boost():
 def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
     """The fused route (group bits as extra value columns of the model's own attention) gives the
     reference's masses and gradients through a real forward: GQA, right padding, the boost on in one
-    layer (the fused masses carry it themselves, the reference gets kernels.boosted). Its attention
+    layer (the fused masses carry it themselves, the reference gets mass_kernel.boosted). Its attention
     runs at a width that is a multiple of 8 (head dim 8 + 2 bits -> 16), which SDPA's
     memory-efficient kernel needs in 16 bits."""
     from model import VLM, TextConfig, VisionConfig, VLMConfig
@@ -144,7 +159,7 @@ def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
     ids = torch.randint(0, 49, spans.shape).masked_fill(spans == V, 49)
     pixels = torch.randn(2, 1, 3, 32, 32, dtype=torch.float64)
     rows, q_pos, _ = masses.query_rows(spans)
-    groups = masses.key_groups(spans, ("image", "rationale"))  # disjoint, as kernels.boosted needs
+    groups = masses.key_groups(spans, ("image", "rationale"))  # disjoint, as mass_kernel.boosted needs
     got, weights = {}, torch.rand(3, 2, 6, rows.shape[1], 2, dtype=torch.float64)
     for f in (1.0, 3.0):
         model.boost_image_attention(f, [1])

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-import kernels
+import mass_kernel
 
 
 def brute_force(q, k, q_pos, key_groups, num_groups, scale=None):
@@ -43,12 +43,12 @@ SHAPES = [(1, 2, 2, 5, 7, 8, 1), (2, 6, 2, 33, 70, 16, 3), (2, 9, 3, 17, 129, 64
 def test_reference_matches_brute_force(shape):
     B, Hq, Hkv, Nq, Tk, D, G = shape
     q, k, q_pos, groups = random_inputs(*shape)
-    got = kernels.attention_mass(q, k, q_pos, groups, G, impl="reference")
+    got = mass_kernel.attention_mass(q, k, q_pos, groups, G, impl="reference")
     want = brute_force(q, k, q_pos, groups, G)
     assert got.dtype == torch.float32 and got.shape == (B, Hq, Nq, G)
     assert (got.double() - want).abs().max() < 1e-5
     assert (got[0, :, :, 0] == 0).all()  # the empty group
-    scaled = kernels.attention_mass(q, k, q_pos, groups, G, scale=0.3, impl="reference")
+    scaled = mass_kernel.attention_mass(q, k, q_pos, groups, G, scale=0.3, impl="reference")
     assert (scaled.double() - brute_force(q, k, q_pos, groups, G, 0.3)).abs().max() < 1e-5
 
 
@@ -58,7 +58,7 @@ def test_reference_gradients_match_brute_force(shape):
     q, k, q_pos, groups = random_inputs(*shape, dtype=torch.float64)
     upstream = torch.randn(B, Hq, Nq, G, dtype=torch.float64)
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
-    (kernels.attention_mass(q1, k1, q_pos, groups, G, impl="reference") * upstream).sum().backward()
+    (mass_kernel.attention_mass(q1, k1, q_pos, groups, G, impl="reference") * upstream).sum().backward()
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     (brute_force(q2, k2, q_pos, groups, G) * upstream).sum().backward()
     assert torch.isfinite(q1.grad).all() and torch.isfinite(k1.grad).all()
@@ -69,7 +69,7 @@ def test_row_with_no_visible_key_is_zero_with_finite_grad():
     q, k, q_pos, groups = random_inputs(1, 2, 1, 4, 6, 8, 2, dtype=torch.float64)
     q_pos[0, 1] = -1  # sees nothing
     q = q.requires_grad_()
-    m = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference")
+    m = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference")
     assert (m[0, :, 1] == 0).all()
     m.sum().backward()
     assert torch.isfinite(q.grad).all() and (q.grad[0, :, 1] == 0).all()
@@ -79,7 +79,7 @@ def test_gradcheck_and_opcheck():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 9, 11, 8, 3, dtype=torch.float64)
     q, k = q.requires_grad_(), k.requires_grad_()
     assert torch.autograd.gradcheck(lambda a,
-                                    b: kernels.attention_mass(a, b, q_pos, groups, 3, impl="reference"),
+                                    b: mass_kernel.attention_mass(a, b, q_pos, groups, 3, impl="reference"),
                                     (q, k))
     torch.library.opcheck(torch.ops.nanoattcot.mass_fwd.default, (q, k, q_pos, groups, 3, 0.35, False))
     mass, lse = torch.ops.nanoattcot.mass_fwd(q, k, q_pos, groups, 3, 0.35, False)
@@ -108,7 +108,7 @@ def test_reference_computes_in_fp32_under_autocast():
     for on in (False, True):
         qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
-            m = kernels.attention_mass(qq, kk, q_pos, groups, 2, impl="reference")
+            m = mass_kernel.attention_mass(qq, kk, q_pos, groups, 2, impl="reference")
             (m * upstream).sum().backward()
         outs.append((m, qq.grad, kk.grad))
     for plain, cast in zip(*outs):
@@ -123,7 +123,7 @@ def test_sdpa_route_matches_brute_force(shape):
     q_pos[0, 0] = -1
     upstream = torch.randn(B, Hq, Nq, G, dtype=torch.float64)
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
-    got = kernels.attention_mass(q1, k1, q_pos, groups, G, impl="sdpa")
+    got = mass_kernel.attention_mass(q1, k1, q_pos, groups, G, impl="sdpa")
     (got * upstream).sum().backward()
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     want = brute_force(q2, k2, q_pos, groups, G)
@@ -137,18 +137,18 @@ def test_sdpa_route_matches_brute_force(shape):
 def test_bad_shapes_are_named():
     q, k, q_pos, groups = random_inputs(1, 3, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
-        kernels.attention_mass(q, k, q_pos, groups)
+        mass_kernel.attention_mass(q, k, q_pos, groups)
     q, k, q_pos, groups = random_inputs(1, 4, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match="uint8"):
-        kernels.attention_mass(q, k, q_pos, groups.long())
+        mass_kernel.attention_mass(q, k, q_pos, groups.long())
     with pytest.raises(ValueError,
                        match=r"q_pos must be integer \(B, Nq\) = \(1, 4\); got torch.int64 \(1, 1\)"):
-        kernels.attention_mass(q, k, q_pos[:, :1], groups)  # would read past q_pos for rows >= 1
+        mass_kernel.attention_mass(q, k, q_pos[:, :1], groups)  # would read past q_pos for rows >= 1
     q2, k2, q_pos2, groups2 = random_inputs(2, 4, 2, 4, 6, 8, 1)
     with pytest.raises(ValueError, match=r"q_pos must be integer \(B, Nq\) = \(2, 4\)"):
-        kernels.attention_mass(q2, k2, q_pos2[:1], groups2)  # (1, Nq) for B = 2
+        mass_kernel.attention_mass(q2, k2, q_pos2[:1], groups2)  # (1, Nq) for B = 2
     with pytest.raises(ValueError, match="Hq a multiple of Hkv >= 1"):
-        kernels.attention_mass(q, k[:, :0], q_pos, groups)  # Hkv = 0
+        mass_kernel.attention_mass(q, k[:, :0], q_pos, groups)  # Hkv = 0
 
 
 # --- kernels.cu itself on the CPU (tests/emulate_kernels.cpp runs its threads and warp instructions)
@@ -157,7 +157,7 @@ EMULATOR = pathlib.Path(__file__).with_name("emulate_kernels.cpp")
 
 
 def compile_emulator(out, *flags):
-    cuda_home = kernels._find_cuda_home()
+    cuda_home = mass_kernel._find_cuda_home()
     if cuda_home is None or shutil.which("g++") is None:
         why = "the kernel emulator needs g++ and the CUDA headers (cuda_bf16.h)"
         if os.environ.get("CI") == "true":  # CI must check kernels.cu, never skip it
@@ -204,9 +204,9 @@ def test_emulated_cuda_kernels_match_reference(emulator, shape, dtype, tol):
     upstream = torch.randn(B, Hq, Nq, G, generator=torch.Generator().manual_seed(5))
     scale = D ** -0.5
     mass, lse, dq, dk = emulate(emulator, q, k, q_pos, groups, G, upstream, scale)
-    want_mass, want_lse = kernels.reference_forward(q.double(), k.double(), q_pos, groups, G, scale)
-    want_dq, want_dk = kernels.reference_backward(upstream.double(), q.double(), k.double(), q_pos, groups,
-                                                  want_mass, want_lse, scale)
+    want_mass, want_lse = mass_kernel.reference_forward(q.double(), k.double(), q_pos, groups, G, scale)
+    want_dq, want_dk = mass_kernel.reference_backward(upstream.double(), q.double(), k.double(), q_pos,
+                                                      groups, want_mass, want_lse, scale)
     assert (lse.isinf() == want_lse.isinf()).all() and lse.isinf().sum() == Hq  # the row that sees nothing
     seen = ~want_lse.isinf()
     assert rel_err(lse[seen], want_lse[seen]) < tol and rel_err(mass, want_mass) < tol
@@ -251,7 +251,7 @@ def test_cuda_matches_reference(shape, dtype, tol):
     outs = {}
     for impl in ("cuda", "reference"):
         qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-        m = kernels.attention_mass(qq, kk, q_pos, groups, G, impl=impl)
+        m = mass_kernel.attention_mass(qq, kk, q_pos, groups, G, impl=impl)
         (m * upstream).sum().backward()
         outs[impl] = (m, qq.grad, kk.grad)
     for got, want in zip(outs["cuda"], outs["reference"]):
@@ -263,8 +263,8 @@ def test_cuda_matches_reference(shape, dtype, tol):
 def test_cuda_float64_falls_back_to_sdpa():
     q, k, q_pos, groups = random_inputs(1, 4, 2, 30, 40, 64, 2, dtype=torch.float64, device="cuda", seed=6)
     with pytest.warns(UserWarning, match="float64 has no CUDA kernel; using the SDPA route"):
-        got = kernels.attention_mass(q, k, q_pos, groups, 2)
-    assert torch.equal(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="sdpa"))
+        got = mass_kernel.attention_mass(q, k, q_pos, groups, 2)
+    assert torch.equal(got, mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="sdpa"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -272,8 +272,8 @@ def test_cuda_runs_on_the_inputs_device():
     """Tensors on cuda:1 while cuda:0 is current: the kernel must launch on cuda:1."""
     q, k, q_pos, groups = random_inputs(1, 4, 2, 70, 90, 64, 2, dtype=torch.bfloat16, device="cuda:1",
                                         seed=7)
-    got = kernels.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
-    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference")
+    got = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
+    want = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference")
     assert got.device == q.device and rel_err(got, want) < 1e-2
 
 
@@ -293,11 +293,11 @@ def test_cuda_writes_every_output():
 def test_cuda_under_torch_compile():
     q, k, q_pos, groups = random_inputs(2, 6, 2, 64, 100, 64, 2, dtype=torch.bfloat16, device="cuda", seed=3)
     q = q.requires_grad_()
-    f = torch.compile(lambda a, b: kernels.attention_mass(a, b, q_pos, groups, 2).square().sum(),
+    f = torch.compile(lambda a, b: mass_kernel.attention_mass(a, b, q_pos, groups, 2).square().sum(),
                       fullgraph=True)
     loss = f(q, k)
     loss.backward()
-    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference").square().sum()
+    want = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference").square().sum()
     assert abs(loss.item() - want.item()) / abs(want.item()) < 1e-2 and torch.isfinite(q.grad).all()
 
 
@@ -310,21 +310,21 @@ class FakeExtension:
 
     def forward(self, q, k, q_pos, key_groups, num_groups, scale):
         self.calls += 1
-        mass, lse = kernels.reference_forward(q, k, q_pos.long(), key_groups, num_groups, scale)
+        mass, lse = mass_kernel.reference_forward(q, k, q_pos.long(), key_groups, num_groups, scale)
         return mass * self.error, lse
 
     def backward(self, dmass, q, k, q_pos, key_groups, mass, lse, scale):
-        return kernels.reference_backward(dmass, q, k, q_pos.long(), key_groups, mass, lse, scale)
+        return mass_kernel.reference_backward(dmass, q, k, q_pos.long(), key_groups, mass, lse, scale)
 
 
 @pytest.fixture
 def fake_kernel(monkeypatch):
     def install(error):
         ext = FakeExtension(error)
-        monkeypatch.setattr(kernels, "_use_cuda", lambda q: True)
-        monkeypatch.setattr(kernels, "load_extension", lambda verbose=False: ext)
-        monkeypatch.setattr(kernels, "_verdicts", {})
-        monkeypatch.setattr(kernels, "_warned", set())
+        monkeypatch.setattr(mass_kernel, "_use_cuda", lambda q: True)
+        monkeypatch.setattr(mass_kernel, "load_extension", lambda verbose=False: ext)
+        monkeypatch.setattr(mass_kernel, "_verdicts", {})
+        monkeypatch.setattr(mass_kernel, "_warned", set())
         return ext
     return install
 
@@ -335,22 +335,22 @@ def test_auto_falls_back_once_from_a_kernel_that_fails_its_self_check(fake_kerne
     said = r"failed its self-check \((mass|dq|dk) off by .* float32, q \(2, 6, 70, 64\)"
     with pytest.warns(UserWarning, match=said) as caught:
         with torch.no_grad():  # as eval calls it: the check still runs its backward
-            first = kernels.attention_mass(q, k, q_pos, groups, 2)
-        second = kernels.attention_mass(q, k, q_pos, groups, 2)
+            first = mass_kernel.attention_mass(q, k, q_pos, groups, 2)
+        second = mass_kernel.attention_mass(q, k, q_pos, groups, 2)
     assert len([w for w in caught if "self-check" in str(w.message)]) == 1
     assert ext.calls == 1  # the check only
-    want = kernels.attention_mass(q, k, q_pos, groups, 2, impl="sdpa")
+    want = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="sdpa")
     assert torch.equal(first, want) and torch.equal(second, want)
     with pytest.raises(RuntimeError, match="the CUDA kernel failed its self-check: (mass|dq|dk) off by"):
-        kernels.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
+        mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
 
 
 def test_auto_keeps_a_kernel_that_passes_its_self_check(fake_kernel, recwarn):
     ext = fake_kernel(error=1.0)
     q, k, q_pos, groups = random_inputs(2, 6, 2, 33, 70, 64, 2, seed=5)
-    got = kernels.attention_mass(q, k, q_pos, groups, 2)
-    kernels.attention_mass(q, k, q_pos, groups, 2)
+    got = mass_kernel.attention_mass(q, k, q_pos, groups, 2)
+    mass_kernel.attention_mass(q, k, q_pos, groups, 2)
     assert ext.calls == 3
     assert not [w for w in recwarn if "self-check" in str(w.message)]  # check, then two calls
-    assert torch.allclose(got, kernels.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
-    assert kernels._verdicts == {("cpu", torch.float32, 64): None}
+    assert torch.allclose(got, mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
+    assert mass_kernel._verdicts == {("cpu", torch.float32, 64): None}

@@ -269,7 +269,7 @@ def test_generation_stops_at_eos(checkpoints):
 def test_attention_masses_match_materialised_attention(checkpoints):
     """The model hands post-RoPE q, k to attention_mass: the image-token mass per layer equals
     transformers' eager attention probabilities (output_attentions=True) summed over image keys."""
-    import kernels
+    import mass_kernel
     from transformers import AutoModelForImageTextToText
     path, _ = checkpoints["idefics3_gqa_untied_s2"]
     ours = VLM.from_pretrained(path).eval()
@@ -280,7 +280,7 @@ def test_attention_masses_match_materialised_attention(checkpoints):
     q_pos = torch.arange(ids.shape[1]).expand_as(ids)
     layers = (0, 2)
     with torch.no_grad():
-        out = ours(**b, mass_layers=layers, mass_fn=lambda i, q, k: kernels.attention_mass(
+        out = ours(**b, mass_layers=layers, mass_fn=lambda i, q, k: mass_kernel.attention_mass(
             q, k, q_pos, is_image.to(torch.uint8), 1, impl="reference"))
         attn = hf(**b, output_attentions=True).attentions
     for i in layers:
@@ -293,14 +293,14 @@ def test_attention_masses_match_materialised_attention(checkpoints):
 def test_attention_masses_refuse_left_padding(checkpoints):
     """Every route but the fused one sees keys by position, so a padding key before a real token would
     dilute the masses: asked for masses, a left-padded batch is an error (a plain forward is not)."""
-    import kernels
+    import mass_kernel
     path, _ = checkpoints["idefics3_gqa_untied_s2"]
     model = VLM.from_pretrained(path).eval()
     b = batch(path, texts=TEXTS[:2], images=IMAGE_LISTS[:2], padding_side="left")
     assert not b["attention_mask"].all()
     q_pos = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])
     groups = (b["input_ids"] == model.config.image_token_id).to(torch.uint8)
-    hook = lambda i, q, k: kernels.attention_mass(q, k, q_pos, groups, 1, impl="reference")
+    hook = lambda i, q, k: mass_kernel.attention_mass(q, k, q_pos, groups, 1, impl="reference")
     with torch.no_grad():
         model(**b)
         with pytest.raises(ValueError, match="attention masses need right padding"):

@@ -11,7 +11,7 @@ import torch
 
 import data
 import eval as eval_mod
-import kernels
+import mass_kernel
 import nanoattcot
 import objective
 import related
@@ -159,7 +159,7 @@ def test_drift_errors_name_the_problem(run, tmp_path, monkeypatch):
 
 def test_intervention_is_the_softmax_with_log_f_on_the_image_keys(run):
     """Boosting layer 1 by f: layer 0 is untouched; layer 1's attention output is softmax(s + log f [image
-    key]) V computed by hand, and its masses are the unboosted ones f-reweighted (kernels.boosted)."""
+    key]) V computed by hand, and its masses are the unboosted ones f-reweighted (mass_kernel.boosted)."""
     cfg, result = run
     model, batch = result["model"].double(), batch_of(result)
     pixels = batch["pixel_values"].double()
@@ -168,8 +168,8 @@ def test_intervention_is_the_softmax_with_log_f_on_the_image_keys(run):
     def grab(tag):
         def mass_fn(layer, q, k):
             seen[tag, layer] = (q, k)
-            return kernels.attention_mass(q, k, torch.arange(q.shape[2]).expand(q.shape[0], -1), groups, 1,
-                                          impl="reference")
+            q_pos = torch.arange(q.shape[2]).expand(q.shape[0], -1)
+            return mass_kernel.attention_mass(q, k, q_pos, groups, 1, impl="reference")
         return mass_fn
     groups = (batch["spans"] == data.V).to(torch.uint8)
     captured = {}
@@ -203,15 +203,15 @@ def test_intervention_is_the_softmax_with_log_f_on_the_image_keys(run):
     real = batch["attention_mask"].bool()
     assert (captured["out"] - want)[real].abs().max() < 1e-8  # float64 (SDPA on CPU: ~1e-9)
     image_mass = (p * (batch["spans"] == data.V)[:, None, None, :]).sum(-1)  # (B, H, T)
-    got = kernels.boosted(torch.stack([boosted.masses[1][..., 0], 1 - boosted.masses[1][..., 0]], -1),
-                          3.0)[..., 0]
+    got = mass_kernel.boosted(torch.stack([boosted.masses[1][..., 0], 1 - boosted.masses[1][..., 0]], -1),
+                              3.0)[..., 0]
     assert (got - image_mass)[real[:, None, :].expand_as(got)].abs().max() < 1e-7
 
 
 def test_boosted_masses_by_hand():
     m = torch.tensor([0.2, 0.3])  # image, rationale: f = 2 gives the image 0.4 of 1.2
-    assert torch.allclose(kernels.boosted(m, 2.0), torch.tensor([0.4 / 1.2, 0.3 / 1.2]))
-    assert kernels.boosted(m, 1.0) is m
+    assert torch.allclose(mass_kernel.boosted(m, 2.0), torch.tensor([0.4 / 1.2, 0.3 / 1.2]))
+    assert mass_kernel.boosted(m, 1.0) is m
 
 
 def test_boosted_generation_with_cache_equals_without(run):

@@ -20,8 +20,8 @@ Differentiable in q and k. The routes (impl):
                (any reason: no build, another head dim or dtype, a failed check) and the reference on
                the CPU. (masses.mass_fn adds a fourth, "fused", which its "auto" means on the CPU.)
 
-    python kernels.py --build    build the extension (no GPU needed; CI does this)
-    python kernels.py --check    the CUDA op against the reference on random inputs (GPU)
+    python mass_kernel.py --build    build the extension (no GPU needed; CI does this)
+    python mass_kernel.py --check    the CUDA op against the reference on random inputs (GPU)
     python bench_kernels.py      timing and memory table (GPU)
 """
 import math
