@@ -2,6 +2,7 @@
 Checkpoints: written whole and swapped in atomically, found again after a kill, restored for
 --resume; and the step loop that saves them (run_steps). SFT and GRPO share all of it.
 """
+import copy
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from dataclasses import asdict
 
 import torch
 
+import lora
 from model import CheckpointError
 
 
@@ -20,7 +22,9 @@ def save_checkpoint(path, model, proc, opt, step, metrics_len, cfg):
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up leaves it
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, without_adapters=True)
+    if lora.adapted(model):  # beside the (frozen) weights, in PEFT's format: --resume reads them back
+        lora.save_adapter(model, tmp)
     proc.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "metrics_len": metrics_len,
                 "config": asdict(cfg),
@@ -87,9 +91,10 @@ def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=p
     """The loop both trainers share: step = one_step(step) until cfg.max_steps (one_step appends its
     row to metrics as its last act); a checkpoint in cfg.out/checkpoint every cfg.save_every steps,
     on Ctrl-C (then exit 130: --resume continues from it) and at the end, and the final model (HF
-    format) in cfg.out/model. after(step): work between steps (a periodic eval), run once the step
-    is counted and saved, so a Ctrl-C inside it saves the step it follows. writes False (a DDP rank
-    other than 0): the steps only."""
+    format) in cfg.out/model; with LoRA adapters, the adapter (PEFT's format) in cfg.out/adapter, and
+    the merged model in cfg.out/model only with cfg.merge. after(step): work between steps (a periodic
+    eval), run once the step is counted and saved, so a Ctrl-C inside it saves the step it follows.
+    writes False (a DDP rank other than 0): the steps only."""
     ckpt = os.path.join(cfg.out, "checkpoint")
     save = lambda at: save_checkpoint(ckpt, model, proc, opt, at, len(metrics), cfg) if writes else None
     try:
@@ -106,6 +111,14 @@ def run_steps(one_step, step, metrics, cfg, model, proc, opt, writes=True, log=p
         raise SystemExit(130)
     save(step)
     if writes:
-        model.save_pretrained(os.path.join(cfg.out, "model"))
-        proc.save_pretrained(os.path.join(cfg.out, "model"))
+        final = os.path.join(cfg.out, "model")
+        if lora.adapted(model):
+            lora.save_adapter(model, os.path.join(cfg.out, "adapter"), base=getattr(cfg, "init", ""))
+            proc.save_pretrained(os.path.join(cfg.out, "adapter"))
+            if getattr(cfg, "merge", False):
+                lora.merge(copy.deepcopy(model)).save_pretrained(final)
+                proc.save_pretrained(final)
+        else:
+            model.save_pretrained(final)
+            proc.save_pretrained(final)
     return step

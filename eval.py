@@ -32,6 +32,7 @@ import config
 import data
 import draw
 import explorer
+import lora
 import masses
 from answers import is_right, matches, read_answer, with_candidates
 from boxes import control_boxes
@@ -528,6 +529,8 @@ def parser():
     p = argparse.ArgumentParser(prog="eval.py", description="Evaluate checkpoints: one table, report.json, "
                                 "report.md and PNGs.")
     p.add_argument("--model", action="append", required=True, help="a checkpoint folder (repeat to compare)")
+    p.add_argument("--adapter", action="append", default=[], help="a LoRA adapter folder (this project's or "
+                   "PEFT's) folded into the --model of the same place (repeat: one per --model, or none)")
     p.add_argument("--data", required=True, help="eval records (JSONL or LLaVA JSON, as for training)")
     p.add_argument("--train-data", default="", help="training records: the text-prior baseline, and each "
                    "question type's candidate answers, which answers are read among and early commitment "
@@ -575,10 +578,14 @@ def main(argv=None):
             raise data.DataError(f"{args.data}: no usable evaluation record ({skips})")
         train_records = read_records(args.train_data, data.Skips()) if args.train_data else []
         results = {}
-        for name, folder in zip(model_names(args.model), args.model):
+        if args.adapter and len(args.adapter) != len(args.model):
+            raise config.ConfigError(f"--adapter given {len(args.adapter)} times for {len(args.model)} "
+                                     "--model: one per model, in the same order, or none")
+        adapters = args.adapter or [""] * len(args.model)
+        for name, folder, adapter in zip(model_names(args.model), args.model, adapters):
             proc = data.Processor.from_pretrained(folder)
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-            model = VLM.from_pretrained(folder, dtype=dtype).to(device)
+            model = lora.load(folder, adapter, dtype=dtype).to(device)
             layers = config.layer_set(args.layers, len(model.layers), "--layers")
             boost_layers = config.layer_set(args.visual_attn_layers, len(model.layers),
                                             "--visual-attn-layers")

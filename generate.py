@@ -16,7 +16,8 @@ import torch
 
 import config
 import data
-from model import VLM, pick_device
+import lora
+from model import pick_device
 
 
 def generate(args):
@@ -25,7 +26,7 @@ def generate(args):
              "float16": torch.float16}[args.dtype]
     if dtype is None:  # bf16 where it is fast, fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = VLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    model = lora.load(args.model, args.adapter, dtype=dtype, device=device).eval()
     if not args.visual_attn_scale > 0:
         raise config.ConfigError(f"--visual-attn-scale {args.visual_attn_scale}: must be > 0")
     model.boost_image_attention(args.visual_attn_scale,
@@ -57,6 +58,8 @@ def parser():
     g = argparse.ArgumentParser(prog="generate.py", description="answer a prompt about images")
     g.add_argument("--model", required=True,
                    help="folder with config.json, model.safetensors, tokenizer.json")
+    g.add_argument("--adapter", default="", help="a LoRA adapter folder (this project's or PEFT's) to fold "
+                   "into --model (default: none)")
     g.add_argument("--image", action="append", default=[],
                    help="image file (repeat for several; default: none)")
     g.add_argument("--prompt", required=True, help="the question, as a user would type it")

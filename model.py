@@ -476,13 +476,19 @@ class VLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         return model.to(device=device, dtype=dtype or stored_dtype)
 
-    def save_pretrained(self, path, extra_config=None):
-        """config.json + model.safetensors in the HF layout, each written to a temp file then renamed."""
+    def save_pretrained(self, path, extra_config=None, without_adapters=False):
+        """config.json + model.safetensors in the HF layout, each written to a temp file then renamed.
+        A model with LoRA adapters (lora.py) is refused unless without_adapters (a checkpoint, which
+        writes them beside): save them with lora.save_adapter, or fold them in with lora.merge."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         names = key_map(self.config)
+        adapters = [k for k in self.state_dict() if k not in names]
+        if adapters and not without_adapters:
+            raise ValueError(f"save_pretrained: the model has LoRA adapters ({adapters[0]}, ...): "
+                             "lora.save_adapter writes them, lora.merge folds them in")
         sd = {names[k]: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-              if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+              if k in names and not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         atomic_write(os.path.join(path, "model.safetensors"),
                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
         cfg = {**self.config.to_hf(), **(extra_config or {}),

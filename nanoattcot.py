@@ -34,6 +34,7 @@ import config
 import data
 import draw
 import eval as eval_mod
+import lora
 import objective
 import related
 import synthetic
@@ -55,6 +56,8 @@ ANS_GROUPS = objective.ANS_GROUPS  # (a name the config's own `objective` field 
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
 FINETUNE_LR, FINETUNE_LR_CONNECTOR, SCRATCH_LR, SCRATCH_WARMUP = 1e-5, 1e-4, 3e-3, 30
+# LoRA's adapters start at zero and are few: a rate as LLaMA-Factory's and PEFT's examples use (1e-4 to 2e-4)
+LORA_LR, LORA_TARGETS = 2e-4, lora.TARGETS
 LAYERS = "all, last, indices and a:b ranges such as 0,3 or 8: or -4:"
 
 
@@ -120,6 +123,13 @@ class TrainConfig:
     max_len: int = arg(2048, "longest record in tokens; a longer one is skipped (the answer is never cut)")
     freeze_vision: bool = arg(None, "do not train the vision tower (fine-tuning the base: frozen, as in its "
                               "own stages; else trained)")
+    lora: int = arg(0, "LoRA's rank: train low-rank adapters on the decoder's linears (lora.py), everything "
+                    "else frozen, saved in PEFT's format in OUT/adapter; 0: a full fine-tune")
+    lora_alpha: float = arg(32.0, "LoRA's alpha: the adapters' update is scaled by alpha / rank")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input")
+    lora_targets: str = arg(",".join(LORA_TARGETS), "the decoder linears that get adapters")
+    adapter: str = arg("", "a LoRA adapter folder (this project's or PEFT's), folded into --init first")
+    merge: bool = arg(False, "with --lora: also write OUT/model, the model with its adapters folded in")
     activation_checkpointing: bool = arg(False, "recompute each block in the backward: less memory, about "
                                          "1/3 more compute")
     compile: bool = arg(False, "torch.compile the model")
@@ -147,7 +157,8 @@ class TrainConfig:
         self.freeze_vision = bool(self.freeze_vision)
         self.max_steps = 1200 if self.max_steps is None else self.max_steps
         self.prompt = self.prompt or "bare"
-        self.lr = (FINETUNE_LR if finetune else SCRATCH_LR) if self.lr is None else self.lr
+        self.lr = (LORA_LR if self.lora else FINETUNE_LR if finetune else SCRATCH_LR) if self.lr is None \
+            else self.lr
         self.lr_vision = (FINETUNE_LR if finetune
                           else SCRATCH_LR) if self.lr_vision is None else self.lr_vision
         self.lr_connector = (FINETUNE_LR_CONNECTOR if finetune
@@ -187,7 +198,15 @@ class TrainConfig:
                                        "eval_limit", "peak_tflops")),
             ("eval_data", bool(self.eval_data or not self.data),
              "given with --data (every run ends in an evaluation)"),
-            ("init", not self.init or os.path.isdir(self.init), "an existing checkpoint folder")])
+            ("init", not self.init or os.path.isdir(self.init), "an existing checkpoint folder"),
+            ("lora", self.lora >= 0, ">= 0"), ("lora", not self.lora or bool(self.init),
+                                               "given with --init (adapters fine-tune a trained model)"),
+            ("lora", not (self.lora and self.drift_prior), "0 with --drift-prior (its bias is per weight)"),
+            ("lora_targets", set(self.lora_targets.split(",")) <= set(lora.TARGETS),
+             f"a comma-separated subset of {','.join(lora.TARGETS)}"),
+            ("adapter", not self.adapter or (bool(self.init) and os.path.isdir(self.adapter)),
+             "an existing adapter folder, given with --init"),
+            ("merge", not self.merge or bool(self.lora), "given with --lora")])
         config.layer_set(self.layers, flag="--layers")  # the grammar now; the range once the model is loaded
         config.layer_set(self.visual_attn_layers, flag="--visual-attn-layers")
         if device_problem(self.device):
@@ -264,7 +283,7 @@ def build_model(cfg, device, train_records, train_path, resume_from, log):
     if not resume_from or cfg.drift_prior or cfg.difficulty:
         if cfg.init:
             proc = Processor.from_pretrained(cfg.init)
-            model = VLM.from_pretrained(cfg.init, dtype=torch.float32)
+            model = lora.load(cfg.init, cfg.adapter, dtype=torch.float32)
         else:  # with the same seed, the same initial weights as the prior's run
             texts = [r["question"] + " " + r["reply"] for r in train_records]
             proc = Processor.from_pretrained(cfg.drift_prior) if cfg.drift_prior else \
@@ -274,6 +293,10 @@ def build_model(cfg, device, train_records, train_path, resume_from, log):
     if resume_from:
         proc = Processor.from_pretrained(resume_from)
         model = VLM.from_pretrained(resume_from, dtype=torch.float32)
+        if os.path.exists(os.path.join(resume_from, lora.CONFIG)):  # the adapters as they were saved
+            lora.load_adapter(model, resume_from, trainable=True)
+    elif cfg.lora:  # fresh adapters; everything else frozen
+        lora.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
     return proc, model.to(device).checkpoint_activations(cfg.activation_checkpointing), drift, train_records
 
 

@@ -10,6 +10,7 @@ import torch
 
 import bench_generate
 import bench_kernels
+import bench_memory
 import bench_train
 import config
 import data
@@ -58,7 +59,8 @@ def test_the_import_graph_has_no_cycle():
 
 PARSERS = {"nanoattcot.py": nanoattcot.parser, "grpo.py": grpo.parser, "eval.py": eval_mod.parser,
            "generate.py": generate.parser, "bench_train.py": bench_train.parser,
-           "bench_kernels.py": bench_kernels.parser, "bench_generate.py": bench_generate.parser}
+           "bench_kernels.py": bench_kernels.parser, "bench_generate.py": bench_generate.parser,
+           "bench_memory.py": bench_memory.parser}
 
 
 def test_no_module_of_ours_shadows_a_package_transformers_imports():
