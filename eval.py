@@ -463,17 +463,18 @@ def headline(results):
     tuned = {n: r for n, r in results.items() if n != "base"}
     lines, b = [], results.get("base")
     if b:
+        prior = "n/a" if b.get("text_prior_accuracy") is None else f"{b['text_prior_accuracy']:.2f}"
         caption = ("its captions name {cells_right:.2f} of the cells right ({kind_right:.2f} the kind, "
                    "{colour_right:.2f} the colour); ".format(**b["caption"]) if b.get("caption") else "")
         lines.append(f"**The base**: {caption}asked for "
                      f"the answer alone it is right {b['accuracy_direct']:.2f} of the time (never looking, "
-                     f"the text prior: {b['text_prior_accuracy'] or 0:.2f}); asked to think step by step, "
+                     f"the text prior: {prior}); asked to think step by step, "
                      f"{b['accuracy_cot']:.2f}, {b['unparseable']} of its {b['n']} replies giving no answer.")
     if tuned:
         per_type = lambda r: "".join(f", {t} {a:.2f}"
                                      for t, a in sorted((r.get("accuracy_by_type") or {}).items(), key=str))
         lines.append("**Fine-tuned on image chain of thought**, asked to think step by step (and for the "
-                     "answer alone; then per question type): " + "; ".join(
+                     "answer alone; then per question type, with chain of thought): " + "; ".join(
                          f"{name(n)} {r['accuracy_cot']:.2f} ({r['accuracy_direct']:.2f}){per_type(r)}"
                          for n, r in tuned.items()) + ".")
         looks = [(n, r) for n, r in tuned.items() if r.get("where_it_looks") and r.get("occlusion")]

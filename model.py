@@ -483,7 +483,7 @@ class VLM(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         names = key_map(self.config)
-        adapters = [k for k in self.state_dict() if k not in names]
+        adapters = [k for k in self.state_dict() if ".lora_" in k]  # (lora.LoRALinear's lora_A, lora_B)
         if adapters and not without_adapters:
             raise ValueError(f"save_pretrained: the model has LoRA adapters ({adapters[0]}, ...): "
                              "lora.save_adapter writes them, lora.merge folds them in")

@@ -114,7 +114,8 @@ class TrainConfig:
                           "experiment uses 32)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(None, "optimizer steps; None: 400 fine-tuning the base, else 1200")
-    lr: float = arg(None, "the language model's learning rate; None: 3e-3 from scratch, 1e-5 with --init")
+    lr: float = arg(None, "the language model's learning rate; None: 3e-3 from scratch, 1e-5 with --init, "
+                    "2e-4 with --lora (the main job's fine-tunes of its base: 1e-3, base.py's)")
     lr_vision: float = arg(None, "the vision tower's; None: 3e-3 from scratch, 1e-5 with --init")
     lr_connector: float = arg(None, "the connector's; None: 3e-3 from scratch, 1e-4 with --init")
     weight_decay: float = arg(0.01, "AdamW's weight decay")
@@ -206,7 +207,9 @@ class TrainConfig:
              f"a comma-separated subset of {','.join(lora.TARGETS)}"),
             ("adapter", not self.adapter or (bool(self.init) and os.path.isdir(self.adapter)),
              "an existing adapter folder, given with --init"),
-            ("merge", not self.merge or bool(self.lora), "given with --lora")])
+            ("merge", not self.merge or bool(self.lora), "given with --lora"),
+            ("adapter", not (self.adapter and self.lora), "not with --lora (new adapters over a merged one "
+             "would be saved as if over --init alone: --merge first, then --init that model)")])
         config.layer_set(self.layers, flag="--layers")  # the grammar now; the range once the model is loaded
         config.layer_set(self.visual_attn_layers, flag="--visual-attn-layers")
         if device_problem(self.device):

@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 
 import base
+import checkpoint
 import data
 import nanoattcot
 import synthetic
@@ -160,6 +161,13 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     tower = safetensors.torch.load_file(out / "base" / "vision" / "tower.safetensors")
     vision = VLM.from_pretrained(str(out / "base" / "model")).vision.state_dict()  # the stage's, frozen since
     assert tower.keys() == vision.keys() and all(torch.equal(tower[k], vision[k]) for k in tower)
+    # each stage starts from the one before: init -> align -> text -> the mix
+    stage_init = lambda stage: checkpoint.load_trainer_state(
+        out / "base" / stage / "checkpoint")["config"]["init"]
+    assert stage_init("align") == str(out / "base" / "init" / "model")
+    assert stage_init("text") == str(out / "base" / "align" / "model")
+    mix = json.load(open(out / "base" / "summary.json"))["config"]
+    assert mix["init"] == str(out / "base" / "text" / "model")
     connector = "model.connector.modality_projection.proj.weight"  # trained by the alignment stage
     assert not torch.equal(weights(out / "base" / "align" / "model")[connector],
                            weights(out / "base" / "init" / "model")[connector])

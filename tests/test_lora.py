@@ -238,3 +238,15 @@ def test_the_readmes_fine_tuning_commands_run(checkpoints, tmp_path):
             want = VLM.from_pretrained(tmp_path / "out" / run / "model").eval()(**b).logits
             assert (hf(tmp_path / "out" / run / "model")(**b).logits - want).abs().max() <= 1e-4
     assert (tmp_path / "out" / "lora" / "eval" / "report.md").exists()
+
+
+def test_the_adapters_settings_round_trip(checkpoints, tmp_path):
+    """r, alpha and dropout as saved are what loading (and so --resume) rebuilds."""
+    path, _ = checkpoints[NAME]
+    model = VLM.from_pretrained(path)
+    lora.add_lora(model, r=3, alpha=7, dropout=0.25, targets=("v_proj", "up_proj"))
+    lora.save_adapter(model, tmp_path / "a")
+    again = VLM.from_pretrained(path)
+    lora.load_adapter(again, tmp_path / "a", trainable=True)
+    got = {p: (m.r, m.alpha, m.dropout.p) for p, m in lora.adapted(again).items()}
+    assert got == {p: (3, 7, 0.25) for p in lora.adapted(model)} and len(got) == 6

@@ -115,6 +115,56 @@ def test_pretraining_resumes_where_it_stopped(tiny, tmp_path, monkeypatch, unit)
     assert said[0].endswith("at step 12")  # saved by the Ctrl-C
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    losses = [json.load(open(tmp_path / d / "summary.json"))["losses"] for d in ("a", "b")]
+    assert len(losses[1]) == 20 and losses[0] == losses[1]  # the whole history, not the steps after resuming
     monkeypatch.setattr(vs, "sigmoid_loss", lambda *a: pytest.fail("a finished stage trained again"))
     again = vs.pretrain(cfg, proc, config, str(tmp_path / "a"), log=lambda s: None)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), again.state_dict().values()))
+
+
+class FixedEmbeddings:
+    """Stands in for SigLIP in retrieval: given image and text embeddings, whatever the pixels."""
+    def __init__(self, unit, img, txt):
+        self.unit, self.img, self.txt = unit, img, txt
+
+    def image_embeddings(self, pixels):
+        return self.img
+
+    def text_embeddings(self, ids, mask):
+        return self.txt
+
+
+def test_retrieval_scores_each_image_by_its_best_text(tiny):
+    """Image i counts when its likeliest text is its own: images 0 and 1 pick their own, image 2 picks
+    text 0 (which image 0 also likes best): 2/3; read the other way (each text's best image) it would
+    be 3/3 here, so the direction shows."""
+    proc, config = tiny
+    rng = np.random.default_rng(1)
+    grids = [vs.random_grid(rng) for _ in range(3)]
+    img = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.9, 0, 0.1]])
+    txt = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.5, 0, 0.6]])
+    assert vs.retrieval(FixedEmbeddings("image", img, txt), proc, grids, config) == pytest.approx(2 / 3)
+
+
+def test_probe_scores_each_attribute_and_the_whole_cell(tiny, monkeypatch):
+    """Features that hold each cell's emptiness, colour and size but not its kind: the probe reads those
+    three perfectly, the kind near chance, and a whole cell is right when empty or when its kind is:
+    cell = p_empty + (1 - p_empty) * kind, from the same guesses."""
+    proc, config = tiny
+    rng = np.random.default_rng(2)
+    train, held = [vs.random_grid(rng) for _ in range(60)], [vs.random_grid(rng) for _ in range(30)]
+
+    def features(tower, proc, grids, model_config):
+        rows = []
+        for g in grids:
+            for c in vs.cells(g):
+                empty, colour, _, size = vs.cell_labels(c)
+                rows.append([float(empty), *(float(colour == k) for k in range(len(synthetic.COLOURS))),
+                             float(size == 1), *np.random.default_rng(len(rows)).normal(size=4)])
+        return torch.tensor(rows, dtype=torch.float32)
+    monkeypatch.setattr(vs, "token_features", features)
+    torch.manual_seed(0)
+    out = vs.probe(None, proc, config, train, held)
+    assert out["empty"] == out["colour"] == out["size"] == 1.0 and out["kind"] < 0.7
+    p_empty = sum(c is None for g in held for c in vs.cells(g)) / (9 * len(held))
+    assert out["cell"] == pytest.approx(p_empty + (1 - p_empty) * out["kind"], abs=1e-6)
