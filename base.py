@@ -26,10 +26,12 @@ import torch
 import config
 import data
 import eval as eval_mod
+import report
 import synthetic
 import vision_stage
 from config import ConfigError, arg
-from model import VLM, atomic_write, pick_device
+from device import pick_device
+from model import VLM, atomic_write
 from records import read_records
 
 # the base's training mix: image + question -> the answer alone (most of what real MLLMs are tuned on);
@@ -342,7 +344,7 @@ def ensure_base(args, st, train, train_and_report, make_config, log=print):
     # the base's row in later reports
     write_text(eval_json, json.dumps({k: v for k, v in ev.items() if k != "config"}))
     meta = {"model": "the base", "stages": identity(args, st)}
-    eval_mod.write_report({"base": ev}, cfg.out, meta, [("Training curves", "curves.png")])  # + captions
+    report.write_report({"base": ev}, cfg.out, meta, [("Training curves", "curves.png")])  # + captions
     return folder, ev, time.time() - t0
 
 

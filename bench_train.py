@@ -27,7 +27,8 @@ import data
 import nanoattcot
 import objective
 import synthetic
-from model import VLM, TextConfig, VisionConfig, VLMConfig, peak_flops
+from device import peak_flops
+from model import VLM, TextConfig, VisionConfig, VLMConfig
 from records import read_records
 
 

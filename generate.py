@@ -17,7 +17,7 @@ import torch
 import config
 import data
 import lora
-from model import pick_device
+from device import pick_device
 
 
 def generate(args):

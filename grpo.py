@@ -27,10 +27,12 @@ import data
 import draw
 import eval as eval_mod
 import masses
+import report
 import synthetic
 from checkpoint import find_checkpoint, restore, run_steps
 from config import arg
-from model import VLM, device_problem, pick_device
+from device import device_problem, pick_device
+from model import VLM
 from records import read_records
 
 
@@ -451,12 +453,12 @@ def run(cfg):
         results[name] = eval_mod.evaluate(result[name if name == "start" else "model"], result["proc"],
                                           result["eval_records"], result["train_records"], layers,
                                           cot=cfg.prompt, log=print)
-    print("\n" + eval_mod.table(results))
+    print("\n" + report.table(results))
     meta = {"start": cfg.init, "steps": cfg.max_steps, "seed": cfg.seed, "n": len(result["eval_records"]),
             "rewards": f"accuracy 1, format {cfg.reward_format}, avar {cfg.reward_avar}, region "
                        f"{cfg.reward_region}"}
-    report = eval_mod.write_report(results, cfg.out, meta, [("GRPO curves", "curves.png")])
-    print(f"(report: {report})")
+    report_md = report.write_report(results, cfg.out, meta, [("GRPO curves", "curves.png")])
+    print(f"(report: {report_md})")
     return results
 
 

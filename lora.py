@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import VLM, CheckpointError, atomic_write, key_map
+from model import VLM, CheckpointError, _load_file, atomic_write, key_map
 
 # the decoder's linears, by the name each has in a TextBlock
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -147,7 +147,6 @@ def load_adapter(model: VLM, path, trainable=False):
     """Puts the adapter in path (ours or one PEFT wrote) on the model: each lora_A / lora_B tensor goes to
     the module transformers names it for; a tensor for a module the model lacks, or of the wrong shape,
     is an error naming it -> the adapted paths. trainable: the adapters train (a resumed run)."""
-    from model import _load_file
     config = read_config(path)
     tensors = _load_file(os.path.join(path, WEIGHTS))
     from_hf = {theirs: ours for ours, theirs in hf_paths(model).items()}

@@ -194,7 +194,6 @@ def pretrain(cfg: VisionStageConfig, proc, model_config, out_dir, log=print):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def retrieval(model, proc, grids, model_config):
     """What the contrastive stage taught, on unseen images: the share of images (unit image) or tokens
     (unit cell) whose likeliest text, among the texts of all of them, is their own."""

@@ -11,6 +11,7 @@ import boxes as boxes_mod
 import commitment
 import data
 import eval as eval_mod
+import report
 
 CHOICES = ["A. red", "B. green", "C. blue"]
 
@@ -466,7 +467,7 @@ def test_table_shows_every_measure(monkeypatch):
     monkeypatch.setattr(eval_mod, "generate_answers", lambda m, p, recs, *a,
                         **kw: [f"So. Answer: {r['answer']}" for r in recs])
     ev = eval_mod.evaluate(None, None, records(), [{"type": "count", "answer": "1"}], commitment=False)
-    text = eval_mod.table({"sft": {**ev, "wall_seconds": 1.5}, "attcot": {**ev, "wall_seconds": 2.0}})
+    text = report.table({"sft": {**ev, "wall_seconds": 1.5}, "attcot": {**ev, "wall_seconds": 2.0}})
     assert text.splitlines()[0].split() == ["sft", "attcot"] and "accuracy_cot_ci95" in text
     assert [l.split()[-1] for l in text.splitlines() if l.startswith("wall_seconds")] == ["2.000"]
     # '-' where a measure was not taken
@@ -554,7 +555,7 @@ def test_report_files_and_pictures(tmp_path):
     im.save(tmp_path / "item.png")
     results = {"sft": hand_result(1.0, str(tmp_path / "item.png")),
                "attcot": hand_result(1.1, str(tmp_path / "item.png"))}
-    path = eval_mod.write_report(results, str(tmp_path / "rep"), {"data": "eval.jsonl"})
+    path = report.write_report(results, str(tmp_path / "rep"), {"data": "eval.jsonl"})
     md = open(path).read()
     back = json.load(open(tmp_path / "rep" / "report.json"))
     assert back["results"]["attcot"]["accuracy_cot"] == pytest.approx(0.88)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import eval as eval_mod
+import report as report_mod
 import explorer
 import nanoattcot
 
@@ -38,7 +39,7 @@ def report(tmp_path_factory):
     results["boosted"] = eval_mod.evaluate(model, proc, recs, result["train_records"], layers,
                                            max_new_tokens=24, explore=3)
     model.boost_image_attention(1.0)
-    eval_mod.write_report(results, str(out), {"data": "synthetic"})
+    report_mod.write_report(results, str(out), {"data": "synthetic"})
     return out, json.load(open(out / "report.json"))["results"], (model, proc, recs, layers)
 
 
