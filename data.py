@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from files import read_json
+
 MAX_IMAGE_SIDE = 4096  # transformers' absolute cap after the first resize
 SPECIAL = {"image": "<image>", "fake": "<fake_token_around_image>", "global": "<global-img>",
            "eou": "<end_of_utterance>"}
@@ -26,14 +28,6 @@ SPECIAL = {"image": "<image>", "fake": "<fake_token_around_image>", "global": "<
 class DataError(ValueError):
     """Bad input (a data file, a record, a processor folder): the message names it, and the command
     line prints it alone, without a traceback."""
-
-
-def read_json(path):
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def _token_text(t):  # special tokens are stored as "..." or {"content": "..."}
@@ -248,12 +242,13 @@ class Processor:
         tc = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if os.path.exists(f(name)):
-                tc.update({k: v for k, v in read_json(f(name)).items() if v is not None})
-        pc = read_json(f("processor_config.json")) if os.path.exists(f("processor_config.json")) else {}
+                tc.update({k: v for k, v in read_json(f(name), DataError).items() if v is not None})
+        pc = read_json(f("processor_config.json"), DataError) if os.path.exists(f("processor_config.json")) \
+            else {}
         if "image_processor" in pc:
             image_cfg = pc["image_processor"]
         elif os.path.exists(f("preprocessor_config.json")):
-            image_cfg = read_json(f("preprocessor_config.json"))
+            image_cfg = read_json(f("preprocessor_config.json"), DataError)
         else:
             raise FileNotFoundError(f"{path}: no preprocessor_config.json, nor an image_processor entry "
                                     "in processor_config.json")
@@ -261,7 +256,7 @@ class Processor:
         if os.path.exists(f("chat_template.jinja")):
             template = open(f("chat_template.jinja")).read()
         elif os.path.exists(f("chat_template.json")):
-            template = read_json(f("chat_template.json"))["chat_template"]
+            template = read_json(f("chat_template.json"), DataError)["chat_template"]
         try:
             return cls(tokenizer, ImageProcessor(image_cfg), pc.get("image_seq_len", 64), template, tc)
         except (ValueError, KeyError, TypeError) as e:
@@ -540,6 +535,12 @@ def tokens_to_example(proc, rec, enc, prompt_len, cut, pixels, max_len=2048):
     if pixels is not None:
         out.update(pixel_values=pixels[0], pixel_attention_mask=pixels[1])
     return out
+
+
+def to_device(batch, device):
+    """A batch, and its cut copies ("commit", a batch or None) with it, on the device."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v if v is None else v.to(device)
+            for k, v in batch.items()}
 
 
 def collate(examples, pad_id):

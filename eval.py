@@ -30,13 +30,14 @@ from PIL import ImageDraw
 
 import config
 import data
-import explorer
 import lora
 import masses
-import report
+from analysis import explorer
+from analysis import report
+from analysis.boxes import control_boxes
+from analysis.commitment import CUTS, early_commitment
 from answers import is_right, matches, read_answer, with_candidates
-from boxes import control_boxes
-from commitment import CUTS, early_commitment
+from generate import generate_answers
 from records import read_records
 
 
@@ -56,32 +57,6 @@ def bootstrap_ci(values, n=1000, seed=0):
     idx = torch.randint(len(v), (n, len(v)), generator=torch.Generator().manual_seed(seed))
     means = v[idx].mean(1).sort().values
     return round(float(means[int(0.025 * n)]), 4), round(float(means[int(0.975 * n) - 1]), 4)
-
-
-@torch.no_grad()
-def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None, log=None,
-                     temperature=0.0, generator=None):
-    """Greedy (or sampled, temperature > 0) generation for each record -> list of generated texts.
-    replies: a text per record that the reply is forced to start with (a cut rationale and the answer
-    marker, say). log(line): progress."""
-    model.eval()
-    device = next(model.parameters()).device
-    texts, t0 = [], time.time()
-    for s in range(0, len(records), batch_size):
-        chunk = records[s:s + batch_size]
-        prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "")
-                   for i, r in enumerate(chunk)]
-        images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
-        batch = proc(prompts, images if any(images) else None, padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id,
-                             temperature=temperature, generator=generator)
-        texts += [proc.decode(row) for row in out]
-        if log:
-            rate = len(texts) / (time.time() - t0)
-            log(f"{len(texts)}/{len(records)} items, {rate:.1f} items/s, ETA "
-                f"{(len(records) - len(texts)) / rate:.0f}s")
-    return texts
 
 
 GREY = (128, 128, 128)
@@ -168,8 +143,8 @@ def attention_profile(model, proc, records, layers, batch_size=32, bins=10):
         hook = masses.mass_fn(rows, q_pos, groups, len(PROFILE_GROUPS),
                               boost=model.boost_at)
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                    batch["attention_mask"], mass_layers=layers,
-                    mass_fn=hook)  # the masses under the intervention
+                    batch["attention_mask"], mass_layers=layers, mass_fn=hook,
+                    mass_values=hook.values)  # the masses under the intervention
         m = torch.stack([out.masses[layer] for layer in layers]).mean(2).float().cpu()  # (L, B, Nq, 2)
         in_r, in_a = (row_span == data.R).cpu(), (row_span == data.A).cpu()
         by_layer += (m[..., 0] * in_r).sum((1, 2))

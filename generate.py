@@ -20,6 +20,32 @@ import lora
 from device import pick_device
 
 
+@torch.no_grad()
+def generate_answers(model, proc, records, batch_size=64, max_new_tokens=160, replies=None, log=None,
+                     temperature=0.0, generator=None):
+    """Greedy (or sampled, temperature > 0) generation for each record -> list of generated texts.
+    replies: a text per record that the reply is forced to start with (a cut rationale and the answer
+    marker, say). log(line): progress."""
+    model.eval()
+    device = next(model.parameters()).device
+    texts, t0 = [], time.time()
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        prompts = [data.record_prompt(proc, r) + (replies[s + i] if replies else "")
+                   for i, r in enumerate(chunk)]
+        images = [[data.load_image(p, r["source"]) for p in r["images"]] for r in chunk]
+        batch = proc(prompts, images if any(images) else None, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=proc.eos_token_id,
+                             temperature=temperature, generator=generator)
+        texts += [proc.decode(row) for row in out]
+        if log:
+            rate = len(texts) / (time.time() - t0)
+            log(f"{len(texts)}/{len(records)} items, {rate:.1f} items/s, ETA "
+                f"{(len(records) - len(texts)) / rate:.0f}s")
+    return texts
+
+
 def generate(args):
     device = pick_device(args.device)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import VLM, CheckpointError, _load_file, atomic_write, key_map
+from files import atomic_write
+from model import VLM, CheckpointError, _load_file, key_map
 
 # the decoder's linears, by the name each has in a TextBlock
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -8,21 +8,24 @@ Attention mass over masked key groups, without materialising the attention matri
     key_groups (B, Tk) uint8   bit g set = key j is in group g (up to 8 groups)
     mass       (B, Hq, Nq, num_groups) float32 = sum over visible keys of group g of softmax_j(scale q.k_j)
 
-Differentiable in q and k. The routes (impl):
-  "cuda"       kernels.cu (built on first use with torch.utils.cpp_extension), on a GPU of sm_80+,
-               head dim 64 or 128, fp32/bf16/fp16;
-  "reference"  the chunked PyTorch version below, the same math (forward with the row log-sum-exp,
-               backward recomputing p), always in fp32 (autocast does not reach it);
+Differentiable in q and k. The four routes, and when "auto" takes each (resolve decides, the one
+place that does):
+  "cuda"       kernels.cu (built on first use with torch.utils.cpp_extension): auto's on a GPU of
+               sm_80+, head dim 64 or 128, fp32/bf16/fp16, once it has passed its self-check;
   "sdpa"       the stock route a user could take instead: the mass is attention with V = the one-hot
-               group bits, so one scaled_dot_product_attention call gives it (bench_kernels.py times
-               the three);
-  "auto"       the kernel where it can run and has passed its self-check; otherwise SDPA on a GPU
-               (any reason: no build, another head dim or dtype, a failed check) and the reference on
-               the CPU. (masses.mass_fn adds a fourth, "fused", which its "auto" means on the CPU.)
+               group bits, so one scaled_dot_product_attention call gives it: auto's on a GPU where
+               the kernel cannot run (no build, another head dim or dtype, a failed check);
+  "fused"      the same V = bits trick inside the model's own attention call (masses.mass_fn, whose
+               bits ride as extra value columns, model.decode): auto's on the CPU, where
+               python -m bench.train measured it fastest; a bare attention_mass call has no model
+               attention to ride in, and there the reference stands in;
+  "reference"  the chunked PyTorch version below, the same math as the kernel (forward with the row
+               log-sum-exp, backward recomputing p), always in fp32 (autocast does not reach it): the
+               oracle of the tests and of the self-check. python -m bench.kernels times them.
 
     python mass_kernel.py --build    build the extension (no GPU needed; CI does this)
     python mass_kernel.py --check    the CUDA op against the reference on random inputs (GPU)
-    python bench_kernels.py      timing and memory table (GPU)
+    python -m bench.kernels          timing and memory table (GPU)
 """
 import math
 import os
@@ -69,6 +72,34 @@ def _warn_once(key, message):
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
+
+
+ROUTES = ("cuda", "sdpa", "fused", "reference")
+
+
+def resolve(impl, device, q=None):
+    """impl as asked -> the route that runs. "auto": "cuda" where the kernel can run for q and has
+    passed its self-check (a failed check warns once and falls back to "sdpa"); else "sdpa" on a
+    GPU and "fused" on the CPU (a bare attention_mass call, outside a model's attention, computes
+    "fused" by the reference). Without q (a hook made before the model runs): "fused" on the CPU,
+    and on a GPU "auto" stays, decided at each call, whose q autocast may have cast. "cuda" asked
+    and failing its self-check raises."""
+    if impl not in (*ROUTES, "auto"):
+        raise ValueError(f"mass route {impl!r}: one of auto, {', '.join(ROUTES)}")
+    if impl not in ("auto", "cuda"):
+        return impl
+    if q is None:
+        return "fused" if impl == "auto" and torch.device(device).type != "cuda" else impl
+    use_cuda = impl == "cuda" or _use_cuda(q)
+    failed = use_cuda and self_check(q.device, q.dtype, q.shape[-1])
+    if failed and impl == "cuda":
+        raise RuntimeError(f"attention_mass: the CUDA kernel failed its self-check: {failed}")
+    if failed:
+        _warn_once("self-check", f"attention_mass: the CUDA kernel failed its self-check ({failed}); "
+                                 "using the SDPA route (impl='sdpa') from now on")
+    if use_cuda and not failed:
+        return "cuda"
+    return "sdpa" if failed or q.is_cuda else "fused"
 
 
 def _use_cuda(q):
@@ -251,17 +282,7 @@ def self_check(device, dtype, head_dim):
         q_pos[1, -9:] = -1  # padding rows see no key
         groups = torch.randint(0, 2**G, (B, Tk), generator=g).to(torch.uint8)
         upstream = torch.randn(B, Hq, Nq, G, generator=g).to(device)
-        q_pos, groups = q_pos.to(device), groups.to(device)
-        outs = []
-        # called from eval too
-        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-            for use_cuda in (True, False):
-                qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-                mass, _ = _mass_fwd(qq, kk, q_pos, groups, G, head_dim ** -0.5, use_cuda)
-                (mass * upstream).sum().backward()
-                outs.append((mass.detach(), qq.grad, kk.grad))
-        errs = {name: float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-                for name, a, b in zip(("mass", "dq", "dk"), *outs)}
+        errs = kernel_errors(q, k, q_pos.to(device), groups.to(device), G, upstream)
         worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
         tol = SELF_CHECK_TOL[dtype]
         _verdicts[key] = None if all(math.isfinite(e) and e <= tol for e in errs.values()) else (
@@ -270,11 +291,24 @@ def self_check(device, dtype, head_dim):
     return _verdicts[key]
 
 
+def kernel_errors(q, k, q_pos, key_groups, num_groups, upstream):
+    """The kernel against the reference on one problem: the relative L2 errors of the masses and of
+    both gradients (under the upstream gradient `upstream`), {"mass", "dq", "dk"}."""
+    outs = []
+    # fp32 and with gradients wherever it is called from (eval runs under no_grad)
+    with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+        for use_cuda in (True, False):
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            mass, _ = _mass_fwd(qq, kk, q_pos, key_groups, num_groups, q.shape[-1] ** -0.5, use_cuda)
+            (mass * upstream).sum().backward()
+            outs.append((mass.detach(), qq.grad, kk.grad))
+    return {name: float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+            for name, a, b in zip(("mass", "dq", "dk"), *outs)}
+
+
 def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto"):
-    """See the module docstring. impl: "auto" (the CUDA kernel where it can run and has passed its
-    self_check; else SDPA on a GPU, the reference on the CPU), "cuda" (the kernel; raises if it
-    fails its self-check), "reference" or "sdpa" (one stock attention call with V = the group
-    bits)."""
+    """See the module docstring. impl: a route or "auto" (resolve); "fused" is the reference here,
+    outside a model's attention."""
     if (q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]
             or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]):
         raise ValueError(f"attention_mass: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit "
@@ -291,18 +325,10 @@ def attention_mass(q, k, q_pos, key_groups, num_groups=1, scale=None, impl="auto
                          f"and num_groups 1..8; got {key_groups.dtype} {tuple(key_groups.shape)}, "
                          f"{num_groups}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if impl == "sdpa":
+    route = resolve(impl, q.device, q)
+    if route == "sdpa":
         return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
-    use_cuda = _use_cuda(q) if impl == "auto" else impl == "cuda"
-    failed = use_cuda and self_check(q.device, q.dtype, q.shape[-1])
-    if failed and impl == "cuda":
-        raise RuntimeError(f"attention_mass: the CUDA kernel failed its self-check: {failed}")
-    if failed:
-        _warn_once("self-check", f"attention_mass: the CUDA kernel failed its self-check ({failed}); "
-                                 "using the SDPA route (impl='sdpa') from now on")
-    if failed or (impl == "auto" and q.is_cuda and not use_cuda):
-        return sdpa_mass(q, k, q_pos, key_groups, num_groups, scale)
-    mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, use_cuda)
+    mass, _ = _mass_fwd(q, k, q_pos, key_groups, num_groups, scale, route == "cuda")
     return mass
 
 
@@ -329,13 +355,7 @@ def check(shapes=((2, 9, 3, 1000, 1000, 64, 2), (1, 4, 2, 333, 517, 128, 8))):
             q_pos = torch.randint(0, Tk, (B, Nq), device="cuda", generator=g)
             groups = torch.randint(0, 2**G, (B, Tk), device="cuda", generator=g).to(torch.uint8)
             upstream = torch.randn(B, Hq, Nq, G, device="cuda", generator=g)
-            outs = []
-            for impl in ("cuda", "reference"):
-                qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-                m = attention_mass(qq, kk, q_pos, groups, G, impl=impl)
-                (m * upstream).sum().backward()
-                outs.append((m, qq.grad, kk.grad))
-            errs = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(*outs)]
+            errs = kernel_errors(q, k, q_pos, groups, G, upstream).values()
             errors = " ".join(f"{e:9.2e}" for e in errs)
             print(f"{str((B, Hq, Hkv, Nq, Tk, D, G)):>30s} {str(dtype)[6:]:>9s} {errors}")
 

@@ -54,18 +54,18 @@ def take_rows(q, rows):
 def mass_fn(rows, q_pos, groups, num_groups, impl="auto", boost=None):
     """The model's mass hook: (layer, q (B, Hq, T, d), k (B, Hkv, T, d)) -> the attention masses of
     the query rows `rows` (positions q_pos, as query_rows gives them) over the key groups,
-    (B, Hq, Nq, num_groups). impl: one of mass_kernel.attention_mass's, or "fused", which "auto" means
-    on the CPU (where bench_train.py measured it fastest): the group bits ride along as extra value
-    columns in the model's own attention call (hook.values), whose output over them is every row's
-    masses, so they cost almost nothing and are those of the attention the model ran (its padding
-    mask and any boost included). boost(layer) -> f: the masses as the test-time intervention
-    (model.boost_image_attention) makes them, its factor f on group 0, which must then be the image
-    (mass_kernel.boosted)."""
+    (B, Hq, Nq, num_groups). impl: a route of mass_kernel's or "auto", resolved there (hook.route
+    shows which). On the fused route the group bits ride along as extra value columns in the
+    model's own attention call: pass hook.values to the model as mass_values, and the attention's
+    output over them is every row's masses, at almost no cost, those of the attention the model ran
+    (its padding mask and any boost included). boost(layer) -> f: the masses as the test-time
+    intervention (model.boost_image_attention) makes them, its factor f on group 0, which must then
+    be the image (mass_kernel.boosted)."""
     def hook(layer, q, k, out=None):
         if out is not None:  # fused: (B, Hq, T, G) masses of every row, the boost already in them
             return take_rows(out, rows).to(mass_kernel.acc_dtype(out)) * (q_pos >= 0)[:, None, :, None]
         m = mass_kernel.attention_mass(take_rows(q, rows), k, q_pos, groups, num_groups=num_groups, impl=impl)
         return m if boost is None else mass_kernel.boosted(m, boost(layer))
-    fused = impl == "fused" or (impl == "auto" and groups.device.type == "cpu")
-    hook.values = mass_kernel.group_bits(groups, num_groups, torch.float32) if fused else None
+    hook.route = mass_kernel.resolve(impl, groups.device)  # a GPU's "auto" is decided per call, on q
+    hook.values = mass_kernel.group_bits(groups, num_groups, torch.float32) if hook.route == "fused" else None
     return hook

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import atomic_write, read_json
 from siglip import VisionConfig, VisionTower, run_block
 
 
@@ -210,6 +210,19 @@ class TextBlock(nn.Module):
 # the VLM
 
 
+def small_config(vocab_size, image_token_id):
+    """The teaching-size SmolVLM the synthetic set trains: 96 px images, 16 px patches, pixel shuffle 2 -> 9
+    image tokens; 4 decoder layers of width 128."""
+    return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+                                         num_attention_heads=3, patch_size=16, image_size=96),
+                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512,
+                                     num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                     rope_theta=10000.0,
+                                     max_position_embeddings=2048),
+                     scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")
+
+
 class VLM(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
@@ -292,12 +305,12 @@ class VLM(nn.Module):
     # --- the decoder
 
     def decode(self, x, position_ids, attention_mask, cache=None, mass_layers=(), mass_fn=None,
-               image_keys=None):
+               image_keys=None, mass_values=None):
         """x (B, T, C) embeddings; attention_mask (B, Tk) over all keys (past + new), 1 = real token;
         image_keys (B, Tk) bool (for boost_image_attention). mass_fn(layer, q, k) gets post-RoPE q, k
-        on mass_layers; a mass_fn with a .values (B, 1, Tk, G) tensor (masses.mass_fn's fused route)
-        has them appended to V there and gets the attention's output over them too: mass_fn(layer, q,
-        k, out), out (B, Hq, T, G)."""
+        on mass_layers. mass_values (B, 1, Tk, G), the fused route (masses.mass_fn): appended to V on
+        mass_layers, and mass_fn gets the attention's output over them too: mass_fn(layer, q, k, out),
+        out (B, Hq, T, G)."""
         if mass_layers and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
             raise ValueError("attention masses need right padding: the kernel, reference and SDPA routes "
                              "see keys by position, so a padding key before a real token would count")
@@ -308,12 +321,12 @@ class VLM(nn.Module):
                                   float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta,
                                 x.dtype)
-        masses, values = {}, getattr(mass_fn, "values", None)
+        masses = {}
         for i, layer in enumerate(self.layers):
             x, q, k, extra = run_block(layer, self.recompute, x, cos, sin,
                                        boosted if i in boost_layers else mask,
                                        None if cache is None else cache[i],
-                                       values if i in mass_layers else None)
+                                       mass_values if i in mass_layers else None)
             if i in mass_layers:
                 masses[i] = mass_fn(i, q, k) if extra is None else mass_fn(i, q, k, extra)
         return self.lm_head(self.norm(x)), masses
@@ -333,10 +346,10 @@ class VLM(nn.Module):
         return mask[:, None]
 
     def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None,
-                position_ids=None, mass_layers=(), mass_fn=None, image_features=None):
+                position_ids=None, mass_layers=(), mass_fn=None, image_features=None, mass_values=None):
         """input_ids (B, T) -> .logits (B, T, vocab), .masses {layer: mass_fn(layer, q, k)}.
         position_ids default to 0..T-1 as transformers' forward does; pass them for left padding.
-        image_features: see embed."""
+        image_features: see embed; mass_values: see decode."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -344,7 +357,7 @@ class VLM(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids, pixel_values, pixel_attention_mask, image_features)
         logits, masses = self.decode(x, position_ids, attention_mask, None, mass_layers, mass_fn,
-                                     input_ids == self.config.image_token_id)
+                                     input_ids == self.config.image_token_id, mass_values)
         return SimpleNamespace(logits=logits, masses=masses)
 
     def train_flops(self, input_ids, attention_mask):
@@ -421,7 +434,7 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        config = VLMConfig.from_hf(_read_json(os.path.join(path, "config.json")),
+        config = VLMConfig.from_hf(read_json(os.path.join(path, "config.json"), CheckpointError),
                                    os.path.join(path, "config.json"))
         hf = _load_safetensors(path)
         stored_dtype = next(iter(hf.values())).dtype if hf else torch.float32
@@ -526,16 +539,6 @@ def _missing(source, section, key):
     raise CheckpointError(f"{source}: {section} has no {key!r}")
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not found")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def _load_file(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -553,7 +556,7 @@ def _load_safetensors(path):
     if os.path.exists(single):
         return _load_file(single)
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             _missing(index, "the index", "weight_map")
         tensors = {}
@@ -561,15 +564,3 @@ def _load_safetensors(path):
             tensors.update(_load_file(os.path.join(path, shard)))
         return tensors
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then rename over path, so a killed process never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

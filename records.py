@@ -23,6 +23,7 @@ import os
 import re
 
 import data
+from files import read_json
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 FORMATS = "question/answer fields, LLaVA conversations, or messages"
@@ -170,7 +171,7 @@ def read_records(path, skips=None):
                     continue
                 add(r, f"{path}:{n}")
         return out
-    listed = data.read_json(path)
+    listed = read_json(path, data.DataError)
     if not isinstance(listed, list):
         raise data.DataError(f"{path}: expected a JSON list of records ({FORMATS}), or a .jsonl file")
     for n, r in enumerate(listed, 1):

@@ -8,20 +8,25 @@ from dataclasses import dataclass
 
 import config
 import lora
+import mass_kernel
 import objective
-import related
-import synthetic
 from config import ConfigError, arg
 from device import device_problem, pick_device
+from methods.drift import DRIFT_MODES
+from setting import synthetic
 
 
-OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", "cuda", "fused", "reference", "sdpa")
+OBJECTIVES, MASS_IMPLS = ("sft", "attcot", "avar"), ("auto", *mass_kernel.ROUTES)
 PIPELINE_OBJECTIVES = ("sft", "attcot")  # the default run fine-tunes the base with both, unless --objective
 ANS_GROUPS = objective.ANS_GROUPS  # (a name the config's own `objective` field would shadow)
 # fine-tuning a pretrained SmolVLM (--init): nanoVLM trains its backbones at 5e-5 and a new projector much
 # faster; here the connector is pretrained too, so 1e-5 for both towers, 10x that for the connector, and
 # nanoVLM's 3% warmup. From scratch (the small model) every part starts at 3e-3 with 30 warmup steps.
 FINETUNE_LR, FINETUNE_LR_CONNECTOR, SCRATCH_LR, SCRATCH_WARMUP = 1e-5, 1e-4, 3e-3, 30
+# The base's VLM stages (setting/base.py) train at the scratch rate (only the tower was pretrained). Its
+# fine-tunes (the main job's): a third of its peak rate (it ended its own cosine at a tenth), the language
+# model and connector alike, nanoVLM's 3% warmup, 400 steps; the tower stays frozen, as in the base's stages.
+BASE_FINETUNE_LR, FINETUNE_STEPS = 1e-3, 400
 # LoRA's adapters start at zero and are few: a rate as LLaMA-Factory's and PEFT's examples use (1e-4 to 2e-4)
 LORA_LR, LORA_TARGETS = 2e-4, lora.TARGETS
 LAYERS = "all, last, indices and a:b ranges such as 0,3 or 8: or -4:"
@@ -54,7 +59,7 @@ class TrainConfig:
     drift_prior: str = arg("",
                            "DRIFT: a checkpoint whose language model has this one's shapes (a --text-only "
                            "run, say); empty: no DRIFT")
-    drift_mode: str = arg("adaptive_cosine", "how DRIFT scales its bias", choices=related.DRIFT_MODES)
+    drift_mode: str = arg("adaptive_cosine", "how DRIFT scales its bias", choices=DRIFT_MODES)
     drift_alpha: float = arg(1.0, "DRIFT's bias strength")
     drift_no_rescale: bool = arg(False, "DRIFT: keep Delta's own norm (default: rescaled to each weight's)")
     difficulty: str = arg("", "lo:hi: keep the records the starting model (--init) gets right at a rate in "
@@ -81,7 +86,7 @@ class TrainConfig:
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(None, "optimizer steps; None: 400 fine-tuning the base, else 1200")
     lr: float = arg(None, "the language model's learning rate; None: 3e-3 from scratch, 1e-5 with --init, "
-                    "2e-4 with --lora (the main job's fine-tunes of its base: 1e-3, base.py's)")
+                    "2e-4 with --lora (the main job's fine-tunes of its base: 1e-3)")
     lr_vision: float = arg(None, "the vision tower's; None: 3e-3 from scratch, 1e-5 with --init")
     lr_connector: float = arg(None, "the connector's; None: 3e-3 from scratch, 1e-4 with --init")
     weight_decay: float = arg(0.01, "AdamW's weight decay")
@@ -137,8 +142,8 @@ class TrainConfig:
         band_ok = band == [] or (band is not None and len(band) == 2 and 0 <= band[0] <= band[1] <= 1)
         config.check(self, [
             ("objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
-            ("drift_mode", self.drift_mode in related.DRIFT_MODES,
-             f"one of {', '.join(related.DRIFT_MODES)}"),
+            ("drift_mode", self.drift_mode in DRIFT_MODES,
+             f"one of {', '.join(DRIFT_MODES)}"),
             ("drift_prior", not self.drift_prior or os.path.isdir(self.drift_prior),
              "an existing checkpoint folder"),
             ("difficulty", band_ok, "lo:hi with 0 <= lo <= hi <= 1"),

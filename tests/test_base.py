@@ -8,12 +8,14 @@ import pytest
 import safetensors.torch
 import torch
 
-import base
 import checkpoint
 import data
 import nanoattcot
-import synthetic
+import train as trainer
+import train_config
 from model import VLM
+from setting import base
+from setting import synthetic
 from test_data import grid_answer, read_grid
 
 
@@ -42,7 +44,7 @@ def test_caption_check_reads_the_cells(tmp_path, monkeypatch):
     def generate(model, proc, recs, *a, **kw):
         asked.extend(r["question"] for r in recs)
         return [words(resized), words(changed), words(grids[2][:4])]
-    monkeypatch.setattr(base.eval_mod, "generate_answers", generate)
+    monkeypatch.setattr(base, "generate_answers", generate)
     got = base.caption_check(None, None, str(tmp_path / "eval.jsonl"), n=3)
     assert asked == [base.CAPTION] * 3 and got["n"] == 3
     assert got["cells_right"] == pytest.approx((8 + 8 + 4) / 27)
@@ -105,7 +107,7 @@ def test_finetune_set_and_its_config(tmp_path):
         assert got == [{**r, "question": r["question"] + data.COT} for r in src]
     assert all("image" in r for r in map(json.loads, open(cot))) and not any("image" in r for r in map(
         json.loads, open(text)))
-    with pytest.raises(nanoattcot.ConfigError, match="holds a synthetic set made with"):
+    with pytest.raises(trainer.ConfigError, match="holds a synthetic set made with"):
         base.make_finetune_set(str(tmp_path / "d"), 13, 3)
 
     def config(*flags):
@@ -113,15 +115,15 @@ def test_finetune_set_and_its_config(tmp_path):
                                                     "3", *flags]))
         args.pop("compare")
         st = base.StageConfig(**{f: args.pop(f) for f in base.StageConfig.__dataclass_fields__})
-        return base.finetune_config(args, st, nanoattcot.TrainConfig, str(tmp_path))
+        return base.finetune_config(args, st, str(tmp_path))
     cfg = config()
     assert (cfg.max_steps, cfg.lr, cfg.lr_vision, cfg.lr_connector, cfg.prompt, cfg.init) == (
-        base.FINETUNE_STEPS, base.BASE_FINETUNE_LR, base.BASE_FINETUNE_LR, base.BASE_FINETUNE_LR, "cot",
-        str(tmp_path))
+        train_config.FINETUNE_STEPS, *[train_config.BASE_FINETUNE_LR] * 3, "cot", str(tmp_path))
     assert (cfg.data, cfg.eval_data, cfg.out) == (str(tmp_path / "data_cot" / "cot_train.jsonl"),
                                                   str(tmp_path / "data_cot" / "eval.jsonl"), str(tmp_path))
     cfg = config("--max-steps", "7", "--lr", "0.5", "--prompt", "bare", "--text-only")
-    assert (cfg.max_steps, cfg.lr, cfg.lr_vision, cfg.prompt) == (7, 0.5, base.BASE_FINETUNE_LR, "bare")
+    assert (cfg.max_steps, cfg.lr, cfg.lr_vision, cfg.prompt) == (7, 0.5, train_config.BASE_FINETUNE_LR,
+                                                                  "bare")
     assert (cfg.data, cfg.out, cfg.text_only) == (str(tmp_path / "data_cot" / "text_cot_train.jsonl"),
                                                   str(tmp_path / "text_only"), False)
 
@@ -182,7 +184,7 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
     assert report["results"]["attcot"]["examples"][0]["question"].endswith(data.COT)
     assert report["results"]["base"]["examples"][0]["question"].endswith(data.COT)
     summary = json.load(open(out / "attcot" / "summary.json"))["config"]
-    assert summary["init"] == str(out / "base" / "model") and summary["lr"] == base.BASE_FINETUNE_LR
+    assert summary["init"] == str(out / "base" / "model") and summary["lr"] == train_config.BASE_FINETUNE_LR
     assert summary["data"] == str(out / "data_cot" / "cot_train.jsonl")
     examples = lambda name: [e["question"] for e in report["results"][name]["examples"]]
     assert examples("base") == examples("attcot")  # the same eval items, asked the same way
@@ -229,14 +231,14 @@ def test_stage_chain(tmp_path, capsys, monkeypatch):
         assert row["eval_key"] == json.load(open(out / "attcot" / "summary.json"))["eval_key"]
         assert os.path.getmtime(out / "base" / "model" / "model.safetensors") == mtime
 
-    real, calls = nanoattcot.train_step, []
+    real, calls = trainer.train_step, []
 
-    def dies_at_step_3(*a):  # Ctrl-C in step 3
+    def dies_at_step_3(*a, **kw):  # Ctrl-C in step 3
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(nanoattcot, "train_step", dies_at_step_3)
+        return real(*a, **kw)
+    monkeypatch.setattr(trainer, "train_step", dies_at_step_3)
     stages = [("base", ["base", "--out", str(tmp_path / "b")]), ("sft", ["--out", str(tmp_path / "b"),
                                                                         "--objective", "sft"])]
     for name, flags in stages:  # (no alignment nor text stage: the Ctrl-C lands in the mix's step 3)

@@ -52,6 +52,7 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 import nanoattcot  # noqa: E402
+import train as trainer
 
 GOOD = {"question": "How many circles are there?", "rationale": "Row 1: a circle.", "answer": "1"}
 TRAIN = ["--n-train", "8", "--batch-size", "2", "--max-steps", "1", "--log-every", "1", "--save-every", "0",
@@ -153,7 +154,7 @@ def test_bad_flag_values_are_one_line(tmp_path, flags, message):
                              "every advantage is 0 and nothing trains)"),
 ])
 def test_bad_grpo_flags_are_one_line_before_any_work(tmp_path, flags, message, monkeypatch):
-    import grpo
+    from methods import grpo
     monkeypatch.setattr(grpo.VLM, "from_pretrained", lambda *a,
                         **kw: pytest.fail("a model was loaded first"))
     monkeypatch.setattr(grpo.synthetic, "make_once", lambda *a, **kw: pytest.fail("data was made first"))
@@ -172,21 +173,21 @@ def test_unknown_objective_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         nanoattcot.main(["train", "--objective", "dpo"])
     assert e.value.code == 2 and "invalid choice: 'dpo'" in capsys.readouterr().err
-    with pytest.raises(nanoattcot.ConfigError, match="--objective 'dpo': must be one of sft, attcot, avar"):
-        nanoattcot.TrainConfig(objective="dpo")  # from Python too
-    with pytest.raises(nanoattcot.ConfigError,
+    with pytest.raises(trainer.ConfigError, match="--objective 'dpo': must be one of sft, attcot, avar"):
+        trainer.TrainConfig(objective="dpo")  # from Python too
+    with pytest.raises(trainer.ConfigError,
                        match="--drift-mode 'sideways': must be one of absolute, gradnorm, "
                                                      "adaptive_cosine"):
-        nanoattcot.TrainConfig(drift_mode="sideways")
+        trainer.TrainConfig(drift_mode="sideways")
 
 
 def test_fine_tuning_defaults(tmp_path):
     """--init without explicit rates: fine-tuning ones and a short warmup; from scratch: the fast ones."""
-    ft, scratch = nanoattcot.TrainConfig(init=str(tmp_path),
-                                         max_steps=2000), nanoattcot.TrainConfig(max_steps=2000)
+    ft, scratch = trainer.TrainConfig(init=str(tmp_path),
+                                         max_steps=2000), trainer.TrainConfig(max_steps=2000)
     assert (ft.lr, ft.lr_vision, ft.lr_connector, ft.warmup) == (1e-5, 1e-5, 1e-4, 60)  # 3% of the steps
     assert (scratch.lr, scratch.lr_vision, scratch.lr_connector, scratch.warmup) == (3e-3, 3e-3, 3e-3, 30)
-    assert nanoattcot.TrainConfig(init=str(tmp_path), lr=2e-5, warmup=0).lr == 2e-5
+    assert trainer.TrainConfig(init=str(tmp_path), lr=2e-5, warmup=0).lr == 2e-5
 
 
 def test_bad_checkpoint_folders_are_one_line(checkpoints, tmp_path):

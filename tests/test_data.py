@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import data
-import synthetic
 from records import read_records
+from setting import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import eval as eval_mod
-import report as report_mod
-import explorer
-import nanoattcot
+import train as trainer
+from analysis import report as report_mod
+from analysis import explorer
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or \
     "/usr/bin/chromedriver"
@@ -28,9 +28,9 @@ def report(tmp_path_factory):
     """A small model trained a few steps, evaluated as itself and under the test-time intervention
     (two models whose replies and weights differ), written as a report."""
     out = tmp_path_factory.mktemp("report")
-    cfg = nanoattcot.TrainConfig(out=str(out / "run"), n_train=64, n_eval=4, batch_size=8, max_steps=12,
+    cfg = trainer.TrainConfig(out=str(out / "run"), n_train=64, n_eval=4, batch_size=8, max_steps=12,
                                  warmup=2, save_every=0, log_every=100, device="cpu")
-    result = nanoattcot.train(cfg)
+    result = trainer.train(cfg)
     model, proc, layers = result["model"], result["proc"], result["layers"]
     recs = result["eval_records"][:4]
     results = {"plain": eval_mod.evaluate(model, proc, recs, result["train_records"], layers,

@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 
 import data
-import grpo
-import nanoattcot
+import train as trainer
+from methods import grpo
+from methods.grpo import GRPOConfig
 from records import read_records
-from grpo import GRPOConfig
 
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A briefly trained small model: the checkpoint GRPO starts from."""
     out = tmp_path_factory.mktemp("g") / "sft"
-    nanoattcot.train(nanoattcot.TrainConfig(out=str(out), n_train=64, n_eval=4, batch_size=8, max_steps=4,
+    trainer.train(trainer.TrainConfig(out=str(out), n_train=64, n_eval=4, batch_size=8, max_steps=4,
                                             warmup=1,
                                             save_every=0, log_every=100, device="cpu", objective="sft"))
     return str(out / "model")
@@ -110,7 +110,7 @@ def test_avar_and_sayo_rewards_match_eager_attention_float64(start, tmp_path):
     cfg = config(start, tmp_path / "g", reward_avar=0.3, reward_region=1.0, num_generations=2)
     proc = data.Processor.from_pretrained(start)
     model = grpo.VLM.from_pretrained(start, dtype=torch.float32)
-    import synthetic
+    from setting import synthetic
     synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
     recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
     seq, truncated, texts, has_region = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))
@@ -270,7 +270,7 @@ def test_each_prompts_images_pass_the_vision_tower_once(start, tmp_path):
     not 6, and scoring a subset of rows runs only the prompts it holds."""
     cfg = config(start, tmp_path / "g", num_generations=3)
     proc, model = data.Processor.from_pretrained(start), grpo.VLM.from_pretrained(start, dtype=torch.float32)
-    import synthetic
+    from setting import synthetic
     synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
     recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
     seen = []
@@ -289,7 +289,7 @@ def test_rollouts_are_scored_at_the_sampling_temperature(start, tmp_path):
     distribution the completions were sampled from."""
     cfg = config(start, tmp_path / "g", temperature=0.5)
     proc, model = data.Processor.from_pretrained(start), grpo.VLM.from_pretrained(start, dtype=torch.float32)
-    import synthetic
+    from setting import synthetic
     synthetic.make_synthetic(str(tmp_path / "d"), 4, 2)
     recs = read_records(str(tmp_path / "d" / "train.jsonl"))[:2]
     seq = grpo.rollouts(model, proc, recs, cfg, 0, torch.device("cpu"))[0]

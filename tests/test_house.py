@@ -1,42 +1,81 @@
-"""The project's shape: the import graph has no cycle, every flag of every command explains itself, the
-one layer grammar, and the key groups' names."""
+"""The project's shape: the layers of the house and its import graph (no cycle, nothing imports a layer
+above its own), no file over 500 code lines or packed, every flag of every command explains itself,
+the one layer grammar, and the key groups' names."""
 import argparse
 import ast
+import collections
 import glob
 import os
 
 import pytest
 import torch
 
-import bench_generate
-import bench_kernels
-import bench_memory
-import bench_train
 import config
 import data
 import eval as eval_mod
 import generate
-import grpo
 import masses
 import nanoattcot
+from bench import generate as bench_generate
+from bench import kernels as bench_kernels
+from bench import memory as bench_memory
+from bench import train as bench_train
+from methods import grpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+FOLDERS = ("methods", "setting", "analysis", "bench")  # the lab, each folder named for what it holds
+# The house, bottom to top: a module imports only from its own layer and those below it. The core is
+# the root: its parts, and the programs that train and measure with them; the lab builds on the parts
+# (its own parts, which the core programs use) and on the programs (the base's stages, GRPO, benchmarks).
+LAYERS = (
+    ("parts", {"device", "files", "config", "siglip", "model", "mass_kernel", "masses", "data", "records",
+               "answers", "checkpoint", "lora", "generate"}),
+    ("lab parts", {"methods.avar", "methods.drift", "methods.difficulty", "methods.commit",
+                   "setting.synthetic", "setting.vision_stage", "analysis.boxes", "analysis.commitment",
+                   "analysis.draw", "analysis.explorer", "analysis.report"}),
+    ("core programs", {"objective", "train_config", "train", "eval"}),
+    ("lab programs", {"setting.base", "methods.grpo", "bench.kernels", "bench.train", "bench.generate",
+                      "bench.memory"}),
+    ("the main job", {"nanoattcot"}),
+)
+
+
+def module_paths():
+    """Every module of ours, by the name it is imported as -> its file: the root's and each folder's."""
+    found = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    for folder in FOLDERS:
+        found.update({f"{folder}.{os.path.basename(p)[:-3]}": p
+                      for p in glob.glob(os.path.join(ROOT, folder, "*.py"))
+                      if not p.endswith("__init__.py")})
+    return found
+
+
+MODULES = module_paths()
 
 
 def imports_of(name):
-    """The project modules a file imports anywhere in it (inside functions too)."""
-    tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+    """The modules of ours a file imports anywhere in it (inside functions too): `import x`,
+    `from x import y` and `from folder import module` each give the module imported."""
+    tree = ast.parse(open(MODULES[name]).read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module.split(".")[0])
-    return found & MODULES - {name}
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found & set(MODULES) - {name}
 
 
-def test_the_import_graph_has_no_cycle():
+def test_every_module_has_a_layer_and_every_folder_says_what_it_holds():
+    placed = [m for _, ms in LAYERS for m in ms]
+    assert sorted(placed) == sorted(MODULES), set(placed) ^ set(MODULES)
+    for folder in FOLDERS:
+        doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, folder, "__init__.py")).read()))
+        assert doc and len(doc.split()) > 10, folder  # a package (never shadowed), and its contents named
+    assert not set(os.listdir(ROOT)) & {f"{m}.py" for m in FOLDERS}
+
+
+def test_the_import_graph_has_no_cycle_and_nothing_imports_upward():
     graph = {m: imports_of(m) for m in MODULES}
     state = {}
 
@@ -50,17 +89,45 @@ def test_the_import_graph_has_no_cycle():
             state[m] = "done"
     for m in sorted(graph):
         visit(m, [])
-    assert graph["nanoattcot"] >= {"config", "data", "objective", "checkpoint"}  # the graph was read
-    assert graph["objective"] >= {"data", "masses", "related"}
-    assert graph["grpo"] >= {"checkpoint", "masses", "config"} and "nanoattcot" not in graph["grpo"]
-    # only a benchmark sits above it
-    assert not any("nanoattcot" in graph[m] for m in MODULES - {"bench_train"})
+    layer = {m: i for i, (_, ms) in enumerate(LAYERS) for m in ms}
+    upward = [f"{m} ({LAYERS[layer[m]][0]}) imports {n} ({LAYERS[layer[n]][0]})"
+              for m in sorted(graph) for n in sorted(graph[m]) if layer[n] > layer[m]]
+    assert not upward, upward
+    # the graph was read: the trainer's, the objective's and the pipeline's imports
+    assert graph["train"] >= {"config", "data", "objective", "checkpoint", "methods.commit"}
+    assert graph["objective"] >= {"data", "masses", "methods.avar"}
+    assert graph["setting.base"] >= {"train", "train_config"} and "nanoattcot" not in graph["methods.grpo"]
 
 
-PARSERS = {"nanoattcot.py": nanoattcot.parser, "grpo.py": grpo.parser, "eval.py": eval_mod.parser,
-           "generate.py": generate.parser, "bench_train.py": bench_train.parser,
-           "bench_kernels.py": bench_kernels.parser, "bench_generate.py": bench_generate.parser,
-           "bench_memory.py": bench_memory.parser}
+def code_lines(path):
+    lines = [line.strip() for line in open(path).read().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("path", sorted([*MODULES.values(), *glob.glob(os.path.join(ROOT, "tests", "*.py"))]),
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_no_file_is_over_500_code_lines_or_packed(path):
+    """At most 500 code lines (neither blank nor a comment), none over 110 characters, one statement
+    per line: a file is split by concept, never squeezed under the limit."""
+    assert len(code_lines(path)) <= 500
+    long = [i + 1 for i, line in enumerate(open(path).read().splitlines()) if len(line) > 110]
+    assert not long, f"lines over 110 characters: {long}"
+    starts = collections.Counter(node.lineno for node in ast.walk(ast.parse(open(path).read()))
+                                 if isinstance(node, ast.stmt))
+    packed = [line for line, n in starts.items() if n > 1 and not compound(path, line)]
+    assert not packed, f"more than one statement on lines {packed}"
+
+
+def compound(path, line):  # `if x: return` and its kind: a compound statement's body on its own line
+    text = open(path).read().splitlines()[line - 1].strip()
+    keywords = ("if", "for", "while", "with", "try:", "else:", "elif", "def", "class")
+    return text.split()[0] in keywords and ";" not in text
+
+
+PARSERS = {"nanoattcot.py": nanoattcot.parser, "methods.grpo": grpo.parser, "eval.py": eval_mod.parser,
+           "generate.py": generate.parser, "bench.train": bench_train.parser,
+           "bench.kernels": bench_kernels.parser,
+           "bench.generate": bench_generate.parser, "bench.memory": bench_memory.parser}
 
 
 def test_no_module_of_ours_shadows_a_package_transformers_imports():
@@ -77,7 +144,8 @@ def test_no_module_of_ours_shadows_a_package_transformers_imports():
                 imported |= set(re.findall(r"^[ \t]*(?:from|import)[ \t]+([A-Za-z_]\w*)", text, re.M))
                 imported |= set(re.findall(r"(?:_is_package_available|import_module|find_spec)\(\s*[\"']"
                                            r"([A-Za-z_]\w*)", text))  # what it probes by name
-    assert "torch" in imported and not MODULES & imported, MODULES & imported
+    ours = {m.split(".")[0] for m in MODULES}  # the root's modules and the folders
+    assert "torch" in imported and not ours & imported, ours & imported
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
@@ -170,9 +238,9 @@ def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
         for impl in ("reference", "fused"):
             model.zero_grad()
             hook = masses.mass_fn(rows, q_pos, groups, 2, impl=impl, boost=model.boost_at)
-            assert (hook.values is not None) == (impl == "fused")
+            assert (hook.values is not None) == (impl == "fused") and hook.route == impl
             out = model(ids, pixels, torch.ones(2, 1, 32, 32, dtype=torch.long), (spans > 0).long(),
-                        mass_layers=[0, 1, 2], mass_fn=hook)
+                        mass_layers=[0, 1, 2], mass_fn=hook, mass_values=hook.values)
             m = torch.stack([out.masses[i] for i in range(3)])
             (torch.log(m + 1e-6) * weights).sum().backward()  # any upstream gradient
             got[f, impl] = m.detach(), model.layers[0].self_attn.k_proj.weight.grad.clone()
@@ -181,7 +249,7 @@ def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
         assert torch.allclose(m_fused, m_ref, atol=1e-12) and torch.allclose(g_fused, g_ref, atol=1e-10)
         assert m_ref[..., 0].max() > 0.1 and g_ref.abs().max() > 1e-3  # not zeros agreeing
     assert not torch.allclose(got[3.0, "fused"][0][1], got[1.0, "fused"][0][1])  # the boost is in layer 1
-    assert masses.mass_fn(rows, q_pos, groups, 2).values is not None  # auto on the CPU is fused
+    assert masses.mass_fn(rows, q_pos, groups, 2).route == "fused"  # auto on the CPU
     assert set(widths) == {(8, 8, 8), (16, 16, 16)}  # plain (the reference's runs), fused
 
 

@@ -11,6 +11,7 @@ import torch
 import data
 import lora
 import masses
+import train as trainer
 from model import VLM, CheckpointError
 from test_model import batch
 
@@ -145,11 +146,11 @@ def test_a_lora_run_saves_a_peft_adapter_resumes_and_merges(tmp_path, monkeypatc
     from transformers import AutoModelForImageTextToText
     import eval as eval_mod
     import generate
-    import nanoattcot
-    from test_train import config, count_steps
-    nanoattcot.train(config(tmp_path, max_steps=2, out=str(tmp_path / "s")))  # a small model to start from
+    from test_resume import count_steps
+    from test_train import config
+    trainer.train(config(tmp_path, max_steps=2, out=str(tmp_path / "s")))  # a small model to start from
     init = str(tmp_path / "s" / "model")
-    run = lambda out, **kw: nanoattcot.train(config(tmp_path, out=str(tmp_path / out), init=init, lora=4,
+    run = lambda out, **kw: trainer.train(config(tmp_path, out=str(tmp_path / out), init=init, lora=4,
                                                     max_steps=6, lr=1e-2, save_every=3, **kw))
     straight = run("a")["model"]
     adapter = tmp_path / "a" / "adapter"
@@ -211,7 +212,7 @@ def test_the_readmes_fine_tuning_commands_run(checkpoints, tmp_path):
     from PIL import Image
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
-    import synthetic
+    from setting import synthetic
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path, _ = checkpoints["smolvlm_gqa_untied_s2"]
     os.symlink(path, tmp_path / "SmolVLM-256M-Instruct")

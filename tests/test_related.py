@@ -14,9 +14,10 @@ import eval as eval_mod
 import mass_kernel
 import nanoattcot
 import objective
-import related
-from model import VLM, CheckpointError
-from nanoattcot import TrainConfig
+import train as trainer
+from methods import avar, difficulty, drift
+from model import VLM, CheckpointError, small_config
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +31,7 @@ def config(out, **kw):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cfg = config(tmp_path_factory.mktemp("r") / "run")
-    return cfg, nanoattcot.train(cfg)
+    return cfg, trainer.train(cfg)
 
 
 def batch_of(result, n=3):
@@ -74,23 +75,25 @@ def test_avar_terms_match_eager_attention_float64(run):
         terms = objective.loss_terms(model,
                                       {k: v.double() if v.is_floating_point() else v
                                        for k, v in batch.items()},
-                                      TrainConfig(objective="avar", mass_impl="reference"), layers)
+                                      TrainConfig(objective="avar", mass_impl="reference", avar_img=0.5,
+                                                  avar_sys=0.25), layers)
     finally:
         result["model"].float()
-    assert float(terms["img_count"]) == float(terms["sys_count"]) == 3
-    terms = {k: v.detach() for k, v in terms.items()}
-    assert abs(float(terms["img_sum"]) - float(sum(want["img"]))) < 5e-8  # an fp32 sum is 2e-7 off
-    assert abs(float(terms["sys_sum"]) - float(sum(want["sys"]))) < 5e-8
-    loss = objective.total_loss(terms, objective.step_counts([batch]),
-                                 TrainConfig(objective="avar", avar_img=0.5, avar_sys=0.25))
-    ce = terms["ce_sum"] / (batch["labels"][:, 1:] != -100).sum()
+    counts = objective.step_counts([batch])
+    assert float(counts["img_count"]) == float(counts["sys_count"]) == 3
+    assert (terms["img"].count, terms["img"].weight, terms["sys"].count, terms["sys"].weight) == \
+        ("img_count", 0.5, "sys_count", 0.25)
+    assert abs(float(terms["img"].sum) - float(sum(want["img"]))) < 5e-8  # an fp32 sum is 2e-7 off
+    assert abs(float(terms["sys"].sum) - float(sum(want["sys"]))) < 5e-8
+    loss = objective.total_loss(terms, counts)
+    ce = terms["ce"].sum / (batch["labels"][:, 1:] != -100).sum()
     assert abs(float(loss - ce) - float(0.5 * sum(want["img"]) / 3 + 0.25 * sum(want["sys"]) / 3)) < 5e-8
 
 
 def test_avar_without_masses_is_an_error():
     spans = torch.tensor([[data.S, data.V, data.P, data.R]])
     with pytest.raises(RuntimeError, match=r"no attention masses came back for layers \[1\]"):
-        related.avar_terms({0: torch.zeros(1, 1, 2, 2)}, [0, 1], torch.tensor([[data.V, data.P]]), spans)
+        avar.avar_terms({0: torch.zeros(1, 1, 2, 2)}, [0, 1], torch.tensor([[data.V, data.P]]), spans)
 
 
 @pytest.mark.parametrize("mode,want", [("absolute", [1.0, 0.0]), ("gradnorm", [5.0, 0.0]),
@@ -98,11 +101,11 @@ def test_avar_without_masses_is_an_error():
 def test_drift_bias_by_hand(mode, want):
     """g = (3, 4), Delta = (1, 0): |g| = 5, cos = 3/5, so adaptive_cosine = (1 + 0.6) / 2 * 5 = 4
     along Delta."""
-    got = related.drift_bias(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), mode)
+    got = drift.drift_bias(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), mode)
     assert torch.allclose(got, torch.tensor(want))
     # opposite to Delta's side: cos = -0.6, adaptive_cosine shrinks to 0.2 * 5 = 1
     g = torch.tensor([-3.0, 4.0])
-    assert torch.allclose(related.drift_bias(g, torch.tensor([2.0, 0.0]), "adaptive_cosine"),
+    assert torch.allclose(drift.drift_bias(g, torch.tensor([2.0, 0.0]), "adaptive_cosine"),
                           torch.tensor([1.0, 0.0]))
 
 
@@ -115,9 +118,9 @@ def test_drift_delta_is_static_and_biases_the_gradients(run, tmp_path):
             p.add_(torch.randn_like(p) * 0.01)
     prior.save_pretrained(tmp_path / "prior")
     lines = []
-    plain = related.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, rescale=False,
+    plain = drift.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, rescale=False,
                           log=lines.append)
-    scaled = related.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, log=lambda *a: None)
+    scaled = drift.Drift(model, str(tmp_path / "prior"), "absolute", alpha=0.5, log=lambda *a: None)
     theirs, ours = dict(prior.named_parameters()), dict(model.named_parameters())
     n_layers = len(model.layers)
     assert len(plain.delta) == 7 * n_layers
@@ -146,15 +149,15 @@ def test_drift_errors_name_the_problem(run, tmp_path, monkeypatch):
     model = result["model"]
     with pytest.raises(CheckpointError, match="no language-model projection to bias"):
         # a naming mismatch: nothing would be hooked
-        monkeypatch.setattr(related, "DRIFT_MODULES", ("qkv_proj",))
-        related.Drift(model, os.path.join(cfg.out, "model"))
+        monkeypatch.setattr(drift, "DRIFT_MODULES", ("qkv_proj",))
+        drift.Drift(model, os.path.join(cfg.out, "model"))
     monkeypatch.undo()
     small = VLM(model.config.__class__(**{**model.config.__dict__, "text": model.config.text.__class__(
         **{**model.config.text.__dict__, "intermediate_size": 64})}))
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(CheckpointError,
                        match=r"layers.0.gate_proj.weight is \(64, 128\), the model's is \(512, 128\)"):
-        related.Drift(model, str(tmp_path / "small"))
+        drift.Drift(model, str(tmp_path / "small"))
 
 
 def test_intervention_is_the_softmax_with_log_f_on_the_image_keys(run):
@@ -244,27 +247,28 @@ def test_difficulty_filter_band_and_cache(tmp_path, monkeypatch):
     def stub(model, proc, recs, k, *args, **kw):
         calls.append(k)
         return rates
-    monkeypatch.setattr(related, "success_rates", stub)
+    monkeypatch.setattr(difficulty, "success_rates", stub)
     lines, model = [], torch.nn.Linear(2, 2)
-    kept = related.difficulty_filter(model, None, records, (0.25, 0.75), 4, str(tmp_path), log=lines.append)
+    kept = difficulty.difficulty_filter(model, None, records, (0.25, 0.75), 4, str(tmp_path),
+                                        log=lines.append)
     assert [r["source"] for r in kept] == ["f:1", "f:2", "f:3", "f:5", "f:6"] and calls == [4]
     assert lines[-1] == ("difficulty: kept 5 of 8 (rate in [0.25, 0.75]); success rate bands: 0 1, "
                          "0.25-0.75 5, 1 2; "
                          "kept per type: cell 2/4, count 3/4")
-    again = related.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    again = difficulty.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
     assert calls == [4]
     assert [r["source"] for r in again] == ["f:2", "f:3", "f:4", "f:5", "f:7"]  # from the cache
     moved = [{**r, "source": f"g:{i}"} for i, r in enumerate(records)]  # the same records in another file
-    related.difficulty_filter(model, None, moved, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    difficulty.difficulty_filter(model, None, moved, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
     assert calls == [4]
-    related.difficulty_filter(model, None, records, (0.5, 1.0), 2, str(tmp_path), log=lines.append)
+    difficulty.difficulty_filter(model, None, records, (0.5, 1.0), 2, str(tmp_path), log=lines.append)
     assert calls == [4, 2]  # another k is another measurement
     edited = records[:3] + [{**records[3], "answer": "2"}] + records[4:]
-    related.difficulty_filter(model, None, edited, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    difficulty.difficulty_filter(model, None, edited, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
     assert calls == [4, 2, 4]
     with torch.no_grad():
         model.weight.add_(1e-3)  # retrained, same folder
-    related.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
+    difficulty.difficulty_filter(model, None, records, (0.5, 1.0), 4, str(tmp_path), log=lines.append)
     assert calls == [4, 2, 4, 4]
 
 
@@ -276,9 +280,9 @@ def test_success_rates_count_sampled_answers(monkeypatch):
     def fake_generate(model, proc, recs, *args, temperature=0.0, **kw):
         assert temperature == 1.0 and len(recs) == 9
         return ["Answer: 2" if j % 3 < i else "Answer: 5" for i in range(3) for j in range(3)]
-    monkeypatch.setattr(eval_mod, "generate_answers", fake_generate)
+    monkeypatch.setattr(difficulty, "generate_answers", fake_generate)
     model = torch.nn.Linear(1, 1)
-    assert related.success_rates(model, None, records, 3) == [0.0, 1 / 3, 2 / 3]
+    assert difficulty.success_rates(model, None, records, 3) == [0.0, 1 / 3, 2 / 3]
 
 
 def test_compare_list_avar_and_intervention_rows(tmp_path, capsys):
@@ -303,7 +307,7 @@ def test_compare_list_avar_and_intervention_rows(tmp_path, capsys):
 
 
 def test_text_only_set_carries_the_grid_in_words(tmp_path):
-    import synthetic
+    from setting import synthetic
     synthetic.make_synthetic(str(tmp_path), n_train=6, n_eval=3)
     train, text = ([json.loads(l) for l in open(p)]
                    for p in (tmp_path / "train.jsonl", tmp_path / "train_text.jsonl"))
@@ -321,7 +325,6 @@ def test_drift_is_wired_before_clipping_and_matches_across_accumulation_and_rank
     (as clipping gets them) equal the unbiased ones (alpha 0) minus the adaptive_cosine bias toward
     prior - initial weights; 2 gloo processes x 2 micro-batches give the same biased gradients."""
     from test_train import COMMON, run_dumping_grads
-    import synthetic
     prior = os.path.join(run[0].out, "model")
     flags = [*COMMON, "--objective", "sft", "--drift-prior", prior]
     plain = run_dumping_grads(tmp_path, "a0", ["--batch-size", "8", *flags, "--drift-alpha", "0"])
@@ -333,15 +336,15 @@ def test_drift_is_wired_before_clipping_and_matches_across_accumulation_and_rank
         assert (a - b).norm() <= 1e-5 * a.norm() + 1e-9
     proc = data.Processor.from_pretrained(prior)
     torch.manual_seed(0)  # the run's initial weights
-    start = VLM(synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
-    drift = related.Drift(start, prior, log=lambda *a: None)
+    start = VLM(small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id))
+    bias = drift.Drift(start, prior, log=lambda *a: None)
     biased = 0
     for (name, _), g0, g1 in zip(start.named_parameters(), plain[1], one[1]):
-        want = g0 - related.drift_bias(g0, drift.delta[name],
-                                       "adaptive_cosine") if name in drift.delta else g0
+        want = g0 - drift.drift_bias(g0, bias.delta[name],
+                                       "adaptive_cosine") if name in bias.delta else g0
         assert torch.allclose(g1, want, rtol=1e-4, atol=1e-7), name
-        biased += name in drift.delta and not torch.allclose(g0, g1)
-    assert biased == len(drift.delta) == 28
+        biased += name in bias.delta and not torch.allclose(g0, g1)
+    assert biased == len(bias.delta) == 28
 
 
 def _difficulty_on_rank(rank, cache_dir, port):
@@ -355,10 +358,10 @@ def _difficulty_on_rank(rank, cache_dir, port):
         open(os.path.join(cache_dir, f"sampled-on-rank-{rank}"), "w").close()
         time.sleep(1.0)  # rank 1 reaches the cache check while rank 0 is still sampling
         return [0.5] * len(recs)
-    related.success_rates = stub
+    difficulty.success_rates = stub
     torch.manual_seed(0)
     records = [{"source": f"f:{i}", "type": "count", "answer": "1"} for i in range(4)]
-    kept = related.difficulty_filter(torch.nn.Linear(2, 2), None, records, (0.25, 0.75), 2, cache_dir,
+    kept = difficulty.difficulty_filter(torch.nn.Linear(2, 2), None, records, (0.25, 0.75), 2, cache_dir,
                                      log=lambda l: None)
     assert len(kept) == 4
     dist.destroy_process_group()

@@ -1,25 +1,19 @@
 """The Att-CoT objective against materialised attention, and the training loop: loss falls, the loss
-assembly by hand, resume (after Ctrl-C, a crash, or a SIGKILL inside a checkpoint save) ends bit for
-bit where an uninterrupted run does, gradient accumulation and 2-process DDP match one batch, the
-output loads in transformers."""
+assembly by hand, gradient accumulation and 2-process DDP match one batch, the output loads in
+transformers (resume: test_resume.py)."""
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-import answers
-import checkpoint
 import data
-import model as model_mod
-import nanoattcot
 import objective
-from nanoattcot import TrainConfig
+import train as trainer
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +27,7 @@ def config(tmp_path, **kw):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cfg = config(tmp_path_factory.mktemp("t"), max_steps=40, lr=3e-3)
-    return cfg, nanoattcot.train(cfg)
+    return cfg, trainer.train(cfg)
 
 
 def test_loss_falls(trained):
@@ -46,10 +40,10 @@ def test_loss_falls(trained):
 
 def test_progress_line_shows_mfu_given_a_peak(tmp_path, capsys):
     """On a GPU the peak comes from its name; --peak-tflops names it anywhere (here a CPU)."""
-    nanoattcot.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, peak_tflops=1.0))
+    trainer.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, peak_tflops=1.0))
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")][-1]
     assert 0 < float(re.search(r"MFU ([\d.]+)%", last).group(1)) < 100
-    nanoattcot.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, out=str(tmp_path / "cpu")))
+    trainer.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, out=str(tmp_path / "cpu")))
     assert "MFU" not in capsys.readouterr().out
 
 
@@ -61,7 +55,7 @@ def test_loss_terms_match_materialised_attention(trained):
     model, proc = result["model"], result["proc"]
     examples = data.encode_all(proc, result["train_records"][:4])
     batch = data.collate(examples, proc.pad_token_id)
-    layers = [0, 2, 3]
+    layers, n = [0, 2, 3], objective.step_counts([batch])
     hf = AutoModelForImageTextToText.from_pretrained(os.path.join(cfg.out, "model"),
                                                      attn_implementation="eager").eval()
     with torch.no_grad():
@@ -82,27 +76,32 @@ def test_loss_terms_match_materialised_attention(trained):
                                          ("rationale+image", ans_floor, m_rv)):
         cfg = TrainConfig(objective="attcot", mass_impl="reference", ans_group=ans_group,
                           ans_target=ans_target)
-        terms = {k: v.detach() for k, v in objective.loss_terms(model, batch, cfg, layers).items()}
+        terms = {k: t.sum.detach() for k, t in objective.loss_terms(model, batch, cfg, layers).items()}
         want_ans = -torch.log(m_ans[in_a].clamp(max=ans_target or 1) + 1e-6).mean()
-        assert abs(float(terms["ans_sum"] / terms["a_count"]) - want_ans) < 1e-4, (ans_group, ans_target)
+        assert abs(float(terms["ans"] / n["a_count"]) - want_ans) < 1e-4, (ans_group, ans_target)
     assert m_user[in_a].mean() > m_rv[in_a].mean() + 0.01  # the two groups differ here
     for floor, impl in ((None, "reference"), (median, "reference"), (None, "sdpa"), (median, "fused"),
                         (None, "auto")):
         # floor: half the steps above it
         cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)
-        terms = {k: v.detach() for k, v in objective.loss_terms(model, batch, cfg, layers).items()}
+        table = objective.loss_terms(model, batch, cfg, layers)
+        terms = {k: t.sum.detach() for k, t in table.items()}
         want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
-        assert abs(float(terms["vis_sum"] / terms["r_count"]) - want_vis) < 1e-4
-        assert abs(float(terms["vas_sum"] / terms["r_count"]) - m_v[in_r].mean()) < 1e-4
-        assert abs(float(terms["ans_sum"] / terms["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
+        assert abs(float(terms["vis"] / n["r_count"]) - want_vis) < 1e-4
+        assert abs(float(terms["vas"] / n["r_count"]) - m_v[in_r].mean()) < 1e-4
+        assert abs(float(terms["ans"] / n["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
+        assert [(k, t.count, t.weight) for k, t in table.items()][:4] == [
+            ("ce", "n_label", 1.0), ("vis", "r_count", 0.1), ("ans", "a_count", 0.1), ("vas", "r_count", 0.0)]
+        assert ("below" in table) == (floor is not None)
         # the steps under the floor (the log's)
         surely, maybe = (m_v[in_r] < (floor or 1) + d for d in (-1e-5, 1e-5))
-        assert int(surely.sum()) <= int(terms["below_count"]) <= int(maybe.sum()) and int(surely.sum()) > 0
-        low, high = float(m_v[in_r][surely].sum()), float(m_v[in_r][maybe].sum())
-        assert low - 1e-3 < float(terms["below_mass_sum"]) < high + 1e-3
+        if floor is not None:
+            assert int(surely.sum()) <= int(terms["below"]) <= int(maybe.sum()) and int(surely.sum()) > 0
+            low, high = float(m_v[in_r][surely].sum()), float(m_v[in_r][maybe].sum())
+            assert low - 1e-3 < float(terms["below_vas"]) < high + 1e-3
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
                                            batch["labels"][:, 1:].flatten())
-    assert abs(float(terms["ce_sum"] / terms["n_label"]) - float(ce)) < 1e-4
+    assert abs(float(terms["ce"] / n["n_label"]) - float(ce)) < 1e-4
 
 
 def test_attention_profile_matches_materialised_attention(trained):
@@ -143,7 +142,7 @@ def test_image_attention_and_heatmap_steps_match_materialised_attention(trained)
     reply into its sentences and the answer, each step's weights the mean over its tokens."""
     from transformers import AutoModelForImageTextToText
     import eval as eval_mod
-    import explorer
+    from analysis import explorer
     cfg, result = trained
     model, proc, rec = result["model"], result["proc"], result["train_records"][0]
     layers = [1, 3]
@@ -228,7 +227,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(trained, imp
         saved = []  # bytes autograd keeps for the backward outside the recomputed blocks
         keep = lambda x: saved.append(x.numel() * x.element_size()) or x
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
-            loss = objective.total_loss(objective.loss_terms(model, batch, attcot, [0, 3]), counts, attcot)
+            loss = objective.total_loss(objective.loss_terms(model, batch, attcot, [0, 3]), counts)
         loss.backward()
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         kept.append(sum(saved))
@@ -260,7 +259,7 @@ def test_compiled_training_step_through_the_mass_op_on_a_gqa_model():
     runs = []
     for net in (model, torch.compile(model, backend="aot_eager")):
         model.zero_grad()
-        loss = objective.total_loss(objective.loss_terms(net, batch, cfg, [0, 1]), counts, cfg)
+        loss = objective.total_loss(objective.loss_terms(net, batch, cfg, [0, 1]), counts)
         loss.backward()
         runs.append((loss.detach(), model.layers[0].self_attn.k_proj.weight.grad.clone()))
     (eager, g_eager), (compiled, g_compiled) = runs
@@ -295,339 +294,14 @@ def test_hf_format_output_loads_in_transformers(trained):
     assert (want["pixel_values"] - got["pixel_values"]).abs().max() <= 1e-6
 
 
-def test_answer_tokens_pair_each_answer_with_its_types_answers():
-    """Every closed-set answer's first token, and as its rivals the answers of the types that can give
-    it: yes/no among themselves, the counts among themselves; an open-ended type adds nothing; a
-    two-token answer ("dark red") by its first token."""
-    class Words:  # one token per word, numbered as first seen
-        def __init__(self):
-            self.vocab = {}
-
-        def encode(self, text):
-            return SimpleNamespace(ids=[self.vocab.setdefault(w, len(self.vocab)) for w in text.split()])
-    words = Words()
-    recs = [{"type": "cmp", "answer": "yes"}, {"type": "cmp", "answer": "no"},
-            {"type": "other", "answer": "no"}, {"type": "other", "answer": "dark red"},
-            {"type": "count", "answer": "2"}, {"type": "count", "answer": "3"},
-            *[{"type": "open", "answer": f"w{i}"} for i in range(answers.CLOSED_SET + 1)]]
-    got = objective.answer_tokens(words, recs)
-    names = {words.vocab[w]: w for w in ("yes", "no", "dark", "2", "3")}
-    assert sorted(names[int(i)] for i in got["ids"]) == ["2", "3", "dark", "no", "yes"]
-    rivals = {names[int(i)]: {names[int(j)] for j, r in zip(got["ids"], row) if r}
-              for i, row in zip(got["ids"], got["rivals"])}
-    assert rivals == {"yes": {"yes", "no"}, "no": {"yes", "no", "dark"}, "dark": {"no", "dark"},
-                      "2": {"2", "3"}, "3": {"2", "3"}}
-    # answers as written: a capitalised answer is its own token, the one its answer span starts with
-    got = objective.answer_tokens(words, [{"type": "yn", "answer": a} for a in ("Yes", "No", "yes")])
-    assert sorted(int(i) for i in got["ids"]) == sorted(words.vocab[w] for w in ("Yes", "No", "yes"))
-
-
-def test_commit_batch_cuts_early_and_forces_the_answer():
-    """Each picked row: its prompt, the first u <= n/2 of its n rationale tokens, then its answer span;
-    labels on the answer's tokens after the marker only; a row written in another format, or whose
-    answer is not a known one, is left out."""
-    P, R, A = data.P, data.R, data.A
-    marker, answer_set = [7, 8], {"ids": torch.tensor([20, 40]), "rivals": torch.ones(2, 2, dtype=torch.bool)}
-    rows = [([1, 2, 3], [10, 11, 12, 13, 14, 15], [7, 8, 20, 21]), ([1, 2], [30, 31, 32, 33], [7, 8, 40, 41]),
-            ([1, 2], [50, 51], [9, 60, 61]), ([1, 2], [50, 51], [7, 8, 61]),
-            ([1, 2], [], [7, 8, 20, 21])]  # no marker; an unknown answer; no rationale
-    examples = [{"input_ids": torch.tensor(p + r + a), "labels": torch.tensor([-100] * len(p) + r + a),
-                 "spans": torch.tensor([P] * len(p) + [R] * len(r) + [A] * len(a))} for p, r, a in rows]
-    batch = data.collate(examples, 0)
-    seen_u = set()
-    for seed in range(20):
-        cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(seed), 0, answer_set)
-        assert len(cut["input_ids"]) == 2 and cut["answers"] is answer_set
-        for got, labels, mask, (p, r, a) in zip(cut["input_ids"], cut["labels"], cut["attention_mask"], rows):
-            ids = got[mask.bool()].tolist()
-            u = len(ids) - len(p) - len(a)
-            assert 0 <= u <= len(r) // 2 and ids == p + r[:u] + a
-            assert labels[mask.bool()].tolist() == [-100] * (len(p) + u + 2) + a[2:]
-            seen_u.add((len(r), u))
-    assert {(6, 0), (6, 3), (4, 0), (4, 2)} <= seen_u  # both ends of the range are drawn
-    for seed in range(6):  # round(0.2 * 5) = 1 row picked: a copy unless it is one of the last three
-        picked = int(torch.randperm(5, generator=torch.Generator().manual_seed(seed))[0])
-        one = objective.commit_batch(batch, marker, 0.2, torch.Generator().manual_seed(seed), 0, answer_set)
-        assert (one is None) if picked >= 2 else len(one["input_ids"]) == 1
-
-
-def test_commit_term_by_hand_and_its_gradient_lowers_the_early_answer(trained):
-    """commit_sum = sum of max(0, log q - log p0), q the answer's first-token probability renormalised
-    over its rivals, by hand from the model's logits; one gradient step on the term alone lowers q."""
-    cfg, result = trained
-    model, proc = result["model"], result["proc"]
-    batch = data.collate(data.encode_all(proc, result["train_records"][:8]), proc.pad_token_id)
-    marker = proc.tokenizer.encode(" Answer:").ids
-    answer_set = objective.answer_tokens(proc.tokenizer, result["train_records"])
-    cut = objective.commit_batch(batch, marker, 1.0, torch.Generator().manual_seed(0), proc.pad_token_id,
-                                 answer_set)
-    assert len(cut["input_ids"]) == 8
-    with torch.no_grad():
-        logits = model(cut["input_ids"], cut["pixel_values"], cut["pixel_attention_mask"],
-                       cut["attention_mask"]).logits.double()
-    sets = answers.candidate_sets(result["train_records"])
-    want_q = []
-    for i, labels in enumerate(cut["labels"]):
-        t = int((labels != -100).nonzero()[0, 0])  # the answer's first token, predicted at t - 1
-        gold = proc.tokenizer.decode([int(labels[t])]).strip()
-        rivals = {proc.tokenizer.encode(" " + a).ids[0] for s in sets.values() if gold in s for a in s}
-        z = torch.stack([logits[i, t - 1, j] for j in sorted(rivals)]).exp().sum()
-        want_q.append(float(logits[i, t - 1, labels[t]].exp() / z))
-    want_q = torch.tensor(want_q, dtype=torch.float64)
-    floor = float(want_q.median())  # half the copies above it
-    terms = objective.commit_terms(model, cut, floor)
-    want = torch.relu(want_q.log() - math.log(floor)).sum()
-    assert abs(float(terms["commit_sum"].detach()) - float(want)) < 1e-4 and float(want) > 0
-    assert abs(float(terms["commit_p_sum"]) - float(want_q.sum())) < 1e-4
-    copy = model_mod.VLM(model.config)
-    copy.load_state_dict(model.state_dict())
-    terms = objective.commit_terms(copy, cut, 1e-3)
-    terms["commit_sum"].backward()
-    with torch.no_grad():
-        for p in copy.parameters():
-            p -= 1e-2 * p.grad
-    after = objective.commit_terms(copy, cut, 1e-3)["commit_p_sum"]
-    assert float(after) < float(terms["commit_p_sum"]) - 1e-3
-
-
-def test_commit_term_gradient_on_a_stub_is_that_of_log_q():
-    """With the logits a leaf tensor: d commit_sum / d logits is 1[j = gold] - q_j on the gold's rivals
-    at the position just before the answer's first token, 0 on every other column and position; a
-    copy whose q is under the floor gets none."""
-    torch.manual_seed(0)
-    V, T = 12, 6
-    leaf = torch.randn(2, T, V, dtype=torch.float64, requires_grad=True)
-
-    class Stub(torch.nn.Module):
-        def forward(self, *args):
-            return SimpleNamespace(logits=leaf)
-    answer_set = {"ids": torch.tensor([3, 5, 7, 9]),  # 3 and 5 rivals (yes/no), 7 and 9 (two counts)
-                  "rivals": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]).bool()}
-    labels = torch.tensor([[-100, -100, -100, 5, 1, -100], [-100, -100, 9, 1, -100, -100]])
-    cut = {"input_ids": torch.zeros(2, T, dtype=torch.long), "attention_mask": torch.ones(2, T),
-           "labels": labels, "answers": answer_set}
-    with torch.no_grad():
-        q = [leaf[0, 2, [3, 5]].softmax(0)[1], leaf[1, 1, [7, 9]].softmax(0)[1]]
-    floor = float(min(q)) * 0.5 + float(max(q)) * 0.5  # one copy above the floor, one under
-    terms = objective.commit_terms(Stub(), cut, floor)
-    terms["commit_sum"].backward()
-    want = torch.zeros_like(leaf)
-    for b, (t, cols, gold) in enumerate(((2, [3, 5], 5), (1, [7, 9], 9))):
-        if q[b] > floor:
-            p = leaf[b, t, cols].detach().softmax(0)
-            want[b, t, cols] = torch.tensor([float(c == gold) for c in cols], dtype=torch.float64) - p
-    assert torch.allclose(leaf.grad, want, atol=1e-12) and want.abs().sum() > 0
-    assert float(terms["commit_p_sum"]) == pytest.approx(float(q[0] + q[1]))
-
-
-def test_commit_copies_in_every_micro_batch_and_counted_over_all():
-    """With --grad-accum 2 each micro-batch carries its own cut copies, and the step's commit_count
-    is their number over both."""
-    P, R, A = data.P, data.R, data.A
-    ids = [1, 2, 10, 11, 7, 8, 20, 21]
-    ex = {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] * 2 + ids[2:]),
-          "spans": torch.tensor([P, P, R, R, A, A, A, A])}
-    cfg = TrainConfig(batch_size=4, grad_accum=2, lambda_commit=1.0, commit_share=0.5)
-    answer_set = {"ids": torch.tensor([20]), "rivals": torch.ones(1, 1, dtype=torch.bool)}
-    micro = nanoattcot.batches_for_step([ex] * 8, 0, 0, cfg, commit_ids=([7, 8], answer_set))
-    assert len(micro) == 2 and all(len(b["commit"]["input_ids"]) == 2 for b in micro)
-    assert float(objective.step_counts(micro)["commit_count"]) == 4.0
-
-
-def test_training_with_the_commit_term_logs_it(tmp_path):
-    """--lambda-commit trains with the cut copies and logs the term and the forced answer's mean
-    probability; the cuts come from the step's seed, so a rerun logs the same numbers."""
-    # a floor below every early answer's probability: the hinge is active from the first step
-    results = [nanoattcot.train(config(tmp_path / str(i), objective="attcot", lambda_commit=weight,
-                                       commit_floor=1e-12, commit_share=0.5, max_steps=3))
-               for i, weight in enumerate((1.0, 1.0, 0.0))]
-    runs = [r["metrics"] for r in results]
-    assert all(row["commit"] > 0 and 0 < row["commit_p"] <= 1 for row in runs[0])
-    assert [r["commit_p"] for r in runs[0]] == [r["commit_p"] for r in runs[1]]
-    assert "commit" not in runs[2][0]
-    # the term trains: without it (the same seed, the same batches) the weights end elsewhere
-    assert not torch.equal(results[0]["model"].lm_head.weight, results[2]["model"].lm_head.weight)
-
-
 def test_total_loss_by_hand():
-    terms = {"ce_sum": torch.tensor(6.0), "vis_sum": torch.tensor(3.0), "ans_sum": torch.tensor(2.0)}
+    """Each weighted term's sum times its weight over its count; a weight 0 term is logged only."""
+    T = objective.Term
+    terms = {"ce": T(torch.tensor(6.0), "n_label", 1.0), "vis": T(torch.tensor(3.0), "r_count", 0.1),
+             "ans": T(torch.tensor(2.0), "a_count", 0.3), "vas": T(torch.tensor(9.0), "r_count", 0.0)}
     counts = {"n_label": torch.tensor(4.0), "r_count": torch.tensor(2.0), "a_count": torch.tensor(1.0)}
-    attcot = TrainConfig(objective="attcot", lambda_vis=0.1, lambda_ans=0.3)
-    assert float(objective.total_loss(terms, counts,
-                                       attcot)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
-    assert float(objective.total_loss(terms, counts, TrainConfig(objective="sft"))) == pytest.approx(6 / 4)
-
-
-def final_state(out):
-    """The weights and optimizer state of a run's last checkpoint."""
-    from safetensors.torch import load_file
-    ckpt = os.path.join(out, "checkpoint")
-    return load_file(os.path.join(ckpt,
-                                  "model.safetensors")), checkpoint.load_trainer_state(ckpt)["optimizer"]
-
-
-def assert_bitwise_equal(a, b):
-    (wa, oa), (wb, ob) = a, b
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
-    for i, s in oa["state"].items():
-        assert all(torch.equal(v, ob["state"][i][k]) for k, v in s.items())
-
-
-REAL_LOSS_TERMS = objective.loss_terms
-
-
-def count_steps(monkeypatch, fail_at=None, error=None):
-    """Counts the micro-batches the training loop computes (one per step at grad_accum 1); with
-    fail_at, the fail_at-th call raises error instead (a Ctrl-C or a crash in that step)."""
-    calls = []
-
-    def counted(*args):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise error
-        return REAL_LOSS_TERMS(*args)
-    monkeypatch.setattr(objective, "loss_terms", counted)
-    return calls
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """An uninterrupted 8-step run with checkpoints every 3 steps: what every resumed run must equal."""
-    cfg = config(tmp_path_factory.mktemp("straight"), max_steps=8, save_every=3)
-    return nanoattcot.train(cfg)["metrics"], final_state(cfg.out)
-
-
-def test_ctrl_c_saves_and_resume_does_only_the_rest(tmp_path, monkeypatch, capsys, straight):
-    count_steps(monkeypatch, fail_at=5, error=KeyboardInterrupt)  # Ctrl-C during step 5
-    with pytest.raises(SystemExit) as e:
-        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
-    assert e.value.code == 130  # --resume's cue
-    steps = count_steps(monkeypatch)
-    clock = iter(range(1000))  # a clock that ticks a second per reading: the ETA is then exact
-    monkeypatch.setattr(nanoattcot, "time", SimpleNamespace(time=lambda: float(next(clock))))
-    capsys.readouterr()
-    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True,
-                                      log_every=1))["metrics"]
-    out = capsys.readouterr().out
-    assert "resumed from" in out and len(steps) == 4  # steps 5 to 8 only
-    first = next(l for l in out.splitlines() if l.startswith("step "))
-    assert first.startswith("step     5/8")
-    assert first.endswith("ETA 3s")  # 1 s for the 1 step run since the resume
-    assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed == straight[0]
-    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
-
-
-def test_ctrl_c_during_a_periodic_eval_saves_the_step_it_follows(tmp_path, monkeypatch, straight):
-    """--eval-every 2: evals after steps 2, 4, 6 (not after the last); a Ctrl-C inside the one after
-    step 4 exits 130 with a checkpoint at step 4 whose weights are step 4's, and --resume then gives
-    the uninterrupted run's metrics and final state."""
-    seen = []
-
-    def stub_eval(model, proc, cfg, *args):
-        seen.append(len(open(os.path.join(cfg.out, "metrics.jsonl")).readlines()))
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return {}
-    monkeypatch.setattr(nanoattcot, "run_eval", stub_eval)
-    with pytest.raises(SystemExit) as e:
-        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, eval_every=2))
-    assert e.value.code == 130 and seen == [2, 4]
-    assert checkpoint.load_trainer_state(str(tmp_path / "run" / "checkpoint"))["step"] == 4
-    resumed = nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, eval_every=2, resume=True))
-    assert seen == [2, 4, 6] and resumed["metrics"] == straight[0]
-    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
-
-
-def test_crash_resumes_from_the_periodic_checkpoint(tmp_path, monkeypatch, straight):
-    """A crash after step 5 (no save on the way down): resume from the step-3 checkpoint, drop the
-    metrics rows logged after it, redo steps 4 to 8."""
-    count_steps(monkeypatch, fail_at=6, error=RuntimeError("power cut"))
-    with pytest.raises(RuntimeError):
-        nanoattcot.train(config(tmp_path, max_steps=8, save_every=3))
-    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 5
-    steps = count_steps(monkeypatch)
-    nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(steps) == 5 and rows == straight[0]
-    assert_bitwise_equal(final_state(tmp_path / "run"), straight[1])
-
-
-KILLER = """
-import os, signal, sys
-sys.path.insert(0, sys.argv[1])
-import answers
-import checkpoint
-import nanoattcot
-point, ckpt, real, writes = sys.argv[2], sys.argv[3], os.replace, [0]
-
-def replace(src, dst):  # SIGKILL this process at one point of the second checkpoint save (step 6)
-    dst = str(dst)
-    writes[0] += dst == os.path.join(ckpt + ".tmp", "model.safetensors")
-    if writes[0] == 2 and (point == "writing" and dst.endswith("model.safetensors")
-                           or point == "swap" and dst == ckpt):
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-    if writes[0] == 2 and point == "cleanup" and dst == ckpt:
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-nanoattcot.main(sys.argv[4:])
-"""
-
-
-@pytest.mark.parametrize("point,step", [("writing", 3), ("swap", 3), ("cleanup", 6)])
-def test_sigkill_during_a_checkpoint_save(tmp_path, monkeypatch, capsys, straight, point, step):
-    """Killed while writing the new checkpoint, between its two renames, or while removing the old
-    one: the folder left is the old or the new checkpoint, whole, and the resumed run ends equal."""
-    out = tmp_path / "run"
-    flags = ["train", "--out", str(out), "--n-train", "64", "--n-eval", "6", "--batch-size", "8",
-             "--max-steps", "8",
-             "--warmup", "2", "--save-every", "3", "--log-every", "100", "--device", "cpu"]
-    run = subprocess.run([sys.executable, "-c", KILLER, ROOT, point, str(out / "checkpoint"), *flags],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == -9, run.stderr[-2000:]
-    steps = count_steps(monkeypatch)
-    nanoattcot.train(config(tmp_path, max_steps=8, save_every=3, resume=True))
-    assert f"at step {step}" in capsys.readouterr().out and len(steps) == 8 - step
-    assert_bitwise_equal(final_state(out), straight[1])
-    assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "data", "metrics.jsonl", "model"]
-
-
-def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
-    nanoattcot.train(config(tmp_path, max_steps=1, resume=True))
-    assert "--resume: no checkpoint in" in capsys.readouterr().out
-
-
-def test_resume_under_other_settings_is_refused(tmp_path, monkeypatch):
-    """--resume with a setting that changes what the run computes (the rate, the steps, the objective)
-    names each difference and stops before a step; one that changes where or how it runs (the log
-    interval, the device) continues."""
-    count_steps(monkeypatch, fail_at=3, error=KeyboardInterrupt)
-    with pytest.raises(SystemExit):
-        nanoattcot.train(config(tmp_path, max_steps=4, save_every=2))
-    steps = count_steps(monkeypatch)
-    with pytest.raises(checkpoint.CheckpointError, match=r"other settings \(--max-steps 4 there, 5 now, "
-                       r"--lr 0.003 there, 0.001 now\)"):
-        nanoattcot.train(config(tmp_path, max_steps=5, save_every=2, lr=1e-3, resume=True))
-    with pytest.raises(checkpoint.CheckpointError, match=r"--objective 'attcot' there, 'sft' now"):
-        nanoattcot.train(config(tmp_path, max_steps=4, save_every=2, objective="sft", resume=True))
-    assert steps == []
-    nanoattcot.train(config(tmp_path, max_steps=4, save_every=2, resume=True, log_every=1))
-    assert len(steps) == 2
-
-
-def test_tampered_trainer_state_is_refused(tmp_path):
-    """trainer_state.pt loads with weights_only: a pickle that would run code is refused, unrun."""
-    nanoattcot.train(config(tmp_path, max_steps=1))
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return os.mkdir, (str(marker),)
-    torch.save({"step": Payload()}, tmp_path / "run" / "checkpoint" / "trainer_state.pt")
-    with pytest.raises(model_mod.CheckpointError, match="trainer_state.pt: refused to load"):
-        nanoattcot.train(config(tmp_path, max_steps=2, resume=True))
-    assert not marker.exists()
+    assert float(objective.total_loss(terms, counts)) == pytest.approx(6 / 4 + 0.1 * 3 / 2 + 0.3 * 2 / 1)
+    assert float(objective.total_loss({"ce": terms["ce"]}, counts)) == pytest.approx(6 / 4)
 
 
 GRAD_DUMP = """
@@ -702,13 +376,13 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
         terms = real(*args)
         calls["n"] += 1
         if calls["n"] == 3:
-            terms["ce_sum"] = terms["ce_sum"] * float("nan")
+            terms["ce"] = terms["ce"]._replace(sum=terms["ce"].sum * float("nan"))
         return terms
     monkeypatch.setattr(objective, "loss_terms", poisoned)
     with pytest.raises(FloatingPointError, match="step 2: loss is nan"):
-        nanoattcot.train(config(tmp_path / "a", max_steps=4))
+        trainer.train(config(tmp_path / "a", max_steps=4))
     calls["n"] = 0
-    result = nanoattcot.train(config(tmp_path / "b", max_steps=4, skip_nonfinite=True))
+    result = trainer.train(config(tmp_path / "b", max_steps=4, skip_nonfinite=True))
     assert result["nonfinite_skipped"] == 1 and len(result["metrics"]) == 3
 
 
@@ -719,23 +393,26 @@ def test_the_objective_reads_the_layers_the_flag_names(tmp_path, monkeypatch, sp
     seen, real = [], objective.loss_terms
     monkeypatch.setattr(objective, "loss_terms", lambda model, batch, cfg, layers: seen.append(layers)
                         or real(model, batch, cfg, layers))
-    result = nanoattcot.train(config(tmp_path, max_steps=1, layers=spec))
+    result = trainer.train(config(tmp_path, max_steps=1, layers=spec))
     assert seen == [want] and result["layers"] == want
 
 
 def test_metrics_row_means_over_the_global_batch():
     """Hand sums: ce over labels, vis / ans / vas over their rows, below over rationale rows, below_vas
     over the rows below the floor; two ranks' counts are the step's."""
-    cfg = TrainConfig(objective="attcot", lambda_vis=0.5, lambda_ans=0.25)
-    summed = {"ce_sum": 12.0, "vis_sum": 6.0, "ans_sum": 3.0, "vas_sum": 4.0, "below_count": 5.0,
-              "below_mass_sum": 1.0, "r_count": 0, "a_count": 0, "n_label": 0}
+    T = objective.Term
+    table = {"ce": T(None, "n_label", 1.0), "vis": T(None, "r_count", 0.5), "ans": T(None, "a_count", 0.25),
+             "vas": T(None, "r_count", 0.0), "below": T(None, "r_count", 0.0),
+             "below_vas": T(None, "below", 0.0)}
+    summed = {"ce": 12.0, "vis": 6.0, "ans": 3.0, "vas": 4.0, "below": 5.0, "below_vas": 1.0}
     counts = {"n_label": torch.tensor(6.0), "r_count": torch.tensor(10.0), "a_count": torch.tensor(2.0)}
-    row = nanoattcot.metrics_row(summed, counts, cfg, 1, 6, 0.001)
+    row = trainer.metrics_row(summed, table, counts, 1, 6, 0.001)
     assert row == {"step": 7, "ce": 2.0, "lr": 0.001, "vis": 0.6, "ans": 1.5, "vas": 0.4, "below": 0.5,
                    "below_vas": 0.2, "loss": pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5)}
-    commit = TrainConfig(objective="attcot", lambda_vis=0.5, lambda_ans=0.25, lambda_commit=2.0)
-    row = nanoattcot.metrics_row({**summed, "commit_sum": 0.8, "commit_p_sum": 1.2},
-                                 {**counts, "commit_count": torch.tensor(4.0)}, commit, 1, 6, 0.001)
+    assert list(row) == ["step", "ce", "lr", "vis", "ans", "vas", "below", "below_vas", "loss"]
+    table.update(commit=T(None, "commit_count", 2.0), commit_p=T(None, "commit_count", 0.0))
+    row = trainer.metrics_row({**summed, "commit": 0.8, "commit_p": 1.2}, table,
+                              {**counts, "commit_count": torch.tensor(4.0)}, 1, 6, 0.001)
     assert row["commit"] == pytest.approx(0.2) and row["commit_p"] == pytest.approx(0.3)
     assert row["loss"] == pytest.approx(2.0 + 0.5 * 0.6 + 0.25 * 1.5 + 2.0 * 0.2)
 
@@ -743,10 +420,10 @@ def test_metrics_row_means_over_the_global_batch():
 def test_family_flag_trains_on_its_own_set(tmp_path):
     """--family wording makes its set in its own folder (a grid set in the same --out is never
     read for it) and trains on its questions."""
-    result = nanoattcot.train(config(tmp_path, family="wording", objective="sft", max_steps=1, n_train=30,
+    result = trainer.train(config(tmp_path, family="wording", objective="sft", max_steps=1, n_train=30,
                                      n_eval=3))
     assert os.path.exists(os.path.join(tmp_path, "run", "data_wording", "train.jsonl"))
     assert not os.path.exists(os.path.join(tmp_path, "run", "data"))
     assert {r["type"] for r in result["train_records"]} == {"is_cell", "which_more", "exists"}
-    with pytest.raises(nanoattcot.ConfigError, match="family"):
+    with pytest.raises(trainer.ConfigError, match="family"):
         TrainConfig(family="words")

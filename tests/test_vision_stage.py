@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import base
 import data
-import synthetic
-import vision_stage as vs
+from model import small_config
+from setting import base
+from setting import synthetic
+from setting import vision_stage as vs
 from test_data import read_grid
 
 
@@ -79,7 +80,7 @@ def tiny():
     rng = np.random.default_rng(0)
     proc = data.new_processor([synthetic.in_words(vs.random_grid(rng)) for i in range(30)], tile=96,
                               image_seq_len=9, vocab_size=300)
-    return proc, synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id)
+    return proc, small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id)
 
 
 def test_pretraining_lowers_the_loss_below_where_the_bias_alone_takes_it(tiny, tmp_path):

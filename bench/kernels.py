@@ -15,8 +15,8 @@ above the inputs (GPU), ratios to (f) and to (d), TFLOP/s (nominal: mass 2*vis*D
 that with the backward; attention 4*vis*D and 3.5x that; vis = visible (query, key) pairs).
 Writes a JSON file. On CPU (no GPU, or --cpu) it runs the same methods, slowly, to check them.
 
-    python bench_kernels.py [--quick] [--json bench_kernels.json]
-    python bench_kernels.py --cpu --quick --methods ours,eager,sdpa_bits,flex_bits,sdpa
+    python -m bench.kernels [--quick] [--json bench_kernels.json]
+    python -m bench.kernels --cpu --quick --methods ours,eager,sdpa_bits,flex_bits,sdpa
 """
 import argparse
 import json
@@ -98,7 +98,7 @@ def make_flex_bits(q_pos, groups, G, B, Nq, Tk, D, Hkv, dtype):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="bench_kernels.py", description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape, few repeats")
     p.add_argument("--repeats", type=int, default=20,
                    help="timed runs per method and shape (default: %(default)s)")

@@ -10,9 +10,9 @@ import os
 from PIL import Image
 
 import data
-import draw
-import explorer
-from commitment import CUTS
+from analysis import draw
+from analysis import explorer
+from analysis.commitment import CUTS
 
 
 def table_rows(summaries):

@@ -1,8 +1,8 @@
 """
 The RL stage: the smallest correct GRPO, with the papers' visual rewards taken from the kernel.
 
-    python grpo.py --init out/model                       # on the synthetic set
-    python grpo.py --init DIR --data train.jsonl --eval-data eval.jsonl --reward-avar --reward-region
+    python -m methods.grpo --init out/model              # on the synthetic set
+    python -m methods.grpo --init DIR --data train.jsonl --eval-data eval.jsonl --reward-avar --reward-region
 
 Per step: G completions per prompt sampled with the KV cache; rewards (accuracy, format, AVAR's
 image / system mass counted only when right, SAYO's region-over-image attention on the
@@ -24,16 +24,16 @@ import torch
 import answers
 import config
 import data
-import draw
 import eval as eval_mod
 import masses
-import report
-import synthetic
+from analysis import draw
+from analysis import report
 from checkpoint import find_checkpoint, restore, run_steps
 from config import arg
 from device import device_problem, pick_device
 from model import VLM
 from records import read_records
+from setting import synthetic
 
 
 @dataclass
@@ -219,9 +219,10 @@ def score(model, seq, rows, mass_layers=(), grad=False, temperature=1.0):
     at = (seq["start"][rows, None] + steps).clamp(max=ids.shape[1] - 1)
     # (b, L): a completion token sees up to itself
     q_pos = torch.where(seq["cmask"][rows], at, -1)
+    hook = masses.mass_fn(at, q_pos, seq["groups"][rows], 3)
     with contextlib.nullcontext() if grad else torch.no_grad():
         out = model(ids, attention_mask=mask, image_features=shared_image_features(model, seq, rows),
-                    mass_layers=mass_layers, mass_fn=masses.mass_fn(at, q_pos, seq["groups"][rows], 3))
+                    mass_layers=mass_layers, mass_fn=hook, mass_values=hook.values)
         logits = out.logits.gather(1, (at - 1)[..., None].expand(-1, -1, out.logits.shape[-1]))
         logits = logits.float() / temperature
         logp_all = torch.log_softmax(logits, -1)
@@ -463,7 +464,8 @@ def run(cfg):
 
 
 def parser():
-    return config.add_flags(config.new_parser("grpo.py", __doc__.split("\n\n")[0].strip()), GRPOConfig)
+    p = config.new_parser("python -m methods.grpo", __doc__.split("\n\n")[0].strip())
+    return config.add_flags(p, GRPOConfig)
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 Prefill and decode speed of our generate next to transformers' on the same checkpoint, inputs
 and dtype. A random SmolVLM-256M-shaped checkpoint is made with transformers (no download).
 
-    python bench_generate.py                  # CPU: fp32; GPU: bf16
-    python bench_generate.py --size tiny      # a quick check of the script itself
+    python -m bench.generate                  # CPU: fp32; GPU: bf16
+    python -m bench.generate --size tiny      # a quick check of the script itself
 """
 import argparse
 import tempfile
@@ -39,7 +39,7 @@ def timed(fn, device, repeats):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--size", default="256m", choices=list(SIZES),
                    help="the model's shape (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="prompts per batch (default: %(default)s)")

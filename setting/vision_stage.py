@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import synthetic
-from model import atomic_write, pixel_shuffle
+from files import atomic_write
+from model import pixel_shuffle
+from setting import synthetic
 from siglip import VisionBlock, VisionConfig, VisionTower
 
 

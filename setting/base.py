@@ -8,7 +8,7 @@ model trained from scratch on such a mix (BASE_SHARES, fixed before any result w
 image chain-of-thought set (the papers' CoT-SFT data, far smaller than the base's) then fine-tunes
 it with each method, and every model is measured on the same eval set, asked both ways.
 
-    python nanoattcot.py               # the base (reused if out/base holds it), Att-CoT from it, the report
+    python nanoattcot.py               # the base (reused once made), CoT-SFT and Att-CoT, the report
     python nanoattcot.py base          # the base alone, with its report
     python nanoattcot.py --compare     # CoT-SFT and Att-CoT from the same base (or --compare sft,attcot,avar)
     python nanoattcot.py --text-only --objective sft   # a text-only cold start (AVAR's comparison)
@@ -26,13 +26,17 @@ import torch
 import config
 import data
 import eval as eval_mod
-import report
-import synthetic
-import vision_stage
+import train
+from analysis import report
 from config import ConfigError, arg
 from device import pick_device
-from model import VLM, atomic_write
+from files import atomic_write, read_json
+from generate import generate_answers
+from model import VLM, small_config
 from records import read_records
+from setting import synthetic
+from setting import vision_stage
+from train_config import BASE_FINETUNE_LR, FINETUNE_STEPS, SCRATCH_LR, SCRATCH_WARMUP, TrainConfig
 
 # the base's training mix: image + question -> the answer alone (most of what real MLLMs are tuned on);
 # image -> the grid in words (alignment / caption data); text only: the grid in words and the question,
@@ -40,10 +44,6 @@ from records import read_records
 # pairs an image with a rationale; the questions keep the training split's text prior.
 BASE_SHARES = {"answer": 0.60, "caption": 0.15, "text_cot": 0.25}
 CAPTION = "Describe the image."
-# fine-tuning the base: a third of its peak rate (it ended its own cosine at a tenth), the language model
-# and connector alike, nanoVLM's 3% warmup; the fine-tune's own steps. The tower stays frozen, as in the
-# base's own stages (only its contrastive stage trains it).
-BASE_FINETUNE_LR, FINETUNE_STEPS = 1e-3, 400
 
 
 @dataclass
@@ -144,7 +144,7 @@ def make_finetune_set(out_dir, n, n_eval, seed=0, family="grid"):
     return out[0], out[1], synthetic.paths(out_dir)[1]
 
 
-def write_text(path, text):  # whole or not at all (model.atomic_write)
+def write_text(path, text):  # whole or not at all (files.atomic_write)
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
@@ -165,7 +165,7 @@ def caption_check(model, proc, eval_path, n=100, log=None):
     images = [r for r in read_records(eval_path) if "twin_of" not in r][:n]  # a twin differs in one cell
     words = {r["id"]: r for r in read_records(synthetic.paths(os.path.dirname(eval_path), text_only=True)[1])}
     truth = [cells_in_words(words[r["id"]]["question"])[:9] for r in images]
-    said = [cells_in_words(t)[:9] for t in eval_mod.generate_answers(
+    said = [cells_in_words(t)[:9] for t in generate_answers(
         model, proc, [{**r, "question": CAPTION} for r in images], max_new_tokens=96, log=log)]
     pairs = [(s[i] if i < len(s) else "missing", t[i]) for s, t in zip(said, truth) for i in range(9)]
     part = lambda a, b, k: a == b if a is None or b is None or a == "missing" else a[k] == b[k]
@@ -183,23 +183,19 @@ def folders(args, st):
     return os.path.join(base_dir, "data"), os.path.join(args["out"], f"data_cot{tag}"), base_dir
 
 
-# the base's stages after the tower's train from scratch together, at the small model's rate
-BASE_LR, BASE_WARMUP = 3e-3, 30
-
-
-def stage_config(args, st, make_config, name, init, data_path, steps):
+def stage_config(args, st, name, init, data_path, steps):
     """A VLM stage's TrainConfig: sft from init on data_path, the tower frozen (trained at this rate by
     the generative loss, a random tower's captions fall from 0.59 to 0.06 of the cells right: measured),
     args' BASE_FLAGS."""
     _, cot_dir, run_dir = folders(args, st)
-    return make_config(**{k: args[k] for k in BASE_FLAGS}, seed=st.base_seed, objective="sft", init=init,
+    return TrainConfig(**{k: args[k] for k in BASE_FLAGS}, seed=st.base_seed, objective="sft", init=init,
                        out=run_dir if name == "mix" else os.path.join(run_dir, name), data=data_path,
                        eval_data=synthetic.paths(cot_dir)[1], max_steps=steps, n_train=st.base_records,
-                       prompt="cot", lr=BASE_LR, lr_vision=BASE_LR, lr_connector=BASE_LR, warmup=BASE_WARMUP,
-                       freeze_vision=True)
+                       prompt="cot", lr=SCRATCH_LR, lr_vision=SCRATCH_LR, lr_connector=SCRATCH_LR,
+                       warmup=SCRATCH_WARMUP, freeze_vision=True)
 
 
-def finetune_config(args, st, make_config, base_model):
+def finetune_config(args, st, base_model):
     """A fine-tune's TrainConfig: args as given, from base_model, on the image CoT set (its text-only
     version with --text-only), the learning rate and steps of a fine-tune from the base where args
     leave them unset, measured with the step-by-step prompt."""
@@ -210,7 +206,7 @@ def finetune_config(args, st, make_config, base_model):
                                ("lr_connector", BASE_FINETUNE_LR), ("max_steps", FINETUNE_STEPS),
                                ("prompt", "cot"), ("freeze_vision", True)) if args[k] is None}
     text = args["text_only"]  # its own folder, so a text-only sft never overwrites the image one
-    return make_config(**{**args, **unset, "init": base_model, "data": text_train if text else cot_train,
+    return TrainConfig(**{**args, **unset, "init": base_model, "data": text_train if text else cot_train,
                           "eval_data": eval_path, "text_only": False,
                           "out": os.path.join(args["out"], "text_only") if text else args["out"]})
 
@@ -227,7 +223,7 @@ def check_identity(run_dir, want):
     overwritten); a fresh folder gets the marker."""
     marker = os.path.join(run_dir, "stages.json")
     older = os.path.exists(os.path.join(run_dir, "summary.json"))  # a base from before the stages
-    made = data.read_json(marker) if os.path.exists(marker) else {"made": "before stages"} if older else {}
+    made = read_json(marker) if os.path.exists(marker) else {"made": "before stages"} if older else {}
     differ = [k for k in {**made, **want} if made and made.get(k) != want.get(k)]
     if differ:
         raise ConfigError(f"{run_dir} holds a base trained with other settings ("
@@ -239,7 +235,7 @@ def check_identity(run_dir, want):
 
 def stage_done(folder):  # a stage is done once its marker is written, after its model
     path = os.path.join(folder, "done.json")
-    return data.read_json(path) if os.path.exists(path) else None
+    return read_json(path) if os.path.exists(path) else None
 
 
 def vision_and_init(args, st, mix_path, eval_path, log):
@@ -253,7 +249,7 @@ def vision_and_init(args, st, mix_path, eval_path, log):
     records = read_records(mix_path, data.Skips(args["strict"]))
     proc = data.new_processor([r["question"] + " " + r["reply"] for r in records], tile=96, image_seq_len=9,
                               vocab_size=600)
-    model_config = synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id)
+    model_config = small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id)
     torch.manual_seed(st.base_seed)
     model = VLM(model_config)
     if st.vision_steps:
@@ -265,7 +261,7 @@ def vision_and_init(args, st, mix_path, eval_path, log):
         train_grids = [vision_stage.random_grid(rng) for _ in range(500)]
         probes = {name: vision_stage.probe(t, proc, model_config, train_grids, eval_grids)
                   for name, t in (("pretrained", tower), ("untrained", model.vision))}
-        done = data.read_json(os.path.join(run_dir, "vision", "summary.json"))
+        done = read_json(os.path.join(run_dir, "vision", "summary.json"))
         unit, text = ("image", "description") if st.vision_unit == "image" else ("token", "phrase")
         log(f"vision: {done['seconds']:.0f} s; each unseen {unit} retrieves its own {text} first "
             f"{done['retrieval']:.2f} of the time")
@@ -285,14 +281,14 @@ def cells_to_grid(cells):  # cells_in_words' 9 cells -> the renderer's 3 x 3 gri
     return [[item(c) for c in cells[r * 3:r * 3 + 3]] for r in range(3)]
 
 
-def ensure_base(args, st, train, train_and_report, make_config, log=print):
+def ensure_base(args, st, log=print):
     """The base model's folder, made stage by stage (each reused once done, resumable with --resume):
     the vision tower and the assembled VLM (vision_and_init), the alignment stage, the text stage,
     then the whole mix, trained and reported; the seconds each took are logged. run_dir/stages.json
     names the base: another one there is an error, never overwritten. The base's row is measured again
     when it was measured on other eval records than this run's (evaluate's eval_key), and finished
     (the caption check) when a run was killed before that. The eval set is there already (the
-    pipeline made it checking the flags). train(cfg), train_and_report(cfg): nanoattcot's.
+    pipeline made it checking the flags).
     -> (model folder, its eval results, seconds spent)."""
     mix_dir, cot_dir, run_dir = folders(args, st)
     check_identity(run_dir, identity(args, st))
@@ -307,8 +303,8 @@ def ensure_base(args, st, train, train_and_report, make_config, log=print):
     for name, kind, steps in VLM_STAGES:  # each from the last one's model
         folder = os.path.join(run_dir, name)
         if getattr(st, steps) and not stage_done(folder):
-            result = train(stage_config(args, st, make_config, name, init, stage_data(mix, kind),
-                                        getattr(st, steps)))
+            cfg = stage_config(args, st, name, init, stage_data(mix, kind), getattr(st, steps))
+            result = train.train(cfg)
             done = {"steps": getattr(st, steps)}
             if name == "align":  # what it is for: describing the image
                 done["caption"] = caption_check(result["model"], result["proc"], eval_path)
@@ -317,13 +313,13 @@ def ensure_base(args, st, train, train_and_report, make_config, log=print):
             write_text(os.path.join(folder, "done.json"), json.dumps(done))
         init = os.path.join(folder, "model") if getattr(st, steps) else init
         clock(name)
-    cfg = stage_config(args, st, make_config, "mix", init, mix, st.base_steps)
+    cfg = stage_config(args, st, "mix", init, mix, st.base_steps)
     summary_path, eval_json = os.path.join(cfg.out, "summary.json"), os.path.join(cfg.out, "eval.json")
     folder = os.path.join(cfg.out, "model")
     eval_records = read_records(cfg.eval_data, data.Skips(cfg.strict))[:cfg.eval_limit or None]
     if os.path.exists(summary_path):
-        ev = data.read_json(eval_json) if os.path.exists(eval_json) else \
-            {k: v for k, v in data.read_json(summary_path).items() if k != "config"}  # killed after its eval
+        ev = read_json(eval_json) if os.path.exists(eval_json) else \
+            {k: v for k, v in read_json(summary_path).items() if k != "config"}  # killed after its eval
         if ev.get("eval_key") != eval_mod.records_key(eval_records):
             log(f"base: measuring {folder} again (its row was measured on other eval records than "
                 f"{cfg.eval_data}, --eval-limit {cfg.eval_limit})")
@@ -332,7 +328,7 @@ def ensure_base(args, st, train, train_and_report, make_config, log=print):
             log(f"base: reusing {folder} (its stages: {identity(args, st)})")
             return folder, ev, 0.0
     else:
-        ev = next(iter(train_and_report(cfg).values()))
+        ev = next(iter(train.run(cfg).values()))
     clock("mix and its eval")
     model = VLM.from_pretrained(folder, dtype=torch.float32).to(pick_device(cfg.device))
     ev["caption"] = caption_check(model, data.Processor.from_pretrained(folder), cfg.eval_data)
@@ -356,7 +352,7 @@ def measure(cfg, folder, eval_records):
                              read_records(cfg.data, data.Skips()), layers, cot=cfg.prompt)
 
 
-def pipeline(args, st, compare, train, train_and_report, make_config, base_only=False, log=print):
+def pipeline(args, st, compare, base_only=False, log=print):
     """The default run: the base (ensure_base), then each objective (compare, else --objective)
     fine-tuned from it, one report with the base's row first. -> the summaries."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -367,12 +363,12 @@ def pipeline(args, st, compare, train, train_and_report, make_config, base_only=
                           "eval set; with --data (or --from-scratch) it is used")
     os.makedirs(args["out"], exist_ok=True)
     # every flag checked now, not after the base trains (OUT stands in for the base's model folder)
-    cfg = finetune_config(args, st, make_config, args["out"])
-    base_model, base_eval, seconds = ensure_base(args, st, train, train_and_report, make_config, log)
+    cfg = finetune_config(args, st, args["out"])
+    base_model, base_eval, seconds = ensure_base(args, st, log)
     if base_only:
         return {"base": base_eval}
     cfg = replace(cfg, init=base_model)
     t0 = time.time()
-    summaries = train_and_report(cfg, list(compare) or [cfg.objective], before={"base": base_eval})
+    summaries = train.run(cfg, list(compare) or [cfg.objective], before={"base": base_eval})
     log(f"stages: base {seconds:.0f} s (0: reused), fine-tunes and report {time.time() - t0:.0f} s")
     return summaries

@@ -2,7 +2,7 @@
 The memory plan: what fine-tuning each SmolVLM size holds on a GPU, full and with LoRA, computed from
 the model configs, and the activation part checked on the CPU.
 
-What this trainer holds (nanoattcot.py train: weights kept in fp32, the forward under bf16 autocast):
+What this trainer holds (train.py: weights kept in fp32, the forward under bf16 autocast):
   full fine-tune: weights 4 B + gradients 4 B + AdamW's two moments 8 B per parameter (16 B);
   LoRA:           the frozen weights 4 B per parameter, and 16 B per adapter parameter.
   activations:    what autograd keeps for the backward, per 1,000 tokens of text (decoder) and per
@@ -15,19 +15,20 @@ autocast, fitted per layer and per token (fit); a 3-layer model at another lengt
 of which 17 image tiles, batch 1) and says which card it fits. Computed, not measured on a GPU: the
 allocator's overhead and fragmentation come on top.
 
-    python bench_memory.py               # the table (about 10 minutes on 2 cores)
-    python bench_memory.py --rank 64     # with another LoRA rank
+    python -m bench.memory               # the table (about 10 minutes on 2 cores)
+    python -m bench.memory --rank 64     # with another LoRA rank
 """
 import argparse
 import dataclasses
 import multiprocessing
+import os
 import subprocess
 import sys
 
 import torch
 
 import lora
-from bench_train import saved_for_backward
+from bench.train import saved_for_backward
 from model import VLM, TextConfig, VisionConfig, VLMConfig
 
 GiB = 2 ** 30
@@ -42,6 +43,8 @@ SHAPES = {
                                  num_attention_heads=32, num_key_value_heads=32), 3),
 }
 TOKENS, TILES, CARDS = 2048, 17, (24, 40, 80)  # (cards in GiB: 24 GB cards hold 24 GiB)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # -m bench.* runs from there
 
 
 def shallow(cfg, text_layers, vision_layers):
@@ -111,7 +114,7 @@ def fit(cfg, recompute, rank, T=(256, 512)):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="bench_memory.py", description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--rank", type=int, default=16, help="LoRA's rank (default: %(default)s)")
     p.add_argument("--shape", choices=SHAPES, help="one size only (default: each, in a process of its own, "
                    "so that one's freed memory never crowds the next)")
@@ -129,7 +132,8 @@ def main():
               "full, +ckpt, LoRA, +ckpt | tower, 17 tiles: the same | total: the same | check | fits: "
               "full / LoRA", flush=True)
         for name in SHAPES:
-            subprocess.run([sys.executable, __file__, "--rank", str(args.rank), "--shape", name], check=True)
+            subprocess.run([sys.executable, "-m", "bench.memory", "--rank", str(args.rank), "--shape", name],
+                           check=True, cwd=ROOT)
         return
     name, cfg = args.shape, SHAPES[args.shape]
     n, adapters = counts(cfg, args.rank)

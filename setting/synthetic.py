@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from config import ConfigError
-from model import TextConfig, VisionConfig, VLMConfig, atomic_write
+from files import atomic_write
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 KINDS, GRID = ("circle", "square", "triangle"), 3
@@ -318,16 +318,3 @@ def paths(out_dir, text_only=False):
     """The train and eval files make_synthetic wrote in out_dir (their text versions with text_only)."""
     text = "_text" if text_only else ""
     return os.path.join(out_dir, f"train{text}.jsonl"), os.path.join(out_dir, f"eval{text}.jsonl")
-
-
-def small_config(vocab_size, image_token_id):
-    """The teaching-size SmolVLM this set trains: 96 px images, 16 px patches, pixel shuffle 2 -> 9
-    image tokens; 4 decoder layers of width 128."""
-    return VLMConfig(vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
-                                         num_attention_heads=3, patch_size=16, image_size=96),
-                     text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512,
-                                     num_hidden_layers=4,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                     rope_theta=10000.0,
-                                     max_position_embeddings=2048),
-                     scale_factor=2, image_token_id=image_token_id, model_type="smolvlm")

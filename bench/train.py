@@ -7,14 +7,15 @@ process, so one's allocator state never inflates the next one's peak; on the CPU
 measure) they run in one process, a step of each in turn, and the table gives each one's median
 step, so that a noisy machine slows all of them alike.
 
-    python bench_train.py               # GPU
-    python bench_train.py --activation-checkpointing --batch 8
-    python bench_train.py --cpu --steps 30          # the default run's model and batches, on the CPU
-    python bench_train.py --shape tiny              # a quick check of the script on CPU
-    python bench_train.py --cpu --shape 256m --batch 1 --steps 1   # the activation memory ratio, no GPU
+    python -m bench.train               # GPU
+    python -m bench.train --activation-checkpointing --batch 8
+    python -m bench.train --cpu --steps 30          # the default run's model and batches, on the CPU
+    python -m bench.train --shape tiny              # a quick check of the script on CPU
+    python -m bench.train --cpu --shape 256m --batch 1 --steps 1   # the activation memory ratio, no GPU
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,12 +25,15 @@ import time
 import torch
 
 import data
-import nanoattcot
 import objective
-import synthetic
 from device import peak_flops
+from methods import commit
 from model import VLM, TextConfig, VisionConfig, VLMConfig
 from records import read_records
+from setting import synthetic
+from train_config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # -m bench.* runs from there
 
 
 def make_batch(cfg, B, T, n_tiles, device):
@@ -57,9 +61,9 @@ def default_run_batch(B):
                                   vocab_size=600)
         batch = data.collate(data.encode_all(proc, recs[:B]), proc.pad_token_id)
     # the early-commitment term's cut copies of a quarter of the records, as training draws them
-    batch["commit"] = objective.commit_batch(batch, proc.tokenizer.encode(" Answer:").ids, 0.25,
+    batch["commit"] = commit.commit_batch(batch, proc.tokenizer.encode(" Answer:").ids, 0.25,
                                              torch.Generator().manual_seed(0), proc.pad_token_id,
-                                             objective.answer_tokens(proc.tokenizer, recs))
+                                             commit.answer_tokens(proc.tokenizer, recs))
     return synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
 
 
@@ -91,7 +95,7 @@ def chosen_runs(args, batch, device):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--shape", choices=("256m", "default-run", "tiny"), help="the model and batch: "
                    "SmolVLM-256M (2048 tokens, 17 tiles), the default run's small model on its synthetic "
                    "records, or a toy for a smoke run (default: 256m on a GPU, default-run with --cpu)")
@@ -121,7 +125,7 @@ def main():
     elif args.shape == "default-run":
         cfg, batch = default_run_batch(args.batch or 16)
         (B, T), tiles = batch["input_ids"].shape, 1
-        batch = objective.to_device(batch, device)
+        batch = data.to_device(batch, device)
     else:  # SmolVLM-256M's shapes (the config defaults)
         cfg, B, T, tiles = VLMConfig(VisionConfig(), TextConfig(), 4, 49190), args.batch or 8, 2048, 17
     layers = list(range(cfg.text.num_hidden_layers))
@@ -131,8 +135,8 @@ def main():
     if args.one is None:  # on a GPU each objective in a fresh process, so peaks do not mix
         rows = []
         for name in chosen_runs(args, batch, device):
-            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
-                                 capture_output=True, text=True)
+            run = subprocess.run([sys.executable, "-m", "bench.train", *sys.argv[1:], "--one", name],
+                                 capture_output=True, text=True, cwd=ROOT)
             sys.stdout.write(run.stdout.split("ROW ")[0])
             rows.append(json.loads(run.stdout.split("ROW ")[1]) if "ROW " in run.stdout else
                         [name, *[float("nan")] * 5])
@@ -171,14 +175,14 @@ def make_step(name, cfg, batch, layers, device, args, model=None):
     torch.manual_seed(0)
     model = model or VLM(cfg).to(device).checkpoint_activations(args.activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tcfg = nanoattcot.TrainConfig(objective=goal, mass_impl=impl, lambda_commit=lambda_commit)
+    tcfg = TrainConfig(objective=goal, mass_impl=impl, lambda_commit=lambda_commit)
     counts = objective.step_counts([batch])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
 
     def step(measure=False):  # measure: count what is saved for the backward
         terms = lambda: objective.loss_terms(model, batch, tcfg, layers)
-        forward = lambda: objective.total_loss(terms(), counts, tcfg)
+        forward = lambda: objective.total_loss(terms(), counts)
         with autocast:
             loss, saved = saved_for_backward(model, forward) if measure else (forward(), None)
         loss.backward()
