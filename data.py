@@ -181,13 +181,10 @@ class ImageProcessor:
     def __call__(self, images):
         """images: list (per sample) of lists of PIL images -> pixel_values (B, N, 3, H, W),
         pixel_attention_mask (B, N, H, W), and rows/cols per image for the prompt."""
-        arrays, rows, cols = [], [], []
-        for sample in images:
-            arrays.append([]), rows.append([]), cols.append([])
-            for im in sample:
-                a, r, c = self.arrays(im)
-                arrays[-1] += a
-                rows[-1].append(r), cols[-1].append(c)
+        per_image = [[self.arrays(im) for im in sample] for sample in images]  # (tiles, rows, cols)
+        arrays = [[tile for tiles, _, _ in sample for tile in tiles] for sample in per_image]
+        rows = [[r for _, r, _ in sample] for sample in per_image]
+        cols = [[c for _, _, c in sample] for sample in per_image]
         n = max(len(a) for a in arrays)
         H = max(x.shape[1] for a in arrays for x in a)
         W = max(x.shape[2] for a in arrays for x in a)

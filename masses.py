@@ -6,7 +6,8 @@ the same tokens everywhere.
 
     rows, q_pos, row_span = query_rows(spans, (data.R, data.A))       # the reply's tokens
     groups = key_groups(spans, ("image", "rationale+image"))          # bit 0, bit 1
-    out = model(..., mass_layers=layers, mass_fn=mass_fn(rows, q_pos, groups, 2))
+    hook = mass_fn(rows, q_pos, groups, 2)                            # its route: hook.route
+    out = model(..., mass_layers=layers, mass_fn=hook, mass_values=hook.values)
     out.masses[layer]                                                # (B, Hq, Nq, 2)
 """
 import torch
@@ -55,12 +56,12 @@ def mass_fn(rows, q_pos, groups, num_groups, impl="auto", boost=None):
     """The model's mass hook: (layer, q (B, Hq, T, d), k (B, Hkv, T, d)) -> the attention masses of
     the query rows `rows` (positions q_pos, as query_rows gives them) over the key groups,
     (B, Hq, Nq, num_groups). impl: a route of mass_kernel's or "auto", resolved there (hook.route
-    shows which). On the fused route the group bits ride along as extra value columns in the
-    model's own attention call: pass hook.values to the model as mass_values, and the attention's
-    output over them is every row's masses, at almost no cost, those of the attention the model ran
-    (its padding mask and any boost included). boost(layer) -> f: the masses as the test-time
-    intervention (model.boost_image_attention) makes them, its factor f on group 0, which must then
-    be the image (mass_kernel.boosted)."""
+    shows which; on a GPU "auto" is decided at each call, on its q). On the fused route the group
+    bits ride along as extra value columns in the model's own attention call: pass hook.values to
+    the model as mass_values, and the attention's output over them is every row's masses, at almost
+    no cost, those of the attention the model ran (its padding mask and any boost included).
+    boost(layer) -> f: the masses as the test-time intervention (model.boost_image_attention) makes
+    them, its factor f on group 0, which must then be the image (mass_kernel.boosted)."""
     def hook(layer, q, k, out=None):
         if out is not None:  # fused: (B, Hq, T, G) masses of every row, the boost already in them
             return take_rows(out, rows).to(mass_kernel.acc_dtype(out)) * (q_pos >= 0)[:, None, :, None]

@@ -101,7 +101,7 @@ def by_index(part):
 
 
 def write_html(path, results, table_rows, figures, meta):
-    """report.html at path: results {name: evaluate() result}, table_rows as eval.table_rows gives
+    """report.html at path: results {name: evaluate() result}, table_rows as report.table_rows gives
     them, figures [(heading, PNG path)] and meta {key: value}."""
     names = list(results)
     images = {item["image"] for r in results.values() for item in r.get("explore") or []}

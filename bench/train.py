@@ -28,7 +28,7 @@ import data
 import objective
 from device import peak_flops
 from methods import commit
-from model import VLM, TextConfig, VisionConfig, VLMConfig
+from model import VLM, TextConfig, VisionConfig, VLMConfig, small_config
 from records import read_records
 from setting import synthetic
 from train_config import TrainConfig
@@ -64,7 +64,7 @@ def default_run_batch(B):
     batch["commit"] = commit.commit_batch(batch, proc.tokenizer.encode(" Answer:").ids, 0.25,
                                              torch.Generator().manual_seed(0), proc.pad_token_id,
                                              commit.answer_tokens(proc.tokenizer, recs))
-    return synthetic.small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
+    return small_config(proc.tokenizer.get_vocab_size(), proc.image_token_id), batch
 
 
 def saved_for_backward(model, fn):

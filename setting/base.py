@@ -223,7 +223,8 @@ def check_identity(run_dir, want):
     overwritten); a fresh folder gets the marker."""
     marker = os.path.join(run_dir, "stages.json")
     older = os.path.exists(os.path.join(run_dir, "summary.json"))  # a base from before the stages
-    made = read_json(marker) if os.path.exists(marker) else {"made": "before stages"} if older else {}
+    made = read_json(marker, data.DataError) if os.path.exists(marker) \
+        else {"made": "before stages"} if older else {}
     differ = [k for k in {**made, **want} if made and made.get(k) != want.get(k)]
     if differ:
         raise ConfigError(f"{run_dir} holds a base trained with other settings ("
@@ -235,7 +236,7 @@ def check_identity(run_dir, want):
 
 def stage_done(folder):  # a stage is done once its marker is written, after its model
     path = os.path.join(folder, "done.json")
-    return read_json(path) if os.path.exists(path) else None
+    return read_json(path, data.DataError) if os.path.exists(path) else None
 
 
 def vision_and_init(args, st, mix_path, eval_path, log):
@@ -261,7 +262,7 @@ def vision_and_init(args, st, mix_path, eval_path, log):
         train_grids = [vision_stage.random_grid(rng) for _ in range(500)]
         probes = {name: vision_stage.probe(t, proc, model_config, train_grids, eval_grids)
                   for name, t in (("pretrained", tower), ("untrained", model.vision))}
-        done = read_json(os.path.join(run_dir, "vision", "summary.json"))
+        done = read_json(os.path.join(run_dir, "vision", "summary.json"), data.DataError)
         unit, text = ("image", "description") if st.vision_unit == "image" else ("token", "phrase")
         log(f"vision: {done['seconds']:.0f} s; each unseen {unit} retrieves its own {text} first "
             f"{done['retrieval']:.2f} of the time")
@@ -318,8 +319,9 @@ def ensure_base(args, st, log=print):
     folder = os.path.join(cfg.out, "model")
     eval_records = read_records(cfg.eval_data, data.Skips(cfg.strict))[:cfg.eval_limit or None]
     if os.path.exists(summary_path):
-        ev = read_json(eval_json) if os.path.exists(eval_json) else \
-            {k: v for k, v in read_json(summary_path).items() if k != "config"}  # killed after its eval
+        ev = read_json(eval_json, data.DataError) if os.path.exists(eval_json) else \
+            {k: v for k, v in read_json(summary_path, data.DataError).items()
+             if k != "config"}  # killed after its eval
         if ev.get("eval_key") != eval_mod.records_key(eval_records):
             log(f"base: measuring {folder} again (its row was measured on other eval records than "
                 f"{cfg.eval_data}, --eval-limit {cfg.eval_limit})")

@@ -156,7 +156,8 @@ def pretrain(cfg: VisionStageConfig, proc, model_config, out_dir, log=print):
     ckpt, step, losses, t0 = os.path.join(out_dir, "checkpoint.pt"), 0, [], time.time()
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
         step, losses = state["step"], state["losses"]
         log(f"vision: resumed from {ckpt} at step {step}")
     def save():  # (a file object: torch.save names its archive after a path, and .tmp-x is no name)

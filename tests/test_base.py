@@ -266,3 +266,12 @@ def test_text_only_cold_start_is_measured_on_images(tmp_path):
     assert summary["config"]["eval_data"] == str(out / "data_cot" / "eval.jsonl")
     assert summary["where_it_looks"]["gold"]["image_mass_by_layer"][0] > 0  # the eval has images
     assert not os.path.exists(out / "sft")
+
+
+def test_a_broken_stage_marker_is_a_one_line_error(tmp_path):
+    """A stage's marker the base reads (stages.json here) that is not JSON: an error naming the file,
+    which the command line prints alone (config.one_line_errors)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "stages.json").write_text("{bad")
+    with pytest.raises(SystemExit, match=r"^error: .*stages.json: not valid JSON"):
+        nanoattcot.main(["base", "--out", str(tmp_path), *TINY])

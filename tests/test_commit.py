@@ -165,6 +165,9 @@ def test_training_with_the_commit_term_logs_it(tmp_path):
                for i, weight in enumerate((1.0, 1.0, 0.0))]
     runs = [r["metrics"] for r in results]
     assert all(row["commit"] > 0 and 0 < row["commit_p"] <= 1 for row in runs[0])
+    # the logged loss: each trained term's weight times its mean; commit_p is logged only
+    assert all(row["loss"] == pytest.approx(row["ce"] + 0.1 * row["vis"] + 0.1 * row["ans"] + row["commit"])
+               for row in runs[0])
     assert [r["commit_p"] for r in runs[0]] == [r["commit_p"] for r in runs[1]]
     assert "commit" not in runs[2][0]
     # the term trains: without it (the same seed, the same batches) the weights end elsewhere

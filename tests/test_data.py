@@ -426,7 +426,8 @@ def test_remembering_images_decodes_and_tiles_each_image_once(proc, tmp_path, mo
     plain = read_all()
     assert len(opened) == 5 and len(tiled) == 5
     for budget, opens in ((0, 5), (2**30, 2)):
-        opened.clear(), tiled.clear()
+        opened.clear()
+        tiled.clear()
         with data.remembering_images(budget):
             again = read_all()
         assert len(opened) == opens and len(tiled) == opens, (budget, opened, tiled)
@@ -435,7 +436,8 @@ def test_remembering_images_decodes_and_tiles_each_image_once(proc, tmp_path, mo
     read_all()
     assert len(opened) == 5  # the memory ends with the block
     decoded = 40 * 32 * 3 + 48 * 32 * 3 - 1
-    opened.clear(), tiled.clear()
+    opened.clear()
+    tiled.clear()
     with data.remembering_images(decoded):  # room for the first image decoded: not the second, no tiles
         read_all()
         with data.remembering_images(0):

@@ -59,6 +59,8 @@ def imports_of(name):
     tree = ast.parse(open(MODULES[name]).read())
     found = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:  # would escape the checks below
+            pytest.fail(f"{name}: a relative import (line {node.lineno}); the house imports by full name")
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -112,10 +114,13 @@ def test_no_file_is_over_500_code_lines_or_packed(path):
     assert len(code_lines(path)) <= 500
     long = [i + 1 for i, line in enumerate(open(path).read().splitlines()) if len(line) > 110]
     assert not long, f"lines over 110 characters: {long}"
-    starts = collections.Counter(node.lineno for node in ast.walk(ast.parse(open(path).read()))
-                                 if isinstance(node, ast.stmt))
+    tree = ast.parse(open(path).read())
+    starts = collections.Counter(node.lineno for node in ast.walk(tree) if isinstance(node, ast.stmt))
     packed = [line for line, n in starts.items() if n > 1 and not compound(path, line)]
     assert not packed, f"more than one statement on lines {packed}"
+    commas = [node.lineno for node in ast.walk(tree)
+              if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple)]
+    assert not commas, f"statements joined by commas on lines {commas}"
 
 
 def compound(path, line):  # `if x: return` and its kind: a compound statement's body on its own line
@@ -146,6 +151,19 @@ def test_no_module_of_ours_shadows_a_package_transformers_imports():
                                            r"([A-Za-z_]\w*)", text))  # what it probes by name
     ours = {m.split(".")[0] for m in MODULES}  # the root's modules and the folders
     assert "torch" in imported and not ours & imported, ours & imported
+
+
+@pytest.mark.parametrize("command", [
+    "bench.train --cpu --steps 1 --runs sft", "bench.train --shape tiny --cpu --steps 1",
+    "bench.generate --size tiny", "bench.kernels --cpu --quick --json {tmp}/kernels.json",
+    "methods.grpo --help"])
+def test_the_labs_commands_run_as_modules_from_the_root(command, tmp_path):
+    """The README's lab commands (python -m folder.module), each in its quickest form."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", *command.format(tmp=tmp_path).split()], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
@@ -249,7 +267,9 @@ def test_fused_masses_are_the_models_attention(tmp_path, monkeypatch):
         assert torch.allclose(m_fused, m_ref, atol=1e-12) and torch.allclose(g_fused, g_ref, atol=1e-10)
         assert m_ref[..., 0].max() > 0.1 and g_ref.abs().max() > 1e-3  # not zeros agreeing
     assert not torch.allclose(got[3.0, "fused"][0][1], got[1.0, "fused"][0][1])  # the boost is in layer 1
-    assert masses.mass_fn(rows, q_pos, groups, 2).route == "fused"  # auto on the CPU
+    auto = masses.mass_fn(rows, q_pos, groups, 2)  # on the CPU: fused, its bits handed to the model
+    assert auto.route == "fused" and torch.equal(auto.values, masses.mass_fn(rows, q_pos, groups, 2,
+                                                                            impl="fused").values)
     assert set(widths) == {(8, 8, 8), (16, 16, 16)}  # plain (the reference's runs), fused
 
 

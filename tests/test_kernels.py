@@ -341,6 +341,7 @@ def test_auto_falls_back_once_from_a_kernel_that_fails_its_self_check(fake_kerne
     assert ext.calls == 1  # the check only
     want = mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="sdpa")
     assert torch.equal(first, want) and torch.equal(second, want)
+    assert mass_kernel.resolve("auto", q.device, q) == "sdpa"
     with pytest.raises(RuntimeError, match="the CUDA kernel failed its self-check: (mass|dq|dk) off by"):
         mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="cuda")
 
@@ -354,3 +355,19 @@ def test_auto_keeps_a_kernel_that_passes_its_self_check(fake_kernel, recwarn):
     assert not [w for w in recwarn if "self-check" in str(w.message)]  # check, then two calls
     assert torch.allclose(got, mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
     assert mass_kernel._verdicts == {("cpu", torch.float32, 64): None}
+    assert mass_kernel.resolve("auto", q.device, q) == "cuda"
+
+
+def test_resolve_decides_auto_in_one_place():
+    """Every route asked for runs as asked; auto is fused on the CPU (a bare call computes it by the
+    reference) and, on a GPU before any q exists, stays auto, to be decided at each call on its q."""
+    for route in mass_kernel.ROUTES:
+        assert mass_kernel.resolve(route, "cpu") == route == mass_kernel.resolve(route, "cuda")
+    assert mass_kernel.resolve("auto", "cpu") == "fused"
+    assert mass_kernel.resolve("auto", "cuda") == "auto"
+    q, k, q_pos, groups = random_inputs(1, 2, 1, 4, 6, 8, 2, seed=6)
+    assert mass_kernel.resolve("auto", q.device, q) == "fused"
+    assert torch.equal(mass_kernel.attention_mass(q, k, q_pos, groups, 2),
+                       mass_kernel.attention_mass(q, k, q_pos, groups, 2, impl="reference"))
+    with pytest.raises(ValueError, match="mass route 'flash': one of auto, cuda"):
+        mass_kernel.resolve("flash", "cpu")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import files
 from conftest import MODEL_CONFIGS, make_hf_processor, tile_size
 from model import VLM, CheckpointError
 from test_processor import IMAGES
@@ -322,3 +323,13 @@ def test_train_flops_match_counted_flops(checkpoints, name):
         model(**b).logits.float().square().mean().backward()
     counted, estimated = counter.get_total_flops(), model.train_flops(b["input_ids"], b["attention_mask"])
     assert estimated == pytest.approx(counted, rel=1e-9)
+
+
+def test_read_json_names_the_file_and_raises_the_callers_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: not found"):
+        files.read_json(tmp_path / "nope.json", data.DataError)
+    (tmp_path / "bad.json").write_text("{bad")
+    with pytest.raises(data.DataError, match="bad.json: not valid JSON"):
+        files.read_json(tmp_path / "bad.json", data.DataError)
+    with pytest.raises(CheckpointError, match="bad.json: not valid JSON"):
+        files.read_json(tmp_path / "bad.json", CheckpointError)

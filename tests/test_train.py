@@ -38,16 +38,20 @@ def test_loss_falls(trained):
     assert all(k in metrics[-1] for k in ("vis", "ans", "vas"))
 
 
-def test_progress_line_shows_mfu_given_a_peak(tmp_path, capsys):
-    """On a GPU the peak comes from its name; --peak-tflops names it anywhere (here a CPU)."""
-    trainer.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, peak_tflops=1.0))
+def test_progress_line_shows_every_term_and_mfu_given_a_peak(tmp_path, capsys):
+    """The line shows the loss and every term of the logged row; on a GPU the peak comes from its
+    name, --peak-tflops names it anywhere (here a CPU)."""
+    row = trainer.train(config(tmp_path, max_steps=2, log_every=1, peak_tflops=1.0))["metrics"][-1]
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")][-1]
+    assert f"step     2/2 loss {row['loss']:.4f} ce {row['ce']:.4f} " in last
+    assert {"vis", "ans", "vas", "below", "below_vas"} <= set(row)
+    assert all(f" {k} {row[k]:.3f} " in last for k in row if k not in ("step", "lr", "loss", "ce"))
     assert 0 < float(re.search(r"MFU ([\d.]+)%", last).group(1)) < 100
     trainer.train(config(tmp_path, objective="sft", max_steps=2, log_every=1, out=str(tmp_path / "cpu")))
     assert "MFU" not in capsys.readouterr().out
 
 
-def test_loss_terms_match_materialised_attention(trained):
+def test_loss_terms_match_materialised_attention(trained, monkeypatch):
     """L_vis and L_ans from the kernel path equal the same terms from transformers' eager attention
     probabilities (output_attentions=True) on the trained model's HF-format output."""
     from transformers import AutoModelForImageTextToText
@@ -80,25 +84,36 @@ def test_loss_terms_match_materialised_attention(trained):
         want_ans = -torch.log(m_ans[in_a].clamp(max=ans_target or 1) + 1e-6).mean()
         assert abs(float(terms["ans"] / n["a_count"]) - want_ans) < 1e-4, (ans_group, ans_target)
     assert m_user[in_a].mean() > m_rv[in_a].mean() + 0.01  # the two groups differ here
+    handed = []  # the fused route's bits, as the model gets them
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: handed.append(kw.get("mass_values") is not None)
+                        or real_forward(*a, **kw))
     for floor, impl in ((None, "reference"), (median, "reference"), (None, "sdpa"), (median, "fused"),
                         (None, "auto")):
         # floor: half the steps above it
-        cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor)
+        cfg = TrainConfig(objective="attcot", mass_impl=impl, vis_target=floor, lambda_vis=0.3,
+                          lambda_ans=0.2)
         table = objective.loss_terms(model, batch, cfg, layers)
+        assert handed[-1] == (impl in ("fused", "auto"))  # auto is fused on the CPU
         terms = {k: t.sum.detach() for k, t in table.items()}
         want_vis = -torch.log(m_v[in_r].clamp(max=floor or 1) + 1e-6).mean()
         assert abs(float(terms["vis"] / n["r_count"]) - want_vis) < 1e-4
         assert abs(float(terms["vas"] / n["r_count"]) - m_v[in_r].mean()) < 1e-4
         assert abs(float(terms["ans"] / n["a_count"]) + torch.log(m_rv[in_a] + 1e-6).mean()) < 1e-4
-        assert [(k, t.count, t.weight) for k, t in table.items()][:4] == [
-            ("ce", "n_label", 1.0), ("vis", "r_count", 0.1), ("ans", "a_count", 0.1), ("vas", "r_count", 0.0)]
-        assert ("below" in table) == (floor is not None)
+        assert [(k, t.count, t.weight) for k, t in table.items()] == [
+            ("ce", "n_label", 1.0), ("vis", "r_count", 0.3), ("ans", "a_count", 0.2), ("vas", "r_count", 0.0),
+            *([("below", "r_count", 0.0), ("below_vas", "below", 0.0)] if floor is not None else [])]
         # the steps under the floor (the log's)
         surely, maybe = (m_v[in_r] < (floor or 1) + d for d in (-1e-5, 1e-5))
         if floor is not None:
             assert int(surely.sum()) <= int(terms["below"]) <= int(maybe.sum()) and int(surely.sum()) > 0
             low, high = float(m_v[in_r][surely].sum()), float(m_v[in_r][maybe].sum())
             assert low - 1e-3 < float(terms["below_vas"]) < high + 1e-3
+    measured = objective.loss_terms(model, batch, TrainConfig(objective="sft", measure_vas=True,
+                                                              mass_impl="reference"), layers)
+    assert [(k, t.weight) for k, t in measured.items()][:4] == [("ce", 1.0), ("vis", 0.0), ("ans", 0.0),
+                                                                 ("vas", 0.0)]  # sft logs them only
+    assert abs(float(measured["vas"].sum / n["r_count"]) - m_v[in_r].mean()) < 1e-4
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
                                            batch["labels"][:, 1:].flatten())
     assert abs(float(terms["ce"] / n["n_label"]) - float(ce)) < 1e-4
