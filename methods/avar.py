@@ -18,10 +18,10 @@ AVAR_ROWS, AVAR_GROUPS = (data.P, data.V), ("image", "system")
 
 
 def avar_terms(masses, layers, row_span, spans, eps=1e-6):
-    """masses {layer: (B, Hq, Nq, 2)} on AVAR_ROWS over AVAR_GROUPS -> summed per-sample terms and
-    their counts: img_sum / img_count is L_img, sys_sum / sys_count is L_sys (samples without such
-    keys left out). Missing masses are an error: the released code falls back to plain LM loss
-    without a word."""
+    """masses {layer: (B, Hq, Nq, 2)} on AVAR_ROWS over AVAR_GROUPS -> the summed per-sample terms,
+    img_sum and sys_sum (samples without such keys left out); over avar_counts' counts of the step
+    they are L_img and L_sys. Missing masses are an error: the released code falls back to plain LM
+    loss without a word."""
     missing = [layer for layer in layers if masses.get(layer) is None]
     if missing:
         raise RuntimeError(f"avar: no attention masses came back for layers {missing}")
@@ -34,8 +34,7 @@ def avar_terms(masses, layers, row_span, spans, eps=1e-6):
     pair_mean = (m * valid[None, :, None, :, None]).sum(3) / pairs.clamp(min=1)[None, :, None]
     logs = torch.log(pair_mean + eps).mean((0, 2))                     # (B, 2): mean over layers and heads
     has = pairs > 0
-    return {"img_sum": -(logs[:, 0] * has[:, 0]).sum(), "img_count": has[:, 0].sum(),
-            "sys_sum": (logs[:, 1] * has[:, 1]).sum(), "sys_count": has[:, 1].sum()}
+    return {"img_sum": -(logs[:, 0] * has[:, 0]).sum(), "sys_sum": (logs[:, 1] * has[:, 1]).sum()}
 
 
 def avar_counts(batches):
